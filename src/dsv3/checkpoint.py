@@ -1,0 +1,283 @@
+"""Checkpoint I/O in the released Hugging Face layout (SPEC 6).
+
+`hf_layout` is the one name-mapping table: every tensor of the HF layout -> (our parameter, index into it).
+Our names equal the HF ones except that routed experts are stacked ([E, 2I, d] gate-then-up, [E, d, I]) and
+the MTP modules live under `mtp.K` instead of `model.layers.{num_hidden_layers + K}`. Saving and loading both
+walk this table, so save -> load is exact.
+
+Loading builds the model on the meta device and fills it tensor by tensor from the shards, so peak host
+memory stays near one copy of the weights. FP8 E4M3 weights with 128x128 `weight_scale_inv` are dequantised
+on load. Saving is atomic: a temporary directory renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from dsv3.config import ModelConfig
+from dsv3.fp8 import dequantize_blockwise, quantize_blockwise
+from dsv3.model import DeepSeekV3
+
+Index = tuple  # an index into one of our parameters: () for the whole tensor, (e, slice) for an expert part
+FP8_QUANTIZATION_CONFIG = {
+    "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+}
+_MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")  # duplicated in the MTP layer on disk
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint does not match the model its config describes; the message lists every problem."""
+
+
+def _hf_prefix(name: str, n_layers: int) -> str:
+    """Our dotted name -> its HF name (stacked experts are split afterwards)."""
+    if name in ("embed_tokens.weight", "norm.weight"):
+        return "model." + name
+    if name == "lm_head.weight":
+        return name
+    if m := re.fullmatch(r"layers\.(\d+)\.(.+)", name):
+        return f"model.layers.{m[1]}.{m[2]}"
+    if m := re.fullmatch(r"mtp\.(\d+)\.(?:block\.)?(.+)", name):
+        return f"model.layers.{n_layers + int(m[1])}.{m[2]}"
+    raise KeyError(f"no HF name for parameter {name!r}")
+
+
+def hf_layout(model: DeepSeekV3) -> dict[str, tuple[str, Index]]:
+    """Every HF tensor name -> (our state_dict key, index into that tensor). Works on a meta-device model."""
+    cfg = model.cfg
+    inter = cfg.moe_intermediate_size
+    layout: dict[str, tuple[str, Index]] = {}
+    for name, t in model.state_dict().items():
+        hf = _hf_prefix(name, cfg.num_hidden_layers)
+        if name.endswith("experts.gate_up_proj"):
+            base = hf.removesuffix("gate_up_proj")
+            for e in range(t.shape[0]):
+                layout[f"{base}{e}.gate_proj.weight"] = (name, (e, slice(0, inter)))
+                layout[f"{base}{e}.up_proj.weight"] = (name, (e, slice(inter, 2 * inter)))
+        elif name.endswith("experts.down_proj"):
+            base = hf.removesuffix("down_proj")
+            for e in range(t.shape[0]):
+                layout[f"{base}{e}.down_proj.weight"] = (name, (e,))
+        else:
+            layout[hf] = (name, ())
+    return layout
+
+
+def _mtp_copies(cfg: ModelConfig) -> dict[str, str]:
+    """The released layout repeats the embedding and head inside each MTP layer: HF name -> our key."""
+    ours = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+    return {
+        f"model.layers.{cfg.num_hidden_layers + k}.{c}": ours[c]
+        for k in range(cfg.num_nextn_predict_layers)
+        for c in _MTP_COPIES
+    }
+
+
+def is_fp8_weight(hf_name: str) -> bool:
+    """Linear weights inside the blocks are FP8 in the released files; embedding, head, norms, router
+    weight and eh_proj stay BF16, the correction bias F32 (SPEC 6)."""
+    return hf_name.startswith("model.layers.") and hf_name.endswith("proj.weight") and ".eh_proj." not in hf_name
+
+
+# ---- saving ---------------------------------------------------------------------------------------
+
+def _hf_tensors(model: DeepSeekV3, fp8: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor on CPU) in checkpoint order, with scale_inv tensors after FP8 weights."""
+    state = model.state_dict()
+    dtype = model.embed_tokens.weight.dtype
+    items = [(hf, state[ours][idx]) for hf, (ours, idx) in hf_layout(model).items()]
+    items += [(hf, state[ours]) for hf, ours in _mtp_copies(model.cfg).items()]
+    for hf, t in items:
+        t = t.detach()
+        if hf.endswith("e_score_correction_bias"):
+            yield hf, t.to("cpu", torch.float32).contiguous()
+        elif fp8 and is_fp8_weight(hf):
+            q, s = quantize_blockwise(t)
+            yield hf, q.cpu().contiguous()
+            yield hf + "_scale_inv", s.cpu().contiguous()
+        else:
+            yield hf, t.to("cpu", dtype).clone()  # clone: safetensors refuses views sharing storage
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_model(
+    model: DeepSeekV3, path: str | Path, fp8: bool = False, max_shard_bytes: int = 5 * 2**30,
+    progress: bool = False,
+) -> Path:
+    """Write `model` to directory `path` in the HF layout: config.json, sharded safetensors and their index.
+
+    fp8=True stores block linear weights as E4M3 with 128x128 `weight_scale_inv`, as the released checkpoint.
+    Atomic: written to a temporary sibling directory, then renamed over `path`; a crash leaves any previous
+    checkpoint at `path` intact. Extra files already in `path` (e.g. a tokenizer) are not carried over.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        cfg = model.cfg.to_dict()
+        cfg["torch_dtype"] = _dtype_name(model.embed_tokens.weight.dtype)
+        if fp8:
+            cfg["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+        else:
+            cfg.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+        # Stream: each shard is written as soon as it is full, so at most one shard is held in memory. Its
+        # final name needs the shard count, so shards are renamed once all are written.
+        written: list[tuple[Path, list[str]]] = []
+        shard: dict[str, torch.Tensor] = {}
+        size = total = 0
+
+        def flush() -> None:
+            part = tmp / f"part-{len(written):05d}.safetensors"
+            save_file(shard, str(part), metadata={"format": "pt"})
+            written.append((part, list(shard)))
+            shard.clear()
+
+        for name, t in tqdm(_hf_tensors(model, fp8), desc="saving", disable=not progress, unit=" tensors"):
+            nbytes = t.numel() * t.element_size()
+            if shard and size + nbytes > max_shard_bytes and not name.endswith("_scale_inv"):
+                flush()
+                size = 0
+            shard[name] = t
+            size += nbytes
+            total += nbytes
+        flush()
+        weight_map = {}
+        for i, (part, names) in enumerate(written, start=1):
+            fname = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+            part.rename(tmp / fname)
+            weight_map.update(dict.fromkeys(names, fname))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move directory src to dst; an existing dst is swapped out first and deleted only afterwards."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- loading --------------------------------------------------------------------------------------
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Every tensor name in the checkpoint -> the shard file holding it (from the index, or the one file)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    elif (path / "model.safetensors").is_file():
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    else:
+        raise CheckpointError(f"{path}: no model.safetensors.index.json or model.safetensors")
+    missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+    if missing:
+        raise CheckpointError(f"{path}: shard files listed in the index are missing: {', '.join(missing)}")
+    return {k: path / f for k, f in weight_map.items()}
+
+
+def build_empty(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> DeepSeekV3:
+    """The model with uninitialised storage on `device` in `dtype` (built on meta: no init cost, one copy)."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = DeepSeekV3(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    model.to_empty(device=device)
+    model.rotary.reset_parameters()
+    return model
+
+
+def load_model(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+    progress: bool = False,
+) -> DeepSeekV3:
+    """Load a checkpoint in the HF DeepSeek-V3 layout (ours or a released one) onto `device` in `dtype`.
+
+    FP8 weights are dequantised with their 128x128 block scales. The MTP layer's copies of the embedding and
+    head are accepted and skipped (the model shares its own). Missing, unexpected or mis-shaped tensors raise
+    CheckpointError listing all of them.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    cfg = ModelConfig.from_json(path)
+    weight_map = _weight_files(path)
+    files = sorted(set(weight_map.values()))
+    mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
+    if cfg.num_nextn_predict_layers and not any(k.startswith(mtp_prefix) for k in weight_map):
+        # transformers' save_pretrained drops the MTP layers; the main model is still complete
+        warnings.warn(f"{path} has no MTP weights (layer {cfg.num_hidden_layers}); loading without MTP", stacklevel=2)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    model = build_empty(cfg, device, dtype)
+    layout = hf_layout(model)
+    copies = _mtp_copies(cfg)
+    params = model.state_dict(keep_vars=True)
+    seen: set[str] = set()
+    unexpected, mismatched = [], []
+    with torch.no_grad():
+        for file in tqdm(files, desc="loading", disable=not progress, unit=" shards"):
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                keys = set(f.keys())
+                for key in sorted(keys):
+                    if key.endswith("_scale_inv"):
+                        if key.removesuffix("_scale_inv") not in keys:
+                            unexpected.append(key)
+                        continue
+                    if key in copies:
+                        continue
+                    if key not in layout:
+                        unexpected.append(key)
+                        continue
+                    ours, idx = layout[key]
+                    target = params[ours].data[idx]
+                    t = f.get_tensor(key)
+                    if t.dtype == torch.float8_e4m3fn:
+                        if key + "_scale_inv" not in keys:
+                            mismatched.append(f"{key}: FP8 weight without {key}_scale_inv in the same shard")
+                            continue
+                        t = dequantize_blockwise(t, f.get_tensor(key + "_scale_inv"), torch.float32)
+                    if tuple(t.shape) != tuple(target.shape):
+                        mismatched.append(f"{key}: checkpoint {tuple(t.shape)}, model {tuple(target.shape)}")
+                        continue
+                    target.copy_(t)
+                    seen.add(key)
+    missing = sorted(set(layout) - seen - {m.split(":")[0] for m in mismatched})
+    if missing or unexpected or mismatched:
+        parts = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if items:
+                shown = "\n  ".join(items[:50]) + (f"\n  ... and {len(items) - 50} more" if len(items) > 50 else "")
+                parts.append(f"{len(items)} {title} tensor(s):\n  {shown}")
+        raise CheckpointError(f"checkpoint {path} does not match its config.json:\n" + "\n".join(parts))
+    return model.eval()

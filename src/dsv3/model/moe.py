@@ -1,0 +1,134 @@
+"""DeepSeekMoE (paper §2.1.2, eqs. 12-16): shared experts plus fine-grained routed experts.
+
+The router computes in float32 (SPEC 1.4): sigmoid affinities, a selection-only bias, group-limited top-k
+with -inf masking, gates = unbiased affinities normalised and scaled. Routed experts are stacked weights
+run by grouped GEMM over tokens sorted by expert: no Python loop over experts, no host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.layers import MLP
+
+_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+
+@dataclass
+class RouterOutput:
+    """What one MoE layer's router decided for its T tokens (all float32 / int64)."""
+
+    topk_idx: torch.Tensor  # [T, K] experts dispatched to (top-K of the biased scores)
+    weights: torch.Tensor  # [T, K] gate values g_i (normalised unbiased s_i times routed_scaling_factor)
+    scores: torch.Tensor  # [T, E] affinities s_i = sigmoid(u . e_i), for the sequence-wise balance loss
+    load: torch.Tensor  # [E] tokens dispatched to each expert (int64), for the aux-free bias update
+
+
+def route(
+    scores: torch.Tensor,
+    bias: torch.Tensor,
+    n_group: int,
+    topk_group: int,
+    top_k: int,
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-limited top-k over biased scores (eqs. 13-16 with the aux-free bias). Returns (weights, idx).
+
+    Group score = sum of the top-2 biased scores of each contiguous group; experts outside the `topk_group`
+    best groups are masked with -inf (not 0: with negative biases a 0 could still be selected).
+    """
+    T, E = scores.shape
+    biased = scores + bias
+    if n_group > 1:
+        grouped = biased.view(T, n_group, E // n_group)
+        group_scores = grouped.topk(min(2, E // n_group), dim=-1).values.sum(-1)  # [T, G]
+        keep = group_scores.topk(topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        biased = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(T, E)
+    idx = biased.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, idx)  # the bias only selects; gates use the unbiased affinities
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, idx
+
+
+class Router(nn.Module):
+    """`mlp.gate`: weight [E, d] and the fp32 buffer `e_score_correction_bias` [E] (not a parameter)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
+        # Keep the bias in float32 whatever dtype the model is cast to: aux-free updates of gamma=1e-3 would
+        # vanish in bf16. Re-derive from the float32 original rather than round-tripping the value.
+        old = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        new = self.e_score_correction_bias
+        if new.dtype != torch.float32:
+            self.e_score_correction_bias = old.to(device=new.device, dtype=torch.float32)
+        return self
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        cfg = self.cfg
+        # float32: the sigmoid scores decide routing, and bf16 rounding flips near-ties between experts
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        weights, idx = route(
+            scores, self.e_score_correction_bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
+            cfg.norm_topk_prob, cfg.routed_scaling_factor,
+        )
+        load = torch.zeros(scores.shape[1], dtype=torch.int64, device=x.device)
+        load.scatter_add_(0, idx.flatten(), torch.ones_like(idx.flatten()))  # bincount would sync the host
+        return RouterOutput(idx, weights, scores, load)
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts as stacked weights: gate_up_proj [E, 2I, d] (gate rows first), down_proj [E, d, I]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, d, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, d))
+        self.down_proj = nn.Parameter(torch.empty(E, d, inter))
+
+    def forward(self, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+        """sum_k g_k * expert_{idx_k}(x) for x [T, d]: sort the T*K (token, expert) pairs by expert, run two
+        grouped GEMMs over the contiguous per-expert segments, unsort, and weight-sum the K outputs."""
+        T, K = r.topk_idx.shape
+        order = r.topk_idx.flatten().argsort(stable=True)
+        offs = r.load.cumsum(0).to(torch.int32)  # segment ends, as grouped_mm wants them
+        xs = x[order // K]
+        h = _grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        ys = _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+        y = torch.empty_like(ys).index_copy_(0, order, ys).view(T, K, -1)
+        return torch.bmm(r.weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
+
+
+class MoE(nn.Module):
+    """MoE(u) = shared(u) + sum_{i in TopK} g_i expert_i(u) (eq. 12 without the residual, which the block adds)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size) if cfg.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        r = self.gate(flat)
+        out = self.experts(flat, r)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(shape), r
