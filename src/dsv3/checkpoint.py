@@ -7,7 +7,9 @@ walk this table, so save -> load is exact.
 
 Loading builds the model on the meta device and fills it tensor by tensor from the shards, so peak host
 memory stays near one copy of the weights. FP8 E4M3 weights with 128x128 `weight_scale_inv` are dequantised
-on load. Saving is atomic: a temporary directory renamed into place.
+on load, or with fp8="keep" stay E4M3: the linear layers the FP8 layout quantises are swapped for
+dsv3.fp8's FP8 twins while the model is still on meta, whose `weight_scale_inv` parameters carry the HF names
+themselves, and filled with the stored bytes. Saving is atomic: a temporary directory renamed into place.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dsv3.config import ModelConfig
-from dsv3.fp8 import dequantize_blockwise, quantize_blockwise
+from dsv3.fp8 import cache_dense_weights_, dequantize_blockwise, quantize_blockwise, to_fp8_
 from dsv3.model import DeepSeekV3
 
 Index = tuple  # an index into one of our parameters: () for the whole tensor, (e, slice) for an expert part
@@ -55,21 +57,26 @@ def _hf_prefix(name: str, n_layers: int) -> str:
 
 
 def hf_layout(model: DeepSeekV3) -> dict[str, tuple[str, Index]]:
-    """Every HF tensor name -> (our state_dict key, index into that tensor). Works on a meta-device model."""
+    """Every HF tensor name -> (our state_dict key, index into that tensor). Works on a meta-device model.
+
+    A model holding FP8 weights (load_model(fp8="keep")) also maps every `*.weight_scale_inv`; stacked
+    experts keep the gate's block rows before the up projection's, each half on its own checkpoint grid."""
     cfg = model.cfg
-    inter = cfg.moe_intermediate_size
     layout: dict[str, tuple[str, Index]] = {}
     for name, t in model.state_dict().items():
         hf = _hf_prefix(name, cfg.num_hidden_layers)
-        if name.endswith("experts.gate_up_proj"):
-            base = hf.removesuffix("gate_up_proj")
+        sfx = "_scale_inv" if name.endswith("_scale_inv") else ""
+        stem = name.removesuffix(sfx)
+        if stem.endswith("experts.gate_up_proj"):
+            base = hf.removesuffix("gate_up_proj" + sfx)
+            half = t.shape[1] // 2  # the gate's rows: I weights, or ceil(I/128) rows of scales
             for e in range(t.shape[0]):
-                layout[f"{base}{e}.gate_proj.weight"] = (name, (e, slice(0, inter)))
-                layout[f"{base}{e}.up_proj.weight"] = (name, (e, slice(inter, 2 * inter)))
-        elif name.endswith("experts.down_proj"):
-            base = hf.removesuffix("down_proj")
+                layout[f"{base}{e}.gate_proj.weight{sfx}"] = (name, (e, slice(0, half)))
+                layout[f"{base}{e}.up_proj.weight{sfx}"] = (name, (e, slice(half, 2 * half)))
+        elif stem.endswith("experts.down_proj"):
+            base = hf.removesuffix("down_proj" + sfx)
             for e in range(t.shape[0]):
-                layout[f"{base}{e}.down_proj.weight"] = (name, (e,))
+                layout[f"{base}{e}.down_proj.weight{sfx}"] = (name, (e,))
         else:
             layout[hf] = (name, ())
     return layout
@@ -88,7 +95,18 @@ def _mtp_copies(cfg: ModelConfig) -> dict[str, str]:
 def is_fp8_weight(hf_name: str) -> bool:
     """Linear weights inside the blocks are FP8 in the released files; embedding, head, norms, router
     weight and eh_proj stay BF16, the correction bias F32 (SPEC 6)."""
-    return hf_name.startswith("model.layers.") and hf_name.endswith("proj.weight") and ".eh_proj." not in hf_name
+    return (
+        hf_name.startswith("model.layers.")
+        and hf_name.endswith(("proj.weight", "kv_a_proj_with_mqa.weight"))
+        and ".eh_proj." not in hf_name
+    )
+
+
+def fp8_module_names(model: DeepSeekV3) -> list[str]:
+    """Our names of the modules whose weights the FP8 layout stores in E4M3 (`is_fp8_weight` through the one
+    name table): the blocks' linear layers, MTP blocks included, and the stacked routed experts."""
+    names = {ours.rsplit(".", 1)[0]: None for hf, (ours, _) in hf_layout(model).items() if is_fp8_weight(hf)}
+    return list(names)
 
 
 # ---- saving ---------------------------------------------------------------------------------------
@@ -99,9 +117,15 @@ def _hf_tensors(model: DeepSeekV3, fp8: bool) -> Iterator[tuple[str, torch.Tenso
     dtype = model.embed_tokens.weight.dtype
     items = [(hf, state[ours][idx]) for hf, (ours, idx) in hf_layout(model).items()]
     items += [(hf, state[ours]) for hf, ours in _mtp_copies(model.cfg).items()]
+    kept_scales = {hf: t for hf, t in items if hf.endswith("_scale_inv")}  # a model loaded with fp8="keep"
     for hf, t in items:
         t = t.detach()
-        if hf.endswith("e_score_correction_bias"):
+        if hf in kept_scales:
+            continue  # written right after its weight
+        if t.dtype == torch.float8_e4m3fn:  # kept E4M3: the bytes as they are, no second rounding
+            for name, x in ((hf, t), (hf + "_scale_inv", kept_scales[hf + "_scale_inv"])):
+                yield name, x.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        elif hf.endswith("e_score_correction_bias"):
             yield hf, t.to("cpu", torch.float32).contiguous()
         elif fp8 and is_fp8_weight(hf):
             q, s = quantize_blockwise(t)
@@ -117,15 +141,19 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def save_model(
     model: DeepSeekV3, path: str | Path, fp8: bool = False, max_shard_bytes: int = 5 * 2**30,
-    progress: bool = False,
+    progress: bool = False, extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write `model` to directory `path` in the HF layout: config.json, sharded safetensors and their index.
 
     fp8=True stores block linear weights as E4M3 with 128x128 `weight_scale_inv`, as the released checkpoint.
     Atomic: written to a temporary sibling directory, then renamed over `path`; a crash leaves any previous
-    checkpoint at `path` intact. Extra files already in `path` (e.g. a tokenizer) are not carried over.
+    checkpoint at `path` intact. Extra files already in `path` (e.g. a tokenizer) are not carried over:
+    `extra_files(dir)` writes whatever else belongs in the checkpoint (tokenizer files, trainer state) into
+    the temporary directory, so they appear together with the weights or not at all.
     """
     path = Path(path)
+    if not fp8 and any(p.dtype == torch.float8_e4m3fn for p in model.parameters()):
+        raise ValueError("the model holds FP8 weights (loaded with fp8='keep'): save it with fp8=True")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -165,6 +193,8 @@ def save_model(
             weight_map.update(dict.fromkeys(names, fname))
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if extra_files is not None:
+            extra_files(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -204,8 +234,11 @@ def _weight_files(path: Path) -> dict[str, Path]:
     return {k: path / f for k, f in weight_map.items()}
 
 
-def build_empty(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> DeepSeekV3:
-    """The model with uninitialised storage on `device` in `dtype` (built on meta: no init cost, one copy)."""
+def build_empty(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, fp8: bool = False) -> DeepSeekV3:
+    """The model with uninitialised storage on `device` in `dtype` (built on meta: no init cost, one copy).
+
+    fp8=True: the modules the FP8 layout quantises become dsv3.fp8's E4M3 twins before any storage exists,
+    so their weights never exist in `dtype`."""
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -213,6 +246,8 @@ def build_empty(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype
             model = DeepSeekV3(cfg)
     finally:
         torch.set_default_dtype(prev)
+    if fp8:
+        to_fp8_(model, fp8_module_names(model))
     model.to_empty(device=device)
     model.rotary.reset_parameters()
     return model
@@ -220,18 +255,32 @@ def build_empty(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype
 
 def load_model(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-    progress: bool = False,
+    progress: bool = False, fp8: str = "dequantize",
 ) -> DeepSeekV3:
     """Load a checkpoint in the HF DeepSeek-V3 layout (ours or a released one) onto `device` in `dtype`.
 
-    FP8 weights are dequantised with their 128x128 block scales. The MTP layer's copies of the embedding and
-    head are accepted and skipped (the model shares its own). Missing, unexpected or mis-shaped tensors raise
-    CheckpointError listing all of them.
+    fp8="dequantize" (default): FP8 weights are dequantised with their 128x128 block scales into `dtype`.
+    fp8="keep" (an FP8 checkpoint only): the blocks' linear weights and the routed experts stay E4M3 with
+    their float32 scales, about half the memory of BF16, and run through dsv3.fp8 (blockwise FP8 GEMMs on
+    CUDA, dequantise-and-matmul on the CPU); everything else loads in `dtype`. A weight the file holds in
+    higher precision is quantised on load. The MTP layer's copies of the embedding and head are accepted
+    and skipped (the model shares its own). Missing, unexpected or mis-shaped tensors raise CheckpointError
+    listing all of them.
     """
     path = Path(path)
+    if fp8 not in ("dequantize", "keep"):
+        raise ValueError(f"fp8 must be 'dequantize' or 'keep', got {fp8!r}")
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     cfg = ModelConfig.from_json(path)
+    keep = fp8 == "keep"
+    if keep:
+        qc = cfg.quantization_config or {}
+        if qc.get("quant_method") != "fp8" or list(qc.get("weight_block_size", [])) != [128, 128]:
+            raise ValueError(
+                f"{path / 'config.json'}: fp8='keep' needs an FP8 checkpoint with 128x128 blocks "
+                f"(quantization_config {FP8_QUANTIZATION_CONFIG}), found {cfg.quantization_config}"
+            )
     weight_map = _weight_files(path)
     files = sorted(set(weight_map.values()))
     mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
@@ -239,7 +288,7 @@ def load_model(
         # transformers' save_pretrained drops the MTP layers; the main model is still complete
         warnings.warn(f"{path} has no MTP weights (layer {cfg.num_hidden_layers}); loading without MTP", stacklevel=2)
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    model = build_empty(cfg, device, dtype)
+    model = build_empty(cfg, device, dtype, fp8=keep)
     layout = hf_layout(model)
     copies = _mtp_copies(cfg)
     params = model.state_dict(keep_vars=True)
@@ -257,22 +306,48 @@ def load_model(
                     if key in copies:
                         continue
                     if key not in layout:
-                        unexpected.append(key)
+                        # transformers writes zero-width shared experts for n_shared_experts=0: nothing to load
+                        if 0 not in f.get_slice(key).get_shape():
+                            unexpected.append(key)
                         continue
                     ours, idx = layout[key]
                     target = params[ours].data[idx]
                     t = f.get_tensor(key)
+                    if target.dtype == torch.float8_e4m3fn:  # fp8="keep"
+                        if t.dtype == torch.float8_e4m3fn:
+                            if key + "_scale_inv" not in keys:
+                                mismatched.append(f"{key}: FP8 weight without {key}_scale_inv in the same shard")
+                                continue
+                            s = f.get_tensor(key + "_scale_inv")
+                        else:
+                            t, s = quantize_blockwise(t)
+                        s_ours, s_idx = layout[key + "_scale_inv"]
+                        s_target = params[s_ours].data[s_idx]
+                        if (t.shape, s.shape) != (target.shape, s_target.shape):
+                            mismatched.append(f"{key}: checkpoint {tuple(t.shape)} with scale_inv "
+                                              f"{tuple(s.shape)}, model {tuple(target.shape)} with "
+                                              f"{tuple(s_target.shape)}")
+                            continue
+                        target.copy_(t)
+                        s_target.copy_(s)
+                        seen.update((key, key + "_scale_inv"))
+                        continue
                     if t.dtype == torch.float8_e4m3fn:
                         if key + "_scale_inv" not in keys:
                             mismatched.append(f"{key}: FP8 weight without {key}_scale_inv in the same shard")
                             continue
-                        t = dequantize_blockwise(t, f.get_tensor(key + "_scale_inv"), torch.float32)
+                        try:
+                            t = dequantize_blockwise(t, f.get_tensor(key + "_scale_inv"), torch.float32)
+                        except ValueError as e:  # a mis-shaped scale_inv
+                            mismatched.append(f"{key}: {e}")
+                            continue
                     if tuple(t.shape) != tuple(target.shape):
                         mismatched.append(f"{key}: checkpoint {tuple(t.shape)}, model {tuple(target.shape)}")
                         continue
                     target.copy_(t)
                     seen.add(key)
-    missing = sorted(set(layout) - seen - {m.split(":")[0] for m in mismatched})
+    bad = {m.split(":")[0] for m in mismatched}
+    missing = sorted(set(layout) - seen - bad - {k + "_scale_inv" for k in bad})
     if missing or unexpected or mismatched:
         parts = []
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
@@ -280,4 +355,6 @@ def load_model(
                 shown = "\n  ".join(items[:50]) + (f"\n  ... and {len(items) - 50} more" if len(items) > 50 else "")
                 parts.append(f"{len(items)} {title} tensor(s):\n  {shown}")
         raise CheckpointError(f"checkpoint {path} does not match its config.json:\n" + "\n".join(parts))
+    if keep:
+        cache_dense_weights_(model, dtype)
     return model.eval()

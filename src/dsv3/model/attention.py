@@ -9,41 +9,92 @@ Both end in the same softmax(q k^T * scale) v, done by `attend` (SDPA), the one 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dsv3.config import ModelConfig
-from dsv3.model.layers import RMSNorm
+from dsv3.model.layers import RMSNorm, dense_weight
 from dsv3.model.rope import apply_rope
 
 
+class CachedLatents(NamedTuple):
+    """Every latent of the step's sequences so far, this step's included, as a cache returns them.
+
+    c_kv [B, T, kv_lora_rank] and k_pe [B, T, qk_rope_head_dim]: key j of a row sits at position j of its
+    sequence (rows of different lengths are padded at the end). q_pos places the step's queries among those
+    keys: an int offset (query i at position q_pos + i, every row alike) or a [B or 1, S] tensor of per-row
+    positions, so sequences of different lengths decode in one batch; a query sees the keys at positions
+    <= its own.
+    """
+
+    c_kv: torch.Tensor
+    k_pe: torch.Tensor
+    q_pos: int | torch.Tensor
+    # [B, T, kv_lora_rank + qk_rope_head_dim]: c_kv and k_pe side by side, when the cache stores them so (the
+    # paged pool does); the absorbed path's key is exactly this, so it need not be concatenated again
+    kv: torch.Tensor | None = None
+
+
 class LatentCache(Protocol):
-    """What attention needs from a KV cache: store this step's latents, return all latents so far."""
+    """What attention needs from a KV cache (the contiguous StaticLatentCache, the engine's paged pool)."""
 
     def update(
         self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos: int
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    ) -> CachedLatents | None:
+        """Store this step's latents c_kv [B, S, C], k_pe [B, S, rope]. Return None when the step starts every
+        one of its sequences (nothing earlier to attend to: attention runs expanded over the step's own
+        latents), else everything cached so far to attend to in the absorbed form."""
+        ...
+
+
+# MLA's q/k head dim (192) differs from v's (128), which PyTorch's flash kernel does not take; cuDNN's does,
+# about 4x faster than the memory-efficient kernel SDPA would otherwise pick on Hopper (shared/HARDWARE.md).
+_CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH]
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_offset: int | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_pos: int | torch.Tensor | None,
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v over [B, heads, len, dim] tensors; k/v may have one head (MQA).
 
-    q_offset=None: no mask. Otherwise causal, query i sitting at key position q_offset + i.
+    q_pos=None: no mask. Otherwise causal with key j at position j: an int puts query i at position q_pos + i;
+    a [B or 1, S] tensor gives each row's query positions (batched decode of sequences of different lengths,
+    whose padded keys lie beyond every real query's position and so are masked out).
+    doc_ids [B, S] (document masking of packed sequences; needs q_pos=0 and S == T): block-diagonal causal,
+    a query sees only the keys of its own document.
     """
     S, T = q.shape[-2], k.shape[-2]
-    gqa = k.shape[1] != q.shape[1]
-    if q_offset is None or S == 1 and q_offset == T - 1:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-    if q_offset == 0 and S == T:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    qpos = torch.arange(q_offset, q_offset + S, device=q.device)
-    mask = torch.arange(T, device=q.device)[None, :] <= qpos[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    kw: dict = {"scale": scale, "enable_gqa": k.shape[1] != q.shape[1]}
+    if doc_ids is not None:
+        if not (isinstance(q_pos, int) and q_pos == 0 and S == T):
+            raise ValueError("document masking needs a whole sequence at once (q_pos=0, queries == keys)")
+        same_doc = doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)  # [B, S, S]
+        causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+        kw["attn_mask"] = (same_doc & causal).unsqueeze(1)  # [B, 1, S, S]
+    elif isinstance(q_pos, torch.Tensor):
+        kw["attn_mask"] = (torch.arange(T, device=q.device) <= q_pos.unsqueeze(-1)).unsqueeze(1)  # [B|1,1,S,T]
+    elif q_pos is None or S == 1 and q_pos == T - 1:
+        pass
+    elif q_pos == 0 and S == T:
+        kw["is_causal"] = True
+    else:
+        qpos = torch.arange(q_pos, q_pos + S, device=q.device)
+        kw["attn_mask"] = torch.arange(T, device=q.device)[None, :] <= qpos[:, None]
+    if q.is_cuda:
+        with sdpa_kernel(_CUDA_SDPA_ORDER, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+    # The CPU flash kernel needs v as wide as q/k; without it SDPA falls back to the unfused math path, ~10x
+    # slower here. Zero columns of v give zero output columns, which are sliced off.
+    dv = v.shape[-1]
+    if dv < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    return F.scaled_dot_product_attention(q, k, v, **kw)[..., :dv]
 
 
 class MLA(nn.Module):
@@ -91,30 +142,43 @@ class MLA(nn.Module):
 
     # -- the two equivalent attention computations ---------------------------------------------------
     def expanded(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, q_offset: int | None
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+        q_pos: int | torch.Tensor | None, doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """eqs. 2, 4, 5, 10: per-head keys [k_C; k_R] and values from c_kv. Returns [B,S,H,v]."""
         H = self.n_heads
         k_nope, v = self.kv_b_proj(c_kv).unflatten(-1, (H, -1)).split([self.qk_nope_head_dim, self.v_head_dim], -1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, H, -1)], dim=-1)
-        o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale, q_offset)
+        o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale, q_pos, doc_ids)
         return o.transpose(1, 2)
 
     def absorbed(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, q_offset: int | None
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+        q_pos: int | torch.Tensor | None, kv: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Same result in latent space: q_C^T W_UK c = (W_UK^T q_C)^T c, and W_UV applied after attention.
 
-        Attention becomes multi-query with one shared key [c_kv; k_R] (C + rope wide) and value c_kv.
+        Attention becomes multi-query with one shared key [c_kv; k_R] (C + rope wide; `kv` when the cache holds
+        it already concatenated) and value c_kv. The heads share that key, so they are folded into the query
+        axis: one single-head attention of S*H queries (query s*H + h is head h at position s). SDPA's fused
+        CUDA kernels take that for these head widths, where enable_gqa would leave only its unfused math path.
         """
-        w = self.kv_b_proj.weight.unflatten(0, (self.n_heads, -1))  # [H, nope+v, C]
+        B, S, H, _ = q_nope.shape
+        w = dense_weight(self.kv_b_proj, q_nope.dtype).unflatten(0, (H, -1))  # [H, nope+v, C]
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
-        q = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2)  # [B,H,S,C+rope]
-        k = torch.cat([c_kv, k_pe], dim=-1).unsqueeze(1)  # [B,1,T,C+rope]
-        o_lat = attend(q, k, c_kv.unsqueeze(1), self.softmax_scale, q_offset)  # [B,H,S,C]
-        return torch.einsum("bhsc,hdc->bshd", o_lat, w_uv)
+        q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, 1, S * H, -1)  # [B,1,S*H,C+rope]
+        k = kv if kv is not None else torch.cat([c_kv, k_pe], dim=-1)
+        T = k.shape[1]
+        if isinstance(q_pos, torch.Tensor):
+            pos = q_pos.unsqueeze(-1).expand(*q_pos.shape, H).flatten(-2)  # [B|1, S*H]
+        elif q_pos is None or S == 1 and q_pos == T - 1:
+            pos = None  # every key visible
+        else:
+            pos = torch.arange(q_pos, q_pos + S, device=q.device).unsqueeze(-1).expand(S, H).reshape(1, S * H)
+        o_lat = attend(q, k.unsqueeze(1), c_kv.unsqueeze(1), self.softmax_scale, pos)  # [B,1,S*H,C]
+        return torch.einsum("bshc,hdc->bshd", o_lat.view(B, S, H, -1), w_uv)
 
     def forward(
         self,
@@ -123,17 +187,18 @@ class MLA(nn.Module):
         sin: torch.Tensor,
         cache: LatentCache | None = None,
         start_pos: int = 0,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Without a cache: expanded causal attention over x. With one: store this step's latents; a first
-        chunk (start_pos 0) attends expanded over itself, later chunks absorbed over everything cached."""
+        """Without a cache: expanded causal attention over x. With one: store this step's latents; a step that
+        starts its sequences attends expanded over itself, later steps absorbed over everything cached.
+        doc_ids [B, S]: document masking of packed training sequences (no cache), see `attend`."""
+        if doc_ids is not None and cache is not None:
+            raise ValueError("document masking (doc_ids) is for training forwards without a KV cache")
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
-        if cache is None:
-            o = self.expanded(q_nope, q_pe, c_kv, k_pe, 0)
+        cached = None if cache is None else cache.update(self.layer_idx, c_kv, k_pe, start_pos)
+        if cached is None:
+            o = self.expanded(q_nope, q_pe, c_kv, k_pe, 0, doc_ids)
         else:
-            c_all, pe_all = cache.update(self.layer_idx, c_kv, k_pe, start_pos)
-            if start_pos == 0:
-                o = self.expanded(q_nope, q_pe, c_kv, k_pe, 0)
-            else:
-                o = self.absorbed(q_nope, q_pe, c_all, pe_all, start_pos)
+            o = self.absorbed(q_nope, q_pe, cached.c_kv, cached.k_pe, cached.q_pos, cached.kv)
         return self.o_proj(o.flatten(2))

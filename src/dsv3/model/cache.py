@@ -1,7 +1,7 @@
 """A contiguous latent KV cache: per layer [B, max_len, kv_lora_rank] and [B, max_len, qk_rope_head_dim].
 
-Stores exactly what MLA needs (c_kv and the rotated k_R); the paged pool of the inference engine implements
-the same `update` interface.
+Stores exactly what MLA needs (c_kv and the rotated k_R); the paged pool of the inference engine (dsv3/infer)
+implements the same `LatentCache` interface for batches of sequences of different lengths.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from dsv3.config import ModelConfig
+from dsv3.model.attention import CachedLatents
 
 
 class StaticLatentCache:
@@ -25,10 +26,13 @@ class StaticLatentCache:
 
     def update(
         self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> CachedLatents | None:
+        """Write positions start_pos.. of every row; a first chunk (start_pos 0) attends over itself."""
         end = start_pos + c_kv.shape[1]
         if end > self.max_len:
             raise ValueError(f"cache holds {self.max_len} positions; asked to write up to {end}")
         self.c_kv[layer_idx, :, start_pos:end] = c_kv
         self.k_pe[layer_idx, :, start_pos:end] = k_pe
-        return self.c_kv[layer_idx, :, :end], self.k_pe[layer_idx, :, :end]
+        if start_pos == 0:
+            return None
+        return CachedLatents(self.c_kv[layer_idx, :, :end], self.k_pe[layer_idx, :, :end], start_pos)

@@ -16,7 +16,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least float32; float64 stays float64
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -32,3 +32,13 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A linear layer's [out, in] matrix, for code that multiplies by the weight directly (MLA's absorbed path).
+
+    A plain nn.Linear gives its weight as it is; a layer storing its weight in another form (dsv3.fp8's
+    FP8Linear: E4M3 values with block scales) provides the matrix in `dtype` through its own `dense_weight`.
+    """
+    own = getattr(linear, "dense_weight", None)
+    return linear.weight if own is None else own(dtype)

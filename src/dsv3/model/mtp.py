@@ -40,9 +40,9 @@ class MTPModule(nn.Module):
 
     def forward(
         self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        cache: LatentCache | None = None, start_pos: int = 0,
+        cache: LatentCache | None = None, start_pos: int = 0, doc_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RouterOutput | None]:
         """h_prev, emb [B, S, d] -> normed hidden [B, S, d] for the shared head (and the next depth)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        x, r = self.block(x, cos, sin, cache, start_pos)
+        x, r = self.block(x, cos, sin, cache, start_pos, doc_ids)
         return self.shared_head.norm(x), r

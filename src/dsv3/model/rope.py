@@ -65,7 +65,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     (x0 + i x1) * (cos + i sin) per pair, computed in float32 and cast back to x's dtype.
     """
-    xf = x.float().unflatten(-1, (-1, 2))
+    xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))  # float64 stays float64
     x0, x1 = xf[..., 0], xf[..., 1]
     while cos.dim() < x0.dim():  # broadcast over head dims between S and d_R/2
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)

@@ -32,9 +32,9 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        cache: LatentCache | None = None, start_pos: int = 0,
+        cache: LatentCache | None = None, start_pos: int = 0, doc_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RouterOutput | None]:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, doc_ids)
         if isinstance(self.mlp, MoE):
             y, r = self.mlp(self.post_attention_layernorm(h))
             return h + y, r
@@ -80,7 +80,7 @@ class DeepSeekV3(nn.Module):
     def init_weights(self, std: float | None = None) -> None:
         """Normal(0, std) for every matrix (std defaults to `initializer_range`), ones for norms, zero bias."""
         std = self.cfg.initializer_range if std is None else std
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if p.dim() == 1:
                 p.fill_(1.0)  # RMSNorm weights are the only vectors
             else:
@@ -93,6 +93,30 @@ class DeepSeekV3(nn.Module):
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotary(positions)
 
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        *,
+        start_pos: int = 0,
+        positions: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[RouterOutput], tuple[torch.Tensor, torch.Tensor]]:
+        """The decoder without the output head: final normed hidden [B, S, d], the main layers' router
+        outputs, and the (cos, sin) tables of these positions. The inference engine calls this to apply
+        `lm_head` only where it needs logits (the last prompt position, not a 129K-wide row per token)."""
+        S = tokens.shape[1]
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + S, device=tokens.device).unsqueeze(0)
+        cos, sin = self.rope(positions)
+        x = self.embed_tokens(tokens)
+        routers: list[RouterOutput] = []
+        for layer in self.layers:
+            x, r = layer(x, cos, sin, cache, start_pos, doc_ids)
+            if r is not None:
+                routers.append(r)
+        return self.norm(x), routers, (cos, sin)
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -101,23 +125,18 @@ class DeepSeekV3(nn.Module):
         positions: torch.Tensor | None = None,
         cache: LatentCache | None = None,
         mtp: bool | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> DeepSeekV3Output:
         """tokens [B, S] at positions start_pos.. (or explicit `positions` [B or 1, S]).
 
         With a `cache`, latents are stored and later calls continue from `start_pos`. MTP logits are computed
         when `mtp` is True (default: when the model has MTP modules and no cache is used).
+        doc_ids [B, S] (training, no cache): document of each token of packed sequences; attention then stays
+        within each document (block-diagonal causal mask), in the main layers and the MTP blocks.
         """
-        B, S = tokens.shape
-        if positions is None:
-            positions = torch.arange(start_pos, start_pos + S, device=tokens.device).unsqueeze(0)
-        cos, sin = self.rope(positions)
-        x = self.embed_tokens(tokens)
-        routers: list[RouterOutput] = []
-        for layer in self.layers:
-            x, r = layer(x, cos, sin, cache, start_pos)
-            if r is not None:
-                routers.append(r)
-        h = self.norm(x)
+        h, routers, (cos, sin) = self.hidden_states(
+            tokens, start_pos=start_pos, positions=positions, cache=cache, doc_ids=doc_ids
+        )
         out = DeepSeekV3Output(logits=self.lm_head(h), hidden=h, router=routers)
         if mtp is None:
             mtp = cache is None and len(self.mtp) > 0
@@ -127,7 +146,7 @@ class DeepSeekV3(nn.Module):
                 # depth k at position i sees token i+k; the last k positions wrap around, which causal attention
                 # keeps from reaching any position that has a target
                 emb = self.embed_tokens(tokens.roll(-k, dims=1))
-                prev, r = module(prev, emb, cos, sin)
+                prev, r = module(prev, emb, cos, sin, doc_ids=doc_ids)
                 out.mtp_logits.append(self.lm_head(prev))
                 if r is not None:
                     out.router.append(r)

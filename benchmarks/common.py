@@ -1,0 +1,59 @@
+"""Shared benchmark plumbing: timing with warm-up and medians, the device's peak, JSON output."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+# Dense peaks used for MFU (shared/HARDWARE.md): count against the datasheet bf16 / fp8 figures.
+PEAK_FLOPS = {"cuda-bf16": 989e12, "cuda-fp8": 1979e12}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2, iters: int = 5) -> float:
+    """Median wall time of fn() in seconds, after `warmup` untimed calls, synchronising the device."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cpu_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
+    """Measured float32 matmul rate of this CPU (there is no datasheet peak to count against)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    t = time_fn(lambda: a @ b, torch.device("cpu"), warmup=2, iters=5)
+    return 2 * n**3 / t
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths, strict=True)))
+
+
+def emit_json(obj: dict) -> None:
+    """The benchmark's last stdout line: one JSON object (BENCHMARKS.md rows are regenerated from it)."""
+    print(json.dumps(obj, sort_keys=True))

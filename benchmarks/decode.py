@@ -1,0 +1,493 @@
+"""Decode throughput of the dsv3 engine vs transformers' `generate`, and the fraction of the HBM roofline.
+
+GPU (the `bench` preset, random weights, bf16; one run of about 5 minutes):
+
+    python benchmarks/decode.py --out decode.json
+    python benchmarks/decode.py --batch 1 8 --context 1024 --steps 32 --impl dsv3 hf --time-limit 120
+
+For every batch B and context C: B random prompts of C tokens are prefilled, then decode steps are timed
+(only decode). Rows:
+  dsv3         the engine, decode steps replayed from CUDA graphs (static buffers, bucketed shapes), greedy;
+               tokens/s over whole engine steps (scheduling, staging, replay, sampling, the one host read);
+               `model ms` is the replayed forward alone, back to back.
+  dsv3-eager   the same engine and static buffers without graphs (what the graphs save).
+  hf           transformers DeepseekV3ForCausalLM.generate with the same weights (saved in the HF layout,
+               loaded with its defaults: dynamic cache, SDPA, grouped_mm experts), greedy, min_new_tokens so
+               that no row stops early; per-step times from a stopping criterion that synchronises.
+  hf-static    the same with cache_implementation="static" (transformers compiles it: ~40 s per shape);
+               only for --hf-static configs.
+Roofline: bytes that must move per decode step / measured device-to-device copy bandwidth (bytes read +
+written, measured in this run). Bytes per step, bf16:
+  weights: attention + dense FFN + norms + output head + B embedding rows, and per MoE layer the router, the
+           shared experts and the distinct routed experts the batch touches, expected E * (1 - (1 - K/E)^B)
+           under uniform routing (K at B=1: 8 of 64 for `bench`; 42 at B=8; 64 at B=64);
+  KV cache: B * context * (kv_lora_rank + qk_rope_head_dim) * layers * 2 bytes (read; the step's own writes
+           and the logits are < 0.1% and left out).
+fraction = (bytes / bandwidth) / measured step time.
+
+Every measurement runs in its own try/except (a failure prints its error and the rest go on), units of work
+are skipped once --time-limit would be exceeded, and rows are printed (and written to --out) as they finish.
+The table comes last, then one JSON line.
+
+MTP speculative decoding on a trained model (CPU): acceptance rate, tokens per step and end-to-end speedup of
+--mtp K over plain greedy decoding (outputs must be identical), one prompt at a time and batched:
+
+    python benchmarks/decode.py --model runs/demo/checkpoints/latest
+    python benchmarks/decode.py --model random:tiny --mtp 1 2      # pipeline check on an untrained model
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+if not __package__:  # run as a script (python benchmarks/decode.py): make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import device_name, emit_json, print_table, sync, time_fn  # noqa: E402
+from dsv3.config import ModelConfig, preset  # noqa: E402
+from dsv3.infer import Engine, SamplingParams  # noqa: E402
+from dsv3.info import count_params  # noqa: E402
+from dsv3.model import DeepSeekV3  # noqa: E402
+
+T_START = time.perf_counter()
+
+
+def elapsed() -> float:
+    return time.perf_counter() - T_START
+
+
+def log(msg: str) -> None:
+    print(f"[{elapsed():6.1f}s] {msg}", flush=True)
+
+
+# -- roofline ---------------------------------------------------------------------------------------------
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second by a large device-to-device copy (median of 20)."""
+    n = 2**30 if device.type == "cuda" else 2**26
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, warmup=3, iters=20)
+    return 2 * n / t
+
+
+def experts_touched(cfg: ModelConfig, batch: int) -> float:
+    """Expected distinct routed experts a batch of `batch` tokens reaches in one MoE layer (uniform routing)."""
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    return E * (1 - (1 - K / E) ** batch) if E else 0.0
+
+
+def step_bytes(cfg: ModelConfig, batch: int, context: float, bytes_per_value: int = 2) -> dict[str, float]:
+    """Bytes one decode step of `batch` sequences at `context` cached positions must move (module docstring)."""
+    c = count_params(cfg)
+    d, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    expert = 3 * d * inter
+    touched = experts_touched(cfg, batch)
+    moe = cfg.n_moe_layers * (cfg.n_routed_experts * d + cfg.n_shared_experts * expert + touched * expert)
+    weights = c.attention + c.dense_ffn + c.norms + c.head + moe + min(batch, cfg.vocab_size) * d
+    kv = batch * context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers
+    return {"weights": weights * bytes_per_value, "kv": kv * bytes_per_value,
+            "total": (weights + kv) * bytes_per_value, "experts_touched": touched}
+
+
+# -- dsv3 ------------------------------------------------------------------------------------------------
+def run_dsv3(model: DeepSeekV3, args: argparse.Namespace, B: int, ctx: int, bw: float, profile: bool) -> list[dict]:
+    """Prefill B prompts of ctx tokens, capture, time `steps` engine steps with graphs, the replayed forward
+    alone, then `eager_steps` steps without graphs. Returns the dsv3 and dsv3-eager rows."""
+    cfg, dev = model.cfg, model.embed_tokens.weight.device
+    graphs = dev.type == "cuda" and not args.no_graphs
+    eager_steps = args.eager_steps if "dsv3-eager" in args.impl else 0
+    total = args.warmup + args.steps + eager_steps + 4
+    bs = args.block_size
+    engine = Engine(model, None, block_size=bs, cache_tokens=B * (ctx + total + bs) + bs, max_num_seqs=B,
+                    max_model_len=ctx + total + bs, max_num_batched_tokens=max(16384, ctx), cuda_graphs=graphs)
+    g = torch.Generator().manual_seed(B * 100003 + ctx)
+    params = SamplingParams(max_tokens=total, temperature=0, ignore_eos=True)
+    for _ in range(B):
+        engine.add_request(torch.randint(0, cfg.vocab_size, (ctx,), generator=g).tolist(), params)
+    rows = []
+    try:
+        sync(dev)
+        t0 = time.perf_counter()
+        while engine.scheduler.waiting:
+            engine.step()
+        sync(dev)
+        prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        shapes = engine.runner.capture(B, ctx + 1, ctx + total + 1) if graphs else 0
+        sync(dev)
+        capture_s = time.perf_counter() - t0
+        for _ in range(args.warmup):
+            engine.step()
+        start_ctx = engine.scheduler.running[0].num_cached
+        sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        sync(dev)
+        step_s = (time.perf_counter() - t0) / args.steps
+        mean_ctx = start_ctx + (args.steps - 1) / 2
+        # the forward alone: replay the next step's shape back to back (it rewrites the same slots)
+        runner, seqs = engine.runner, list(engine.scheduler.running)
+        for s in seqs:
+            engine.blocks.reserve(s.seq_id, s.num_cached + 1)
+        with torch.inference_mode():
+            runner.prepare_decode(seqs)
+            model_s = time_fn(runner.decode, dev, warmup=2, iters=max(args.steps // 4, 3))
+            if profile:
+                profile_step(runner, dev)
+        nbytes = step_bytes(cfg, B, mean_ctx)
+        roof = nbytes["total"] / bw
+        rows.append({
+            "impl": "dsv3" if graphs else "dsv3 (no graphs)", "batch": B, "context": ctx,
+            "tokens_per_s": B / step_s, "ms_per_step": step_s * 1e3, "model_ms_per_step": model_s * 1e3,
+            "roofline": roof / step_s, "roofline_model": roof / model_s, "bytes_per_step": nbytes["total"],
+            "kv_bytes_per_step": nbytes["kv"], "experts_touched": nbytes["experts_touched"],
+            "prefill_s": prefill_s, "capture_s": capture_s, "graph_shapes": shapes, "mean_context": mean_ctx,
+        })
+        log(f"dsv3 B={B} ctx={ctx}: {B / step_s:,.0f} tok/s, {step_s * 1e3:.2f} ms/step "
+            f"(forward {model_s * 1e3:.2f} ms), roofline {roof / step_s:.1%}; prefill {prefill_s:.1f}s, "
+            f"capture {capture_s:.1f}s ({shapes} shapes)")
+        if eager_steps and graphs:
+            engine.runner.set_cuda_graphs(False)
+            engine.step()  # warm-up of the new shape
+            sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(eager_steps):
+                engine.step()
+            sync(dev)
+            e_s = (time.perf_counter() - t0) / eager_steps
+            rows.append({"impl": "dsv3-eager", "batch": B, "context": ctx, "tokens_per_s": B / e_s,
+                         "ms_per_step": e_s * 1e3, "roofline": roof / e_s, "bytes_per_step": nbytes["total"]})
+            log(f"dsv3-eager B={B} ctx={ctx}: {B / e_s:,.0f} tok/s, {e_s * 1e3:.2f} ms/step")
+    finally:
+        del engine
+        free_memory(dev)
+    return rows
+
+
+def profile_step(runner, dev: torch.device) -> None:
+    """Kernels of the replayed decode forward: count per step and the top ones by device time."""
+    if dev.type != "cuda":
+        return
+    try:
+        n = 5
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                runner.decode()
+            sync(dev)
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = sum(e.count for e in events) / n
+        total = sum(e.self_device_time_total for e in events) / n
+        print(f"\nprofile of the replayed decode forward: {kernels:.0f} kernels per step, "
+              f"{total / 1e3:.3f} ms of kernel time per step", flush=True)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70),
+              flush=True)
+    except Exception as e:  # noqa: BLE001 - a profiler failure must not lose the measurements
+        print(f"profile failed: {type(e).__name__}: {e}", flush=True)
+
+
+# -- transformers ----------------------------------------------------------------------------------------
+def run_hf(peer, cfg: ModelConfig, args: argparse.Namespace, B: int, ctx: int, bw: float, static: bool) -> dict:
+    """generate() with greedy decoding; decode time between the first and the last new token."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    dev = next(peer.parameters()).device
+    steps = args.hf_steps
+    stamps: list[float] = []
+
+    class Stamp(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+            sync(dev)
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    g = torch.Generator().manual_seed(B * 100003 + ctx)
+    ids = torch.randint(0, cfg.vocab_size, (B, ctx), generator=g).to(dev)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1, min_new_tokens=steps + 1,
+              do_sample=False, stopping_criteria=StoppingCriteriaList([Stamp()]), pad_token_id=0)
+    if static:
+        kw["cache_implementation"] = "static"
+    compile_s = 0.0
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if static:  # the first call compiles for these shapes
+            t0 = time.perf_counter()
+            peer.generate(ids, **kw)
+            sync(dev)
+            compile_s = time.perf_counter() - t0
+        stamps.clear()
+        peer.generate(ids, **kw)
+        sync(dev)
+    n = len(stamps) - 1
+    if n < 1:
+        raise RuntimeError(f"generate produced {len(stamps)} tokens, expected {steps + 1}")
+    step_s = (stamps[-1] - stamps[0]) / n
+    nbytes = step_bytes(cfg, B, ctx + n / 2)
+    roof = nbytes["total"] / bw
+    name = "hf-static" if static else "hf"
+    log(f"{name} B={B} ctx={ctx}: {B / step_s:,.1f} tok/s, {step_s * 1e3:.2f} ms/step, roofline {roof / step_s:.1%}"
+        + (f", compile+first call {compile_s:.0f}s" if static else ""))
+    return {"impl": name, "batch": B, "context": ctx, "tokens_per_s": B / step_s, "ms_per_step": step_s * 1e3,
+            "roofline": roof / step_s, "bytes_per_step": nbytes["total"], "steps": n, "compile_s": compile_s}
+
+
+def free_memory(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        try:
+            torch.cuda.synchronize(dev)
+            torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - a poisoned context shows in the next row's error anyway
+            print(f"cleanup failed: {type(e).__name__}: {e}", flush=True)
+
+
+# -- the GPU speed benchmark ----------------------------------------------------------------------------
+def speed(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    cfg = preset(args.preset)
+    torch.manual_seed(0)
+    result: dict = {"bench": "decode", "preset": args.preset, "device": device_name(device), "dtype": str(dtype),
+                    "torch": torch.__version__, "steps": args.steps, "block_size": args.block_size, "rows": [],
+                    "errors": [], "skipped": []}
+    rows: list[dict] = result["rows"]
+
+    def save() -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True))
+
+    with torch.device(device):
+        model = DeepSeekV3(cfg)
+    model.init_weights()
+    model = model.to(dtype).eval()
+    log(f"model: preset {args.preset}, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, "
+        f"{dtype}, {device_name(device)}")
+    bw = copy_bandwidth(device)
+    result["copy_bandwidth"] = bw
+    log(f"device-to-device copy: {bw / 1e12:.2f} TB/s (bytes read + written)")
+
+    peer = None
+    if {"hf", "hf-static"} & set(args.impl):
+        try:
+            import transformers
+            from transformers import DeepseekV3ForCausalLM
+
+            from dsv3.checkpoint import save_model
+
+            result["transformers"] = transformers.__version__
+            transformers.logging.set_verbosity_error()  # the load report lists the MTP layer it does not use
+            with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                save_model(model, d)
+                peer = DeepseekV3ForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
+            log(f"transformers {transformers.__version__} peer loaded")
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            result["errors"].append({"impl": "hf (load)", "error": f"{type(e).__name__}: {e}"})
+    save()
+
+    configs = [(B, C) for C in args.context for B in args.batch]
+    static_cfgs = [tuple(int(v) for v in s.split("x")) for s in args.hf_static]
+    plan: list[tuple[str, int, int]] = []
+    for B, C in configs:
+        if {"dsv3", "dsv3-eager"} & set(args.impl):
+            plan.append(("dsv3", B, C))
+        if "hf" in args.impl:
+            plan.append(("hf", B, C))
+    if "hf-static" in args.impl:
+        plan += [("hf-static", B, C) for B, C in static_cfgs]
+    # rough seconds per unit, to skip what would overrun the time limit (prefill ~100K tok/s, hf 3 prefills)
+    cost = {"dsv3": lambda B, C: 4 + B * C / 1e5, "hf": lambda B, C: 5 + 3 * B * C / 1e5,
+            "hf-static": lambda B, C: 80 + 3 * B * C / 1e5}
+    profiled = False
+    for impl, B, C in plan:
+        if elapsed() + cost[impl](B, C) > args.time_limit:
+            log(f"skip {impl} B={B} ctx={C}: would pass --time-limit {args.time_limit}s")
+            result["skipped"].append({"impl": impl, "batch": B, "context": C})
+            continue
+        if impl.startswith("hf") and peer is None:
+            continue
+        try:
+            if impl == "dsv3":
+                rows += run_dsv3(model, args, B, C, bw, profile=args.profile and not profiled)
+                profiled = True
+            else:
+                rows.append(run_hf(peer, cfg, args, B, C, bw, static=impl == "hf-static"))
+        except Exception as e:  # noqa: BLE001 - one failure must not lose the other rows
+            traceback.print_exc()
+            log(f"FAILED {impl} B={B} ctx={C}: {type(e).__name__}: {e}")
+            result["errors"].append({"impl": impl, "batch": B, "context": C, "error": f"{type(e).__name__}: {e}"})
+            free_memory(device)
+        save()
+
+    # ratios against the peers at the same point
+    by = {(r["impl"], r["batch"], r["context"]): r for r in rows}
+    for r in rows:
+        if r["impl"].startswith("dsv3"):
+            for peer_name in ("hf", "hf-static"):
+                p = by.get((peer_name, r["batch"], r["context"]))
+                if p:
+                    r[f"vs_{peer_name}"] = r["tokens_per_s"] / p["tokens_per_s"]
+    save()
+    print(f"\ndecode, preset {args.preset}, {dtype}, {device_name(device)}, copy bandwidth {bw / 1e12:.2f} TB/s; "
+          f"{args.steps} timed steps (hf: {args.hf_steps}); roofline = bytes per step / copy bandwidth / step time")
+    print("bytes per step = weights (attention, dense, norms, head, B embedding rows; per MoE layer router + shared "
+          "+ E(1-(1-K/E)^B) routed experts) + B x context x (kv_lora_rank + rope) x layers, 2 bytes each")
+    table = []
+    for r in rows:
+        table.append({
+            "impl": r["impl"], "B": r["batch"], "ctx": r["context"], "tok/s": f"{r['tokens_per_s']:,.0f}",
+            "ms/step": f"{r['ms_per_step']:.2f}",
+            "model ms": f"{r['model_ms_per_step']:.2f}" if "model_ms_per_step" in r else "",
+            "MB/step": f"{r['bytes_per_step'] / 1e6:,.0f}", "roofline": f"{r['roofline']:.1%}",
+            "roof(model)": f"{r['roofline_model']:.1%}" if "roofline_model" in r else "",
+            "vs hf": f"{r['vs_hf']:.1f}x" if "vs_hf" in r else "",
+            "vs hf-static": f"{r['vs_hf-static']:.2f}x" if "vs_hf-static" in r else "",
+        })
+    if table:
+        print_table(table, list(table[0]))
+    for e in result["errors"]:
+        print(f"error: {e}")
+    for s in result["skipped"]:
+        print(f"skipped (time limit): {s}")
+    result["elapsed_s"] = elapsed()
+    emit_json(result)
+
+
+# -- MTP acceptance and speedup on a trained model (CPU) ---------------------------------------------------
+DEFAULT_PROMPTS = [
+    "def fibonacci(n):\n", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self):\n",
+    "for i in range(10):\n", "# Copyright", "def main():\n    parser = argparse.ArgumentParser(",
+    "    return self.", "if __name__ == '__main__':\n",
+]
+
+
+def mtp(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+    tokenizer = None
+    if args.model.startswith("random:"):
+        torch.manual_seed(0)
+        cfg = preset(args.model.split(":", 1)[1])
+        with torch.device(device):
+            model = DeepSeekV3(cfg)
+        model.init_weights()
+        model = model.to(dtype).eval()
+    else:
+        from dsv3.checkpoint import load_model
+
+        path = Path(args.model)
+        model = load_model(path, device=device, dtype=dtype)
+        if (path / "tokenizer.json").is_file():
+            from dsv3.data.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_pretrained(path)
+    if not len(model.mtp):
+        raise SystemExit(f"{args.model}: the model has no MTP module (num_nextn_predict_layers=0)")
+    if args.prompts:
+        texts = [t.strip("\n") + "\n" for t in Path(args.prompts).read_text().split("\n\n") if t.strip()]
+    else:
+        texts = DEFAULT_PROMPTS
+    if tokenizer is not None:
+        prompts = [tokenizer.encode(t) for t in texts]
+    else:
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, model.cfg.vocab_size, (8 + 3 * i,), generator=g).tolist()
+                   for i in range(len(texts))]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+    log(f"MTP on {args.model}: {len(prompts)} prompts, {args.max_tokens} new tokens each, greedy, {device} "
+        f"{dtype}, {torch.get_num_threads()} threads")
+    best: dict[tuple[int, bool], dict] = {}
+    outputs: dict[tuple[int, bool], list[list[int]]] = {}
+    # repeats interleave the settings and keep each one's fastest run: a shared CPU is noisy
+    for rep in range(args.repeats):
+        for k in [0, *args.mtp]:
+            for batched in (False, True):
+                engine = Engine(model, tokenizer, mtp=k)
+                engine.generate(prompts[0], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+                t0 = time.perf_counter()
+                if batched:
+                    results = engine.generate(prompts, params)
+                else:
+                    results = [engine.generate(p, params)[0] for p in prompts]
+                secs = time.perf_counter() - t0
+                tokens = sum(len(r.token_ids) for r in results)
+                steps = sum(r.num_steps for r in results)
+                drafted = sum(r.drafted for r in results)
+                accepted = sum(r.accepted for r in results)
+                outputs[(k, batched)] = [r.token_ids for r in results]
+                row = {"mtp": k, "batch": len(prompts) if batched else 1, "tokens": tokens, "seconds": secs,
+                       "tokens_per_s": tokens / secs, "decode_steps": steps,
+                       "acceptance": accepted / drafted if drafted else None,
+                       "tokens_per_step": (steps + accepted) / steps if steps else None}
+                if (k, batched) not in best or secs < best[(k, batched)]["seconds"]:
+                    best[(k, batched)] = row
+                log(f"run {rep + 1}/{args.repeats} mtp={k} batch={row['batch']}: {tokens / secs:.1f} tok/s"
+                    + (f", acceptance {accepted / drafted:.1%}, {(steps + accepted) / steps:.2f} tokens/step"
+                       if drafted else ""))
+    rows = list(best.values())
+    for r in rows:
+        base = next(b for b in rows if b["mtp"] == 0 and b["batch"] == r["batch"])
+        r["speedup"] = base["seconds"] / r["seconds"]
+        r["identical_to_mtp0"] = outputs[(r["mtp"], r["batch"] > 1)] == outputs[(0, r["batch"] > 1)]
+    print(f"\nMTP speculative decoding, {args.model}, greedy, {args.max_tokens} new tokens x {len(prompts)} prompts, "
+          f"{device_name(device)}")
+    print_table([{
+        "mtp": r["mtp"], "batch": r["batch"], "tok/s": f"{r['tokens_per_s']:.1f}",
+        "acceptance": "" if r["acceptance"] is None else f"{r['acceptance']:.1%}",
+        "tokens/step": "" if r["tokens_per_step"] is None else f"{r['tokens_per_step']:.2f}",
+        "speedup": f"{r['speedup']:.2f}x", "same output": r["identical_to_mtp0"],
+    } for r in rows], ["mtp", "batch", "tok/s", "acceptance", "tokens/step", "speedup", "same output"])
+    emit_json({"bench": "decode-mtp", "model": args.model, "device": device_name(device), "dtype": str(dtype),
+               "max_tokens": args.max_tokens, "prompts": len(prompts), "torch": torch.__version__, "rows": rows})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="bench")
+    ap.add_argument("--device", default=None, help="default: cuda when available (the --model mode: cpu)")
+    ap.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: bf16 on cuda, float32 on cpu)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--context", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--steps", type=int, default=64, help="timed decode steps of dsv3 (default 64)")
+    ap.add_argument("--hf-steps", type=int, default=32, help="timed decode steps of transformers (default 32)")
+    ap.add_argument("--warmup", type=int, default=4, help="untimed decode steps before timing")
+    ap.add_argument("--eager-steps", type=int, default=16, help="timed steps of the dsv3-eager row")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--impl", nargs="+", default=["dsv3", "dsv3-eager", "hf", "hf-static"],
+                    choices=["dsv3", "dsv3-eager", "hf", "hf-static"])
+    ap.add_argument("--hf-static", nargs="*", default=["1x1024", "8x1024"], metavar="BxC",
+                    help="batch x context points for hf-static (each compiles, ~40 s; default 1x1024 8x1024)")
+    ap.add_argument("--no-graphs", action="store_true", help="dsv3 without CUDA graphs")
+    ap.add_argument("--profile", action="store_true", help="print the kernels of one replayed decode step")
+    ap.add_argument("--time-limit", type=float, default=330.0,
+                    help="seconds from start after which remaining units are skipped (default 330)")
+    ap.add_argument("--out", default=None, help="also write the JSON here (rewritten after every row)")
+    ap.add_argument("--model", default=None,
+                    help="MTP mode: a checkpoint directory (or random:PRESET) to measure MTP speculation on")
+    ap.add_argument("--mtp", type=int, nargs="+", default=[1], help="MTP mode: draft counts to compare with 0")
+    ap.add_argument("--max-tokens", type=int, default=64, help="MTP mode: new tokens per prompt")
+    ap.add_argument("--prompts", default=None, help="MTP mode: a text file of prompts separated by blank lines")
+    ap.add_argument("--repeats", type=int, default=2, help="MTP mode: runs per setting, fastest kept")
+    args = ap.parse_args()
+    if args.model:
+        args.device = args.device or "cpu"
+        mtp(args)
+    else:
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        speed(args)
+
+
+if __name__ == "__main__":
+    main()

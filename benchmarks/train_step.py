@@ -1,0 +1,154 @@
+"""Training throughput (tokens/s, MFU) of dsv3's training step vs transformers' DeepseekV3ForCausalLM, same run.
+
+    python benchmarks/train_step.py --preset tiny --device cpu
+    python benchmarks/train_step.py --preset bench --device cuda --batch 4 --seq 2048 --compile
+
+dsv3's step is `dsv3.train.loop.train_step`, what `dsv3 train` runs: forward, the loss (float32 CE, MTP,
+sequence-wise balance loss), backward, gradient clipping, AdamW, the aux-free bias update. On the GPU it keeps
+float32 master weights under bf16 autocast with fused AdamW (the loop's recipe, the paper's precision split),
+and is also timed in pure bf16 (`--pure-bf16`, the peer's setting). The peer gets our weights (saved in
+the HF layout, loaded by transformers with its defaults: SDPA, grouped_mm experts), pure bf16 + fused AdamW
+on the GPU (shared/HARDWARE.md), float32 on the CPU, with the same clipping; it has no MTP module, so the
+like-for-like ratio compares it with our step with MTP off; our MTP-on step is reported too.
+
+FLOPs per token: 3 x the forward count (dsv3.info.forward_flops_per_token: 2 x activated matmul parameters,
+the embedding lookup excluded, plus causal attention), i.e. 6 x params + attention; the MTP-on row adds the
+MTP block, its attention and the second pass through the output head. MFU against 989 TFLOP/s (bf16 dense) on
+the GPU, against a measured float32 matmul rate on the CPU. Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import warnings
+
+import torch
+
+from benchmarks.common import PEAK_FLOPS, cpu_peak_flops, device_name, emit_json, print_table, time_fn
+from dsv3.checkpoint import save_model
+from dsv3.config import ModelConfig, preset
+from dsv3.info import attention_flops_per_token, count_params, forward_flops_per_token
+from dsv3.model import DeepSeekV3
+from dsv3.train.loop import train_step
+from dsv3.train.objective import ObjectiveConfig
+from dsv3.train.optim import build_optimizer, init_model
+
+
+def train_flops_per_token(cfg: ModelConfig, seq: int, mtp: bool) -> float:
+    """Forward + backward (3x forward) FLOPs per token of a causal sequence of `seq` tokens."""
+    fwd = forward_flops_per_token(cfg, seq, causal_mean=True)
+    if mtp and cfg.num_nextn_predict_layers:
+        p = count_params(cfg)
+        d, D = cfg.hidden_size, cfg.num_nextn_predict_layers
+        mtp_matmul = p.mtp_active - D * 5 * d + D * p.head  # its block, eh_proj and the shared head; no norms
+        attn = attention_flops_per_token(cfg, 1) / cfg.num_hidden_layers * D * (seq + 1) / 2
+        fwd += 2 * mtp_matmul + attn
+    return 3 * fwd
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default=None, help="default: bench on GPU, tiny on CPU")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 4 GPU, 8 CPU)")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 2048 GPU, 256 CPU)")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile(dsv3 model)")
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers")
+    ap.add_argument("--no-mtp-row", action="store_true", help="skip the MTP-on row (the loop's full step)")
+    ap.add_argument("--pure-bf16", action="store_true", help="GPU: also time dsv3 in pure bf16 (as the peer)")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    name = args.preset or ("bench" if gpu else "tiny")
+    batch = args.batch or (4 if gpu else 8)
+    seq = args.seq or (2048 if gpu else 256)
+    cfg = preset(name)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = DeepSeekV3(cfg)
+    init_model(model)
+    model.train()
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+    peak = PEAK_FLOPS["cuda-bf16"] if gpu else cpu_peak_flops()
+    objective = ObjectiveConfig("aux-free")
+    rows, result = [], {}
+
+    def record(label: str, key: str, fn, mtp: bool) -> float:
+        t = time_fn(fn, device, warmup=args.warmup, iters=args.iters)
+        tps = batch * seq / t
+        mfu = tps * train_flops_per_token(cfg, seq, mtp) / peak
+        rows.append({"impl": label, "ms/step": f"{t * 1e3:.1f}", "tokens/s": f"{tps:,.0f}", "MFU": f"{mfu:.1%}"})
+        result[key] = {"tokens_per_s": tps, "mfu": mfu, "ms_per_step": t * 1e3}
+        return tps
+
+    def ours(m: DeepSeekV3, forward, mtp: bool, autocast: bool):
+        opt = build_optimizer(m, lr=1e-4, fused=gpu or None)
+
+        def step() -> None:
+            train_step(m, opt, tokens, None, objective, micro_batch_size=batch, lr=1e-4, mtp_lambda=0.3,
+                       gamma=1e-3, device=device, autocast=autocast, forward=forward, mtp=mtp)
+        return step
+
+    with tempfile.TemporaryDirectory() as ckpt:
+        save_model(model, ckpt)  # the peer's weights: the same model, before any of our steps change it
+        # fp32 master weights; bf16 autocast on the GPU (the loop's recipe)
+        label = "dsv3 (fp32 master, bf16 autocast)" if gpu else "dsv3 (fp32)"
+        best = record(f"{label}, MTP off", "dsv3", ours(model, model, False, True), mtp=False)
+        if not args.no_mtp_row:
+            record(f"{label}, MTP on", "dsv3_mtp", ours(model, model, True, True), mtp=True)
+        if args.compile:
+            compiled = torch.compile(model)
+            best = max(best, record(f"{label} + compile, MTP off", "dsv3_compile",
+                                    ours(model, compiled, False, True), mtp=False))
+        if gpu and args.pure_bf16:
+            m16 = model.to(torch.bfloat16)
+            best = max(best, record("dsv3 (pure bf16), MTP off", "dsv3_bf16", ours(m16, m16, False, False),
+                                    mtp=False))
+            if args.compile:
+                c16 = torch.compile(m16)
+                best = max(best, record("dsv3 (pure bf16) + compile, MTP off", "dsv3_bf16_compile",
+                                        ours(m16, c16, False, False), mtp=False))
+        del model
+        if gpu:
+            torch.cuda.empty_cache()
+
+        if not args.no_peer:
+            from transformers import DeepseekV3ForCausalLM
+
+            dtype = torch.bfloat16 if gpu else torch.float32
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                peer = DeepseekV3ForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).train()
+            popt = torch.optim.AdamW(peer.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                     fused=gpu or None)
+
+            def peer_step() -> None:
+                loss = peer(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
+                popt.step()
+                popt.zero_grad(set_to_none=True)
+
+            peer_tps = record(f"transformers ({'pure bf16' if gpu else 'fp32'})", "transformers", peer_step,
+                              mtp=False)
+            result["ratio"] = best / peer_tps
+            result["ratio_eager"] = result["dsv3"]["tokens_per_s"] / peer_tps
+
+    print(f"\ntraining step, preset {name}, batch {batch} x seq {seq}, {device_name(device)}")
+    print(f"FLOPs/token {train_flops_per_token(cfg, seq, False) / 1e9:.3f} G (MTP off), "
+          f"{train_flops_per_token(cfg, seq, True) / 1e9:.3f} G (MTP on); MFU against {peak / 1e12:.1f} TFLOP/s "
+          f"({'bf16 dense peak' if gpu else 'measured fp32 matmul'})")
+    print_table(rows, ["impl", "ms/step", "tokens/s", "MFU"])
+    if "ratio" in result:
+        print(f"dsv3 / transformers (like for like, MTP off): {result['ratio']:.2f}x "
+              f"(eager, loop's precision: {result['ratio_eager']:.2f}x)")
+    emit_json({"bench": "train_step", "preset": name, "device": device_name(device), "batch": batch, "seq": seq,
+               "torch": torch.__version__, **result})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""The inference engine: requests in, tokens and text out, one batched step at a time.
+
+`Engine.step()` asks the scheduler for a batch, runs it through the model runner (a prefill, or a decode step
+that verifies the drafter's tokens), samples, and hands the new tokens to the sequences, which apply stop
+rules and decode text. `generate(model, tokenizer, prompts, ...)` is the one-call API on top, returning
+results or, with `stream=True`, an iterator of text/token deltas.
+
+One code path serves plain and speculative decoding: a plain step is a verification of zero drafts
+(`accept_drafts` with k = 0 just samples the next token). A decode step is launched without waiting on the
+device (`_launch_decode`: static buffers, a CUDA graph replay, sampling on the device) and ends with a single
+host transfer of the sampled tokens, which the stop checks need. When every row is greedy the argmax computed
+inside the graph is the result (the acceptance rule with one-hot distributions reduces to comparing drafts
+with it), so no probabilities or uniforms are formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from dsv3.infer.block_manager import BlockManager
+from dsv3.infer.model_runner import ModelRunner
+from dsv3.infer.paged_cache import PagedLatentCache
+from dsv3.infer.sampling import SamplingParams, probabilities, sample, uniforms
+from dsv3.infer.scheduler import Scheduler
+from dsv3.infer.sequence import Sequence, TokenizerLike
+from dsv3.infer.speculative import Drafter, MTPDrafter, accept_drafts
+from dsv3.model import DeepSeekV3
+
+
+@dataclass
+class GenerationResult:
+    """One finished request. `token_ids` are all generated ids (a final stop id included); `text` is their
+    decoding without the stop id and cut before a stop string. Speculation statistics count decode steps
+    (after the prefill), drafted and accepted tokens."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    num_steps: int
+    drafted: int
+    accepted: int
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / drafted tokens (0 without speculation)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens emitted per decode step: 1 + accepted drafts per step (1.0 without speculation)."""
+        return (self.num_steps + self.accepted) / self.num_steps if self.num_steps else 0.0
+
+
+@dataclass
+class GenerationDelta:
+    """What one request produced in one step (streaming). `result` is set on its last delta."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    result: GenerationResult | None = None
+
+
+class Engine:
+    """Batched generation over a paged latent cache, optionally with MTP speculative decoding.
+
+    mtp: draft tokens per step with the model's MTP modules (0: plain decoding). drafter: another `Drafter`
+    instead. cache_tokens: token slots in the pool (default: one sequence of max_model_len, shared by all).
+    cuda_graphs: replay decode steps from CUDA graphs (default: when the model is on a CUDA device).
+    """
+
+    def __init__(
+        self, model: DeepSeekV3, tokenizer: TokenizerLike | None = None, *, mtp: int = 0,
+        drafter: Drafter | None = None, block_size: int = 16, cache_tokens: int | None = None,
+        max_num_seqs: int = 256, max_num_batched_tokens: int = 16384, max_model_len: int | None = None,
+        cuda_graphs: bool | None = None,
+    ):
+        cfg = model.cfg
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_id = getattr(tokenizer, "eos_id", None)
+        self.max_model_len = max_model_len or cfg.max_position_embeddings
+        if mtp < 0:
+            raise ValueError(f"mtp (draft tokens per step) must be >= 0 (got {mtp})")
+        self.drafter = drafter if drafter is not None else MTPDrafter(model, mtp) if mtp else None
+        k = self.drafter.k if self.drafter else 0
+        # the MTP blocks' latents live in the same pool, after the main layers, only when they draft
+        n_layers = cfg.num_hidden_layers + (len(model.mtp) if isinstance(self.drafter, MTPDrafter) else 0)
+        cache_tokens = cache_tokens or self.max_model_len + k
+        num_blocks = 1 + -(-cache_tokens // block_size)
+        w = model.embed_tokens.weight
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.cache = PagedLatentCache(cfg, num_blocks, block_size, n_layers, w.device, w.dtype)
+        self.runner = ModelRunner(
+            model, self.cache, self.blocks, max_batch=max_num_seqs,
+            max_blocks=self.blocks.blocks_for(self.max_model_len + k), tokens_per_step=1 + k,
+            keep_hidden=self.drafter is not None, cuda_graphs=cuda_graphs,
+        )
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, lookahead=k)
+        self._seqs: dict[int, Sequence] = {}
+        self._next_id = 0
+
+    # -- requests ------------------------------------------------------------------------------------
+    def _sequence(self, prompt: str | Seq[int], params: SamplingParams) -> Sequence:
+        """Validate one request and build its sequence (not queued yet)."""
+        params.validate()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer: pass token ids or give the engine one")
+            ids = list(self.tokenizer.encode(prompt))
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token (V3 prompts start with BOS)")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
+                             f"(max_model_len): shorten it to at most {self.max_model_len - 1} tokens")
+        vocab = self.model.cfg.vocab_size
+        if not all(0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab}) (vocab_size)")
+        seq = Sequence(self._next_id, ids, params, self.eos_id)
+        self._next_id += 1
+        return seq
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None) -> int:
+        """Queue a prompt (text or token ids); returns its request id."""
+        seq = self._sequence(prompt, params or SamplingParams())
+        self._queue(seq)
+        return seq.seq_id
+
+    def _queue(self, seq: Sequence) -> None:
+        self.scheduler.add(seq, min(len(seq.tokens) + seq.params.max_tokens, self.max_model_len))
+        self._seqs[seq.seq_id] = seq
+
+    def abort(self, seq_id: int) -> None:
+        """Drop a request, finished or not, and free its cache blocks."""
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            return
+        for queue in (self.scheduler.waiting, self.scheduler.running):
+            if seq in queue:
+                queue.remove(seq)
+        self.blocks.free(seq_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def result(self, seq_id: int) -> GenerationResult:
+        s = self._seqs[seq_id]
+        return GenerationResult(s.tokens[: s.num_prompt], s.output, s.text, s.finish_reason or "",
+                                s.steps, s.drafted, s.accepted)
+
+    # -- one step ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """Run one batch; returns the sequences it advanced (finished ones included)."""
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        new = self._prefill(seqs) if is_prefill else self._decode(seqs)
+        for seq, tokens in zip(seqs, new, strict=True):
+            seq.append(tokens, self.max_model_len)
+            seq.num_cached = len(seq.tokens) - 1
+            seq.update_text(self.tokenizer)
+            if seq.finish_reason is None:
+                self.scheduler.rollback(seq)
+        self.scheduler.finish([s for s in seqs if s.finish_reason is not None])
+        return seqs
+
+    def _prefill(self, seqs: list[Sequence]) -> list[list[int]]:
+        h, logits, tokens, lengths = self.runner.prefill(seqs)
+        u = uniforms([s.generator for s in seqs], 1, logits.device)
+        nxt = sample(probabilities(logits, [s.params for s in seqs]), u[:, 0])
+        if self.drafter is not None:
+            self.drafter.after_prefill(self.runner, seqs, h, tokens, lengths, nxt)
+        return [[t] for t in nxt.tolist()]
+
+    def _decode(self, seqs: list[Sequence]) -> list[list[int]]:
+        k = self.drafter.k if self.drafter else 0
+        rows = self._launch_decode(seqs).tolist()  # the step's one host sync
+        out = []
+        for seq, (a, x, *d) in zip(seqs, rows, strict=True):
+            seq.steps += 1
+            seq.drafted += k
+            seq.accepted += a
+            out.append(d[:a] + [x])
+        return out
+
+    def _launch_decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Everything a decode step does, queued on the device without waiting for it: returns [B, 2 + k]
+        device tensor rows (accepted drafts, next token, the k drafts)."""
+        runner = self.runner
+        runner.prepare_decode(seqs)
+        if self.drafter is not None:
+            drafts, q = self.drafter.propose(runner, seqs)
+            drafts = drafts.to(runner.device, non_blocking=True)
+        else:
+            drafts, q = None, None
+        h, logits, greedy = runner.decode(drafts)
+        if drafts is None:
+            drafts = greedy.new_empty(len(seqs), 0)
+        k = drafts.shape[1]
+        if all(s.params.greedy for s in seqs):
+            # one-hot p: a draft is accepted iff it is the argmax, and the next token is the argmax after them
+            accepted = (drafts == greedy[:, :k]).long().cumprod(-1).sum(-1)
+            nxt = greedy.gather(1, accepted.unsqueeze(1)).squeeze(1)
+        else:
+            if q is None:
+                q = torch.empty(len(seqs), 0, logits.shape[-1], device=runner.device)
+            p = probabilities(logits, [s.params for s in seqs])
+            u = uniforms([s.generator for s in seqs], k + 1, runner.device)
+            accepted, nxt = accept_drafts(p, q.to(runner.device), drafts, u)
+        if self.drafter is not None:
+            self.drafter.after_verify(runner, seqs, h, drafts, accepted, nxt)
+        return torch.cat([accepted.unsqueeze(1), nxt.unsqueeze(1), drafts], dim=1)
+
+    # -- whole requests ------------------------------------------------------------------------------
+    def generate(
+        self, prompts: str | Seq[int] | Seq[str | Seq[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None, stream: bool = False,
+    ) -> list[GenerationResult] | Iterator[GenerationDelta]:
+        """Run prompts to completion. A single prompt (text or one list of ids) counts as a batch of one.
+        `params`: one SamplingParams for all, or one per prompt. stream=True returns an iterator of deltas."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        plist = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        seqs = [self._sequence(p, sp) for p, sp in zip(prompts, plist, strict=True)]  # validate all first
+        for seq in seqs:
+            self._queue(seq)
+        deltas = self._run([s.seq_id for s in seqs])
+        if stream:
+            return deltas
+        results: list[GenerationResult | None] = [None] * len(seqs)
+        for d in deltas:
+            if d.result is not None:
+                results[d.index] = d.result
+        return results  # type: ignore[return-value]
+
+    def _run(self, ids: list[int]) -> Iterator[GenerationDelta]:
+        """Step until the given requests finish, yielding their deltas; requests left when the consumer stops
+        iterating are aborted, so an abandoned stream frees its cache."""
+        index = {sid: i for i, sid in enumerate(ids)}
+        pending = set(ids)
+        try:
+            while pending:
+                for seq in self.step():
+                    if seq.seq_id not in index:
+                        continue
+                    text, tokens = seq.take_delta()
+                    if seq.finished:
+                        pending.discard(seq.seq_id)
+                        result = self.result(seq.seq_id)
+                        del self._seqs[seq.seq_id]
+                        yield GenerationDelta(index[seq.seq_id], text, tokens, seq.finish_reason, result)
+                    elif text or tokens:
+                        yield GenerationDelta(index[seq.seq_id], text, tokens)
+        finally:
+            for sid in pending:
+                self.abort(sid)
+
+
+def generate(
+    model: DeepSeekV3, tokenizer: TokenizerLike | None, prompts: str | Seq[int] | Seq[str | Seq[int]], *,
+    max_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+    seed: int | None = None,
+    stop: Seq[str] = (), stop_token_ids: Seq[int] = (), ignore_eos: bool = False,
+    params: SamplingParams | Seq[SamplingParams] | None = None, mtp: int = 0, stream: bool = False,
+    **engine_options: object,
+) -> list[GenerationResult] | Iterator[GenerationDelta]:
+    """Generate continuations of `prompts` (one text, one list of ids, or a list of either) with `model`.
+
+    Sampling: temperature (0 = greedy), top_k (0 = off), top_p (1 = off), seed (per request; None = random),
+    stop strings, stop token ids (plus the tokenizer's EOS unless ignore_eos), max_tokens; or `params`, one
+    SamplingParams or one per prompt, instead. mtp=K drafts K tokens per step with the model's MTP modules.
+    Returns one GenerationResult per prompt, or with stream=True an iterator of GenerationDelta.
+    `engine_options` go to `Engine` (block_size, cache_tokens, max_num_seqs, max_model_len, drafter, ...).
+    """
+    if params is None:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=seed, stop=list(stop), stop_token_ids=list(stop_token_ids),
+                                ignore_eos=ignore_eos)
+    engine = Engine(model, tokenizer, mtp=mtp, **engine_options)  # type: ignore[arg-type]
+    return engine.generate(prompts, params, stream=stream)

@@ -1,0 +1,81 @@
+"""The paged latent pool and its per-step view, the engine's implementation of the model's `LatentCache`.
+
+Per layer (main layers, then the MTP blocks when speculation is on) the pool holds
+`num_blocks * block_size` token slots of exactly kv_lora_rank + qk_rope_head_dim values: c_kv and the
+rotated k_R, side by side, as SPEC 1.1 prescribes (576 values per token per layer in V3). Which slots belong
+to which sequence is the block manager's business; a `PagedStep` is the tensor form of one forward's
+bookkeeping (where this step's tokens go, which blocks hold each row's earlier tokens) and is what the
+model's attention calls `update` on. Attention math stays in `dsv3.model.attention`: the step only stores and
+gathers, in fixed shapes (a CUDA graph replays it): each row's blocks are copied out whole through its block
+table, [B, blocks * block_size, C + rope], and handed to the absorbed path as they are (no re-concatenation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv3.config import ModelConfig
+from dsv3.model.attention import CachedLatents
+
+
+class PagedLatentCache:
+    """One tensor [n_layers, num_blocks * block_size, kv_lora_rank + qk_rope_head_dim], the model's dtype."""
+
+    def __init__(
+        self, cfg: ModelConfig, num_blocks: int, block_size: int, n_layers: int,
+        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+    ):
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.n_layers = n_layers
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        self.pool = torch.zeros(n_layers, num_blocks * block_size, width, device=device, dtype=dtype)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """(kv_lora_rank + qk_rope_head_dim) * n_layers * element size."""
+        return self.pool.shape[-1] * self.n_layers * self.pool.element_size()
+
+    def step(
+        self, slots: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor | None
+    ) -> PagedStep:
+        """The view for one forward. slots [B, S]: pool slot of each new token (padding -> the null block);
+        positions [B, S]: each token's position in its sequence; block_tables [B, W]: the blocks of each row
+        in position order, or None when every row starts its sequence in this step (prefill: nothing to
+        gather). Entries past a row's own blocks may name any block (the null block, by the runner's
+        convention): the keys they bring sit at positions beyond every query of the row and are masked."""
+        return PagedStep(self, slots, positions, block_tables)
+
+
+class PagedStep:
+    """`LatentCache` for one forward over a batch of sequences of different lengths."""
+
+    def __init__(
+        self, cache: PagedLatentCache, slots: torch.Tensor, positions: torch.Tensor,
+        block_tables: torch.Tensor | None,
+    ):
+        self.cache = cache
+        self.slots = slots.flatten()
+        self.positions = positions
+        self.block_tables = block_tables
+
+    def update(
+        self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos: int = 0
+    ) -> CachedLatents | None:
+        """Write the step's latents at their slots; return every row's latents so far (key j at position j,
+        gathered block by block through its table, T = W * block_size keys) and the queries' positions, or
+        None in a prefill (attention then runs over the step's own latents).
+
+        `start_pos` is unused: the step carries per-row positions. Keys beyond a row's length hold stale or
+        padding latents; they sit at positions past every query of that row, so the causal mask hides them.
+        """
+        pool = self.cache.pool[layer_idx]
+        pool.index_copy_(0, self.slots, torch.cat([c_kv, k_pe], dim=-1).flatten(0, 1).to(pool.dtype))
+        if self.block_tables is None:
+            return None
+        B, W = self.block_tables.shape
+        bs, C = self.cache.block_size, self.cache.kv_lora_rank
+        blocks = pool.view(-1, bs, pool.shape[-1])  # [num_blocks, block_size, C + rope]
+        kv = blocks.index_select(0, self.block_tables.flatten()).view(B, W * bs, -1)
+        return CachedLatents(kv[..., :C], kv[..., C:], self.positions, kv)

@@ -1,0 +1,109 @@
+"""One request's state in the engine: its tokens, how many are cached, sampling RNG, stop checks and text.
+
+The engine works on token ids. Text comes from a tokenizer that only has to satisfy `TokenizerLike` (the
+project's `dsv3.data.Tokenizer` does; tests use a byte-level stand-in). Text is decoded from all output
+tokens each step and released to a stream only up to a safe point: never an incomplete UTF-8 character
+(the decoder's U+FFFD) and never a tail that could still grow into a stop string.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Protocol
+
+import torch
+
+from dsv3.infer.sampling import SamplingParams
+
+
+class TokenizerLike(Protocol):
+    """What the engine needs from a tokenizer."""
+
+    eos_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # not in the cache: needs a prefill (new, or preempted and to be recomputed)
+    RUNNING = "running"  # cached and decoding
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Prompt + generated tokens. Invariant while running: positions 0 .. num_cached-1 are in the cache, and
+    num_cached == len(tokens) - 1 (the newest token is fed by the next step)."""
+
+    def __init__(self, seq_id: int, prompt: list[int], params: SamplingParams, eos_id: int | None):
+        self.seq_id = seq_id
+        self.params = params
+        self.tokens = list(prompt)
+        self.num_prompt = len(prompt)
+        self.num_cached = 0
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.generator: torch.Generator = params.generator()
+        self.stop_ids = set(params.stop_token_ids)
+        if eos_id is not None and not params.ignore_eos:
+            self.stop_ids.add(eos_id)
+        self.draft: Any = None  # the drafter's per-sequence state (dsv3/infer/speculative.py)
+        # speculation statistics: verification steps, drafted and accepted tokens
+        self.steps = 0
+        self.drafted = 0
+        self.accepted = 0
+        # text: `text` is everything decodable so far (cut at a stop string); `_sent_*` what a stream has seen
+        self.text = ""
+        self._text_tokens = 0  # output tokens that count towards the text (a final stop token does not)
+        self._sent_text = 0
+        self._sent_tokens = 0
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.num_prompt:]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def append(self, new: list[int], max_model_len: int) -> None:
+        """Add newly sampled tokens in order, stopping at the first stop id, at max_tokens or at the end of
+        the context (tokens after that point, e.g. accepted drafts past an EOS, are dropped)."""
+        for tok in new:
+            self.tokens.append(tok)
+            n_out = len(self.tokens) - self.num_prompt
+            if tok in self.stop_ids:
+                self.finish_reason = "stop"
+                break
+            self._text_tokens = n_out
+            if n_out >= self.params.max_tokens or len(self.tokens) >= max_model_len:
+                self.finish_reason = "length"
+                break
+
+    def update_text(self, tokenizer: TokenizerLike | None) -> None:
+        """Decode the output and apply stop strings; sets finish_reason 'stop' when one appears."""
+        if tokenizer is None:
+            return
+        text = tokenizer.decode(self.output[: self._text_tokens])
+        hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
+        if hits:
+            text = text[: min(hits)]
+            self.finish_reason = "stop"
+        self.text = text
+
+    def take_delta(self) -> tuple[str, list[int]]:
+        """Text and tokens not yet streamed, held back where more tokens could still change them."""
+        tokens = self.output[self._sent_tokens:]
+        self._sent_tokens += len(tokens)
+        end = len(self.text)
+        if self.finish_reason is None:
+            while end > self._sent_text and self.text[end - 1] == "\ufffd":  # an incomplete UTF-8 character
+                end -= 1
+            hold = 0  # the longest tail that is the start of a stop string
+            for stop in self.params.stop:
+                hold = max([hold] + [n for n in range(1, len(stop)) if self.text.endswith(stop[:n], 0, end)])
+            end = max(end - hold, self._sent_text)
+        delta = self.text[self._sent_text:end]
+        self._sent_text = end
+        return delta, tokens

@@ -1,0 +1,1 @@
+"""Training: objective, balance (aux-free bias update), optimiser and schedules (shared/DESIGN.md)."""

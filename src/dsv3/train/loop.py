@@ -1,0 +1,392 @@
+"""`dsv3 train`: pre-training on one device with the paper's recipe, as a linear recipe (shared/STYLE.md 5).
+
+settings -> run directory -> tokenizer -> token cache -> model and AdamW (fresh, or from the run's latest
+checkpoint) -> steps: batch (size from the ramp) -> micro-batches (forward, loss / n_micro, backward) ->
+clip -> lr -> AdamW step -> aux-free bias update from the loads of ALL the step's micro-batches -> metrics,
+validation, checkpoint -> plots.
+
+Resuming restores everything a step depends on (weights with their routing biases, AdamW moments, the
+data order position, RNG states, step and token counts, from which every schedule is a pure function), so on
+the CPU the resumed loss sequence is bit-identical to an uninterrupted run (tests/train/test_loop.py).
+SIGINT/SIGTERM finish the current step, save a checkpoint and return; a second signal aborts at once,
+and the atomic checkpoint write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from dsv3.checkpoint import load_model
+from dsv3.config import ConfigError, ModelConfig
+from dsv3.data.corpus import iter_documents, limit_bytes, split_documents
+from dsv3.data.dataset import TokenDataset, tokenize_corpus
+from dsv3.data.tokenizer import Tokenizer, train_bpe
+from dsv3.model import DeepSeekV3
+from dsv3.train.balance import LoadAccumulator, max_vio, update_bias
+from dsv3.train.evaluate import EvalResult, autocast_context, evaluate
+from dsv3.train.objective import ObjectiveConfig, compute_loss
+from dsv3.train.optim import build_optimizer, clip_grad_norm, init_model, set_lr
+from dsv3.train.run import RunConfig
+from dsv3.train.schedule import ScheduleConfig, batch_size, gamma_at, lr_at, mtp_lambda_at, total_steps
+from dsv3.train.state import (
+    checkpoint_dirs,
+    latest_checkpoint,
+    load_trainer_state,
+    remove_partial,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    stopped: str | None  # None (ran to the end), "SIGINT", "SIGTERM" or "time limit"
+    checkpoint: Path | None
+    first_eval: EvalResult | None = None  # the first validation pass of this invocation
+    last_eval: EvalResult | None = None
+    maxvio: float | None = None  # mean MaxVio of the last 10% of this invocation's steps
+    elapsed_s: float = 0.0
+    plots: list[Path] = field(default_factory=list)
+
+
+def train(run: RunConfig, *, resume: bool = False,
+          callback: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train as `run` says, in directory run.run.dir (resume=True continues its latest checkpoint).
+    `callback(step, row)` runs after each step's metrics row (tests use it to send signals)."""
+    t_begin = time.perf_counter()
+    run.validate()
+    t, d, log = run.train, run.data, run.log
+    run_dir = Path(run.run.dir)
+
+    # ---- the run directory: fresh, or the checkpoint to continue from --------------------------------
+    ckpt, state = None, None
+    if resume:
+        remove_partial(run_dir)
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (expected {run_dir}/checkpoints/)")
+        state = load_trainer_state(ckpt)
+    elif checkpoint_dirs(run_dir) or (run_dir / METRICS).exists():
+        raise ValueError(f"{run_dir} already holds a run: continue it with `dsv3 train --resume {run_dir}`, "
+                         "or choose another --run.dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run.save(run_dir / "train.toml")
+    device = resolve_device(t.device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+
+    # ---- tokenizer, model config, data ---------------------------------------------------------------
+    tok = Tokenizer.from_pretrained(ckpt) if ckpt else build_tokenizer(run, run_dir)
+    cfg = run.model_config()
+    if cfg.vocab_size < len(tok):
+        raise ConfigError(f"model vocab_size {cfg.vocab_size} is smaller than the tokenizer's {len(tok)} ids; "
+                          "raise --model.vocab_size or train a smaller tokenizer (--data.vocab_size)")
+    if cfg.max_position_embeddings < d.seq_len:
+        raise ConfigError(f"data.seq_len {d.seq_len} exceeds the model's max_position_embeddings "
+                          f"{cfg.max_position_embeddings}")
+    cfg.save_json(run_dir / "config.json")
+    caches = tokenize_corpus(tok, d.sources, cache_dir=d.cache_dir or None, fim_rate=d.fim_rate, seed=t.seed,
+                             val_fraction=d.val_fraction, progress=log.progress)
+    mb, S = t.micro_batch_size, d.seq_len
+    train_data = _dataset(caches["train"], "training", S, mb, seed=t.seed, doc_ids=d.doc_mask)
+    val_data = _dataset(caches["val"], "validation", S, mb, shuffle=False, doc_ids=d.doc_mask)
+    token_bytes = tok.token_bytes()
+
+    # ---- schedules (pure functions of step and tokens) -----------------------------------------------
+    sched = ScheduleConfig.scaled(
+        total_tokens=t.tokens, seq_len=S, batch_max=t.batch_size, batch_multiple=mb, peak_lr=t.lr,
+        warmup_steps=t.warmup_steps, gamma=t.gamma, mtp_lambda=t.mtp_lambda, mtp_lambda_late=t.mtp_lambda / 3)
+    if not t.batch_ramp:
+        sched = sched.replace(batch_min=t.batch_size)
+    objective = ObjectiveConfig(balance=t.balance, alpha=t.alpha)
+
+    # ---- model and optimiser -------------------------------------------------------------------------
+    if ckpt:
+        model = load_model(ckpt, device, torch.float32)
+        if _arch(model.cfg) != _arch(cfg):
+            raise ConfigError(f"{ckpt}: the checkpoint's model config differs from the run's [model] settings")
+    else:
+        with torch.device(device):
+            model = DeepSeekV3(cfg)
+        init_model(model, t.init_std)
+    model.train()
+    opt = build_optimizer(model, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
+                          bf16_moments=t.bf16_moments, fused=device.type == "cuda" or None)
+    step, tokens = 0, 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        train_data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        step, tokens = int(state["step"]), int(state["tokens"])
+    forward = torch.compile(model) if t.compile else model
+
+    # ---- logging -----------------------------------------------------------------------------------
+    metrics_path = run_dir / METRICS
+    if resume:
+        _truncate_metrics(metrics_path, step)  # rows a crash wrote after the checkpoint
+    writer = None
+    if log.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir), purge_step=step + 1 if resume else None)
+    metrics = open(metrics_path, "a", encoding="utf-8")
+
+    def emit(row: dict[str, Any], prefix: str) -> None:
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        if writer is not None:
+            for k, v in row.items():
+                if k not in ("step", "tokens") and isinstance(v, int | float):
+                    writer.add_scalar(f"{prefix}/{k}", v, row["step"])
+
+    def run_eval() -> EvalResult:
+        res = evaluate(forward, val_data.iter_in_order(mb, t.eval_batches), token_bytes, device=device,
+                       autocast=t.autocast, doc_mask=d.doc_mask)
+        row = {"step": step, "tokens": tokens, "val_loss": res.loss, "val_bpb": res.bpb,
+               "val_mtp": sum(res.mtp) / len(res.mtp) if res.mtp else None, "val_tokens": res.tokens}
+        emit(row, "val")
+        say(f"step {step}: val loss {res.loss:.4f}, {res.bpb:.4f} bits/byte"
+            + (f", MTP {row['val_mtp']:.4f}" if res.mtp else ""), log.progress)
+        return res
+
+    def checkpoint() -> Path:
+        trainer_state = {
+            "step": step, "tokens": tokens, "optimizer": opt.state_dict(), "data": train_data.state_dict(),
+            "rng": rng_state(), "schedule": dataclasses.asdict(sched), "balance": t.balance,
+            "elapsed_s": time.perf_counter() - t_begin,
+        }
+        return save_checkpoint(run_dir, step, model, tok, trainer_state, t.keep_last)
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    result = TrainResult(run_dir, step, tokens, None, ckpt)
+    stopper = _Stopper()
+    vios: list[float] = []
+    bar = tqdm(total=total_steps(sched), initial=step, unit="step", disable=not log.progress,
+               dynamic_ncols=True, desc="train")
+    try:
+        stopper.install()
+        if not resume:
+            result.first_eval = run_eval()
+        while tokens < t.tokens:
+            t0 = time.perf_counter()
+            B = batch_size(tokens, sched)
+            lr, lam, gamma = lr_at(step, tokens, sched), mtp_lambda_at(tokens, sched), gamma_at(tokens, sched)
+            batch = train_data.next_batch(B)
+            out = train_step(model, opt, batch.tokens, batch.doc_ids if d.doc_mask else None, objective,
+                             micro_batch_size=mb, lr=lr, mtp_lambda=lam, gamma=gamma, grad_clip=t.grad_clip,
+                             device=device, autocast=t.autocast, forward=forward)
+            loads, grad_norm = out.loads, out.grad_norm
+            step += 1
+            tokens += B * S
+
+            dt = time.perf_counter() - t0
+            row: dict[str, Any] = {
+                "step": step, "tokens": tokens, "loss": out.loss.item(), "ntp": out.ntp.item(),
+                "mtp": out.mtp.item() if model.cfg.num_nextn_predict_layers else None,
+                "balance": out.balance.item() if loads is not None else None, "lr": lr, "batch_size": B,
+                "grad_norm": None if grad_norm is None else grad_norm.item(), "maxvio": None,
+                "gamma": gamma if objective.bias_update else 0.0, "mtp_lambda": lam,
+                "tokens_per_s": B * S / dt, "elapsed_s": time.perf_counter() - t_begin,
+            }
+            if loads is not None:
+                row["maxvio"] = max_vio(loads).mean().item()
+                vios.append(row["maxvio"])
+                if step % log.load_interval == 0 or step == 1:
+                    rel = loads.double() / loads.double().mean(-1, keepdim=True).clamp_min(1e-9)
+                    row["load"] = [[round(v, 3) for v in layer] for layer in rel.tolist()]
+            emit(row, "train")
+            bar.update(1)
+            bar.set_postfix({"tok/s": f"{row['tokens_per_s']:,.0f}", "loss": f"{row['loss']:.3f}",
+                             "lr": f"{lr:.2e}", "MaxVio": "-" if row["maxvio"] is None else f"{row['maxvio']:.3f}"},
+                            refresh=False)
+            if callback is not None:
+                callback(step, row)
+            if stopper.signal:
+                result.stopped = stopper.signal
+            elif t.max_minutes and time.perf_counter() - t_begin > 60 * t.max_minutes:
+                result.stopped = "time limit"
+            done = tokens >= t.tokens
+            if (done or step % t.eval_interval == 0 or result.stopped == "time limit") and not stopper.signal:
+                result.last_eval = run_eval()
+                result.first_eval = result.first_eval or result.last_eval
+            if done or step % t.checkpoint_interval == 0 or result.stopped:
+                result.checkpoint = checkpoint()
+            if result.stopped:
+                say(f"stopped ({result.stopped}) after step {step}; checkpoint {result.checkpoint}; "
+                    f"continue with `dsv3 train --resume {run_dir}`", True)
+                break
+    finally:
+        stopper.restore()
+        bar.close()
+        metrics.close()
+        if writer is not None:
+            writer.close()
+    result.step, result.tokens = step, tokens
+    tail = vios[-max(1, len(vios) // 10):]
+    result.maxvio = sum(tail) / len(tail) if tail else None
+    result.elapsed_s = time.perf_counter() - t_begin
+    if log.plots:
+        from dsv3.train.plots import plot_run
+
+        result.plots = plot_run(run_dir)
+    return result
+
+
+# ---- pieces -------------------------------------------------------------------------------------------
+
+@dataclass
+class StepOutput:
+    """One optimiser step's losses (device scalars, means over the micro-batches), loads [L, E], grad norm."""
+
+    loss: torch.Tensor
+    ntp: torch.Tensor
+    mtp: torch.Tensor  # mean over the MTP depths
+    balance: torch.Tensor
+    loads: torch.Tensor | None
+    grad_norm: torch.Tensor | None
+
+
+def train_step(
+    model: DeepSeekV3, opt: torch.optim.Optimizer, tokens: torch.Tensor, doc_ids: torch.Tensor | None,
+    objective: ObjectiveConfig, *, micro_batch_size: int, lr: float, mtp_lambda: float, gamma: float,
+    grad_clip: float = 1.0, device: torch.device | str = "cpu", autocast: bool = True,
+    forward: Callable[..., Any] | None = None, mtp: bool | None = None,
+) -> StepOutput:
+    """One optimiser step on `tokens` [B, S+1] (B a multiple of micro_batch_size): per micro-batch forward,
+    loss / n_micro, backward (so the gradient is the batch mean); clip; AdamW at `lr`; then the aux-free bias
+    update (when the objective has it) from the dispatch counts of ALL micro-batches. `forward` is the model
+    or its torch.compile'd wrapper; `mtp=False` skips the MTP modules (benchmarks against MTP-less peers)."""
+    device = torch.device(device)
+    forward = forward or model
+    mb = micro_batch_size
+    n_micro = tokens.shape[0] // mb
+    acc = LoadAccumulator()
+    loss = ntp = mtp_ce = bal = torch.zeros((), device=device)
+    for i in range(n_micro):
+        x = tokens[i * mb:(i + 1) * mb].to(device, non_blocking=True)
+        doc = None if doc_ids is None else doc_ids[i * mb:(i + 1) * mb].to(device, non_blocking=True)
+        with autocast_context(device, autocast):
+            out = forward(x[:, :-1], doc_ids=doc, mtp=mtp)
+            parts = compute_loss(out, x, objective, mtp_lambda)
+        (parts.loss / n_micro).backward()  # the step's gradient is the mean over its micro-batches
+        acc.add(out.router)
+        loss = loss + parts.loss.detach() / n_micro
+        ntp = ntp + parts.ntp / n_micro
+        if parts.mtp:
+            mtp_ce = mtp_ce + torch.stack(parts.mtp).mean() / n_micro
+        if parts.balance is not None:
+            bal = bal + parts.balance / n_micro
+        del out, parts
+    grad_norm = clip_grad_norm(model, grad_clip) if grad_clip > 0 else None
+    set_lr(opt, lr)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    loads = acc.take()
+    if objective.bias_update and loads is not None:
+        update_bias(model, loads, gamma)  # after the step, from every micro-batch's dispatch counts
+    return StepOutput(loss, ntp, mtp_ce, bal, loads, grad_norm)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"run setting `train.device`: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run setting `train.device`: {name!r} but this torch has no CUDA device")
+    return device
+
+
+def build_tokenizer(run: RunConfig, run_dir: Path) -> Tokenizer:
+    """`data.tokenizer`: "train" (a BPE trained on the training split, kept in RUN/tokenizer), "deepseek-v3",
+    or a directory holding tokenizer.json."""
+    d = run.data
+    if d.tokenizer == "deepseek-v3":
+        return Tokenizer.deepseek_v3()
+    if d.tokenizer != "train":
+        return Tokenizer.from_pretrained(d.tokenizer)
+    out = run_dir / "tokenizer"
+    if (out / "tokenizer.json").is_file():
+        return Tokenizer.from_pretrained(out)
+    docs = limit_bytes(split_documents(iter_documents(d.sources), "train", d.val_fraction),
+                       d.tokenizer_max_mb * 1e6)  # never train on validation documents
+    return train_bpe(docs, d.vocab_size, out, show_progress=run.log.progress)
+
+
+def _dataset(cache: Any, split: str, seq_len: int, batch: int, **kw: Any) -> TokenDataset:
+    try:
+        return cache.dataset(seq_len, batch, **kw)
+    except ValueError as e:
+        raise ValueError(f"{split} split: {e} (more data, a smaller data.seq_len, or another "
+                         "data.val_fraction)") from None
+
+
+def _arch(cfg: ModelConfig) -> dict[str, Any]:
+    """The fields that decide the network (not the dtype it happens to be stored in)."""
+    d = cfg.to_dict()
+    d.pop("torch_dtype", None)
+    return d
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of steps <= `step` (atomically): a resumed run rewrites what came after."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text("utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), "utf-8")
+    os.replace(tmp, path)
+
+
+def say(msg: str, show: bool) -> None:
+    if show:
+        tqdm.write(msg)
+
+
+class _Stopper:
+    """SIGINT/SIGTERM set a flag that the loop reads after each step (save, then return); a second signal
+    raises KeyboardInterrupt at once. Handlers are only installed in the main thread (Python's rule)."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._prev: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        tqdm.write(f"{self.signal}: finishing this step, then saving a checkpoint (again to abort now)")
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._prev[s] = signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        for s, h in self._prev.items():
+            signal.signal(s, h)
+        self._prev.clear()

@@ -1,0 +1,184 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dsv3.data.corpus import is_validation
+from dsv3.data.dataset import TokenDataset, encode_documents, pack_documents, tokenize_corpus
+from dsv3.data.tokenizer import BOS, EOS, Tokenizer
+
+# hand-made documents as token ids: BOS (0) ... EOS (1)
+DOCS = [[0, 10, 11, 12, 1], [0, 20, 21, 1], [0, 30, 1]]
+
+
+def test_pack_documents():
+    stream, starts = pack_documents(DOCS)
+    assert stream.dtype == np.uint32 and stream.tolist() == [0, 10, 11, 12, 1, 0, 20, 21, 1, 0, 30, 1]
+    assert starts.tolist() == [0, 5, 9, 12]
+
+
+def test_sequences_and_doc_ids_exact():
+    stream, starts = pack_documents(DOCS)
+    ds = TokenDataset(stream, 3, 8, doc_starts=starts, shuffle=False, doc_ids=True)
+    assert ds.n_sequences == 3  # (12 - 1) // 3: windows of 4 tokens, one shared between neighbours
+    [b] = ds.iter_in_order()
+    assert b.tokens.dtype == torch.int64
+    assert b.tokens.tolist() == [[0, 10, 11, 12], [12, 1, 0, 20], [20, 21, 1, 0]]
+    # document of each input token (positions 0-2, 3-5, 6-8), numbered from 0 within its row
+    assert b.doc_ids.tolist() == [[0, 0, 0], [0, 0, 1], [0, 0, 0]]
+    ds = TokenDataset(stream, 4, 2, doc_starts=starts, shuffle=False, doc_ids=True)
+    [b] = ds.iter_in_order()
+    assert b.tokens.tolist() == [[0, 10, 11, 12, 1], [1, 0, 20, 21, 1]]
+    assert b.doc_ids.tolist() == [[0, 0, 0, 0], [0, 1, 1, 1]]
+    assert TokenDataset(stream, 4, 2).sequences(np.array([1])).doc_ids is None  # only when asked
+
+
+def test_documents_joined_with_eos(small_tok):
+    texts = ["first doc", "second\ndoc", "third 文档"]
+    stream, starts = pack_documents(encode_documents(texts, small_tok, fim_rate=0.0))
+    expect = [t for text in texts for t in [0, *small_tok.encode(text, bos=False), 1]]
+    assert stream.tolist() == expect
+    assert [stream[s] for s in starts[:-1]] == [0, 0, 0] and [stream[s - 1] for s in starts[1:]] == [1, 1, 1]
+    assert small_tok.decode(stream) == "".join(f"{BOS}{t}{EOS}" for t in texts)
+
+
+def test_shuffled_epochs_cover_every_sequence():
+    stream = np.arange(1 + 10 * 4, dtype=np.uint32)  # 10 sequences of 4 (+1) tokens
+    ds = TokenDataset(stream, 4, 5, seed=1)
+    epochs = []
+    for _ in range(3):
+        firsts = [int(x) // 4 for _ in range(2) for x in next(ds).tokens[:, 0]]
+        epochs.append(firsts)
+    assert all(sorted(e) == list(range(10)) for e in epochs)
+    assert epochs[0] != epochs[1] and ds.epoch == 2
+    first = TokenDataset(stream, 4, 5, seed=1).next_batch().tokens[:, 0]
+    assert [int(x) // 4 for x in first] == epochs[0][:5]
+    assert TokenDataset(stream, 4, 5, seed=2).next_batch().tokens.tolist() != \
+        TokenDataset(stream, 4, 5, seed=1).next_batch().tokens.tolist()
+    # a tail that does not fill a batch waits for the next epoch's shuffle
+    ds = TokenDataset(stream, 4, 3, seed=1)
+    [next(ds) for _ in range(3)]
+    assert (ds.epoch, ds.position) == (0, 9)
+    next(ds)
+    assert (ds.epoch, ds.position) == (1, 3)
+
+
+def test_resume_gives_identical_batches():
+    stream = np.random.default_rng(0).integers(0, 500, 1 + 37 * 8).astype(np.uint32)
+    starts = np.array([0, 50, 130, len(stream)])
+    ds = TokenDataset(stream, 8, 4, doc_starts=starts, seed=7, doc_ids=True)
+    sizes = [4, 4, 2, 6, 4, 4, 4, 3, 5, 4, 4, 4]  # a batch-size ramp, crossing epoch boundaries
+    for b in sizes[:5]:
+        ds.next_batch(b)
+    state = json.loads(json.dumps(ds.state_dict()))  # it is a small plain dict
+    rest = [ds.next_batch(b) for b in sizes[5:]]
+    again = TokenDataset(stream, 8, 4, doc_starts=starts, seed=0, doc_ids=True)
+    again.load_state_dict(state)
+    for a, b, n in zip(rest, (again.next_batch(b) for b in sizes[5:]), sizes[5:], strict=True):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.doc_ids, b.doc_ids) and len(a.tokens) == n
+    assert ds.epoch >= 1
+    with pytest.raises(ValueError, match="seq_len"):
+        TokenDataset(stream, 16, 4).load_state_dict(state)
+
+
+def test_validation_order_is_fixed():
+    stream = np.arange(1 + 10 * 4, dtype=np.uint32)
+    ds = TokenDataset(stream, 4, 3, shuffle=False)
+    batches = list(ds.iter_in_order())
+    assert [len(b.tokens) for b in batches] == [3, 3, 3, 1]
+    assert torch.cat([b.tokens for b in batches])[:, 0].tolist() == list(range(0, 40, 4))
+    assert len(list(ds.iter_in_order(max_batches=2))) == 2 and ds.state_dict()["position"] == 0
+
+
+def test_dataset_errors():
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        TokenDataset(np.arange(5, dtype=np.uint32), 8, 1)
+    with pytest.raises(ValueError, match="doc_starts"):
+        TokenDataset(np.arange(50, dtype=np.uint32), 8, 1, doc_ids=True)
+    with pytest.raises(ValueError, match="exceeds"):
+        TokenDataset(np.arange(50, dtype=np.uint32), 8, 1).next_batch(7)
+
+
+def make_corpus(root):
+    root.mkdir()
+    texts = [f"def f{i}(x):\n    return x + {i}  # 第{i}个\n" * (1 + i % 5) for i in range(120)]
+    for i, t in enumerate(texts[:60]):
+        (root / f"m{i:03d}.py").write_text(t, encoding="utf-8")
+    (root / "more.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[60:]))
+    return texts  # in file order: m000.py ... m059.py, then more.jsonl
+
+
+def test_token_cache_contents(small_tok, tmp_path):
+    texts = make_corpus(tmp_path / "corpus")
+    caches = tokenize_corpus(small_tok, tmp_path / "corpus", cache_dir=tmp_path / "cache", fim_rate=0.5,
+                             seed=3, val_fraction=0.1, progress=False)
+    val = [t for t in texts if is_validation(t, 0.1)]
+    train = [t for t in texts if not is_validation(t, 0.1)]
+    assert 0 < len(val) < len(train)
+    # train: FIM applied (deterministically per document); val: plain documents
+    for split, docs, rate in (("train", train, 0.5), ("val", val, 0.0)):
+        stream, starts = pack_documents(encode_documents(docs, small_tok, fim_rate=rate, seed=3))
+        c = caches[split]
+        assert isinstance(c.tokens, np.memmap) and c.tokens.dtype == np.uint32
+        assert np.array_equal(c.tokens, stream) and np.array_equal(c.doc_starts, starts)
+        assert c.meta["splits"][split] == {"n_docs": len(docs), "n_tokens": len(stream),
+                                           "n_bytes": sum(len(t.encode()) for t in docs)}
+    assert small_tok.fim_begin in caches["train"].tokens and small_tok.fim_begin not in caches["val"].tokens
+    # document ids step up exactly where a document's BOS is
+    b = caches["train"].dataset(32, 16, doc_ids=True, shuffle=False).next_batch()
+    steps = (b.doc_ids[:, 1:] - b.doc_ids[:, :-1]).bool()
+    assert torch.equal(steps, b.tokens[:, 1:-1] == small_tok.bos_id)
+
+
+def test_token_cache_reused_and_invalidated(small_tok, v3_tok, tmp_path, monkeypatch):
+    make_corpus(tmp_path / "corpus")
+    kw = dict(cache_dir=tmp_path / "cache", val_fraction=0.1, progress=False)
+    first = tokenize_corpus(small_tok, tmp_path / "corpus", **kw)
+    path, mtime = first["train"].path, (first["train"].path / "meta.json").stat().st_mtime_ns
+    calls = []
+    real = Tokenizer.encode_batch
+    monkeypatch.setattr(Tokenizer, "encode_batch",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+
+    again = tokenize_corpus(small_tok, tmp_path / "corpus", **kw)  # second run: nothing re-tokenised
+    assert not calls and again["train"].path == path and (path / "meta.json").stat().st_mtime_ns == mtime
+    assert np.array_equal(again["train"].tokens, first["train"].tokens)
+
+    paths = {path}
+    for change in (dict(fim_rate=0.2), dict(seed=1), dict(val_fraction=0.2), dict(bos=False)):
+        calls.clear()
+        c = tokenize_corpus(small_tok, tmp_path / "corpus", **{**kw, **change})
+        assert calls and c["train"].path not in paths, change
+        paths.add(c["train"].path)
+    calls.clear()
+    c = tokenize_corpus(v3_tok, tmp_path / "corpus", **kw)  # another tokenizer
+    assert calls and c["train"].path not in paths and c["train"].tokens.max() > 512
+    calls.clear()
+    (tmp_path / "corpus" / "m000.py").write_text("changed = True\n")  # an edited corpus
+    c = tokenize_corpus(small_tok, tmp_path / "corpus", **kw)
+    assert calls and c["train"].path != path
+
+
+def test_token_cache_ignores_incomplete_build(small_tok, tmp_path):
+    make_corpus(tmp_path / "corpus")
+    kw = dict(cache_dir=tmp_path / "cache", val_fraction=0.0, progress=False)
+    c = tokenize_corpus(small_tok, tmp_path / "corpus", **kw)
+    assert len(c["val"].tokens) == 0 and c["val"].meta["splits"]["val"]["n_docs"] == 0  # empty split is fine
+    n = len(c["train"].tokens)
+    (c["train"].path / "meta.json").unlink()  # as if interrupted before the sidecar was written
+    (c["train"].path / "train.tokens.u32").write_bytes(b"")
+    again = tokenize_corpus(small_tok, tmp_path / "corpus", **kw)
+    assert len(again["train"].tokens) == n
+
+
+def test_token_cache_interrupted_build_leaves_nothing(small_tok, tmp_path, monkeypatch):
+    make_corpus(tmp_path / "corpus")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Tokenizer, "encode_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_corpus(small_tok, tmp_path / "corpus", cache_dir=tmp_path / "cache", progress=False)
+    assert list((tmp_path / "cache").iterdir()) == []

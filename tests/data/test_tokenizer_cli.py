@@ -1,0 +1,24 @@
+import argparse
+
+from dsv3.data.cli import add_tokenizer_commands
+from dsv3.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+
+def run(argv):
+    parser = argparse.ArgumentParser(prog="dsv3")
+    add_tokenizer_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_tokenizer_train_and_info(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(f'{{"text": "def f{i}(x):\\n    return x * {i}\\n"}}\n' for i in range(300)))
+    out = str(tmp_path / "tok")
+    assert run(["tokenizer", "train", "--data", str(data), "--vocab-size", "300", "--out", out,
+                "--val-fraction", "0"]) == 0
+    tok = Tokenizer.from_pretrained(tmp_path / "tok")
+    assert len(tok) == 300 and [tok.tokenizer.id_to_token(i) for i in range(8)] == list(SPECIAL_TOKENS)
+    assert run(["tokenizer", "info", str(tmp_path / "tok"), "--text", "def f(x)"]) == 0
+    out = capsys.readouterr().out
+    assert "300 ids; bos 0 eos 1 pad 2" in out and "<｜fim▁begin｜> 4" in out

@@ -1,0 +1,103 @@
+"""`dsv3 generate` / `dsv3 chat` on a tiny checkpoint directory with a real (tiny) BPE tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3.checkpoint import save_model
+from dsv3.data.tokenizer import train_bpe
+from dsv3.infer.cli import add_generate_commands
+from dsv3.infer.engine import Engine
+from tests.infer.test_engine import greedy_reference
+
+CORPUS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog."] * 20
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.conftest import random_model, tiny_config
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_model(random_model(tiny_config(vocab_size=300)), path)
+    train_bpe(CORPUS, vocab_size=300, out_dir=path)
+    return path
+
+
+def run(*argv: str) -> None:
+    parser = argparse.ArgumentParser(prog="dsv3")
+    add_generate_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    args.func(args)
+
+
+def test_generate_streams_the_greedy_continuation(model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    from dsv3.checkpoint import load_model
+    from dsv3.data.tokenizer import Tokenizer
+
+    run("generate", "--model", str(model_dir), "--prompt", "def add(", "--max-tokens", "12",
+        "--temperature", "0", "--device", "cpu")
+    out = capsys.readouterr()
+    tok = Tokenizer.from_pretrained(model_dir)
+    ref = greedy_reference(load_model(model_dir, dtype=torch.float32), tok.encode("def add("), 12)
+    if tok.eos_id in ref:
+        ref = ref[: ref.index(tok.eos_id)]
+    assert out.out == tok.decode(ref) + "\n"
+    assert "tok/s" in out.err
+
+
+def test_chat_keeps_the_conversation(model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    prompts: list[list[int]] = []
+    original = Engine.generate
+
+    def spy(self, prompt, params=None, stream=False):
+        prompts.append(list(prompt))
+        return original(self, prompt, params, stream)
+
+    lines = iter(["hello there", "", "and again"])
+
+    def fake_input(_prompt: str = "") -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    monkeypatch.setattr(builtins, "input", fake_input)
+    run("chat", "--model", str(model_dir), "--max-tokens", "5", "--seed", "0", "--device", "cpu")
+    from dsv3.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(model_dir)
+    assert len(prompts) == 2  # the empty line asked nothing
+    first, second = (tok.decode(p) for p in prompts)
+    assert "hello there" in first and "and again" not in first
+    assert second.startswith(first)  # the second turn carries the first exchange, reply included
+    assert "and again" in second
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
+    from tests.conftest import random_model, tiny_config
+
+    save_model(random_model(tiny_config()), tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        run("generate", "--model", str(tmp_path / "m"), "--prompt", "x")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run("generate", "--model", str(tmp_path / "absent"), "--prompt", "x")
+
+
+@pytest.mark.parametrize(("flag", "value", "match"), [
+    ("--temperature", "-1", "temperature"), ("--top-p", "0", "top_p"), ("--top-p", "1.5", "top_p"),
+    ("--top-k", "-2", "top_k"), ("--max-tokens", "0", "max_tokens"), ("--mtp", "-1", "mtp"),
+])
+def test_bad_sampling_values_are_clear_errors(model_dir: Path, flag: str, value: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        run("generate", "--model", str(model_dir), "--prompt", "x", flag, value, "--device", "cpu")
+
+
+def test_prompt_longer_than_context_is_a_clear_error(model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="context holds 512"):
+        run("generate", "--model", str(model_dir), "--prompt", "zq" * 600, "--device", "cpu")

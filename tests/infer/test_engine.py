@@ -1,0 +1,128 @@
+"""The engine against independent references: full-recompute greedy decoding, one request at a time, and the
+stop rules applied by hand to a reference output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv3.infer import Engine, SamplingParams, generate
+from dsv3.infer.block_manager import CacheExhausted
+from tests.infer.conftest import CharTokenizer
+
+
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    """Plain greedy decoding by full recompute: the uncached forward over the whole sequence at each step."""
+    tokens = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            x = torch.tensor([tokens], device=model.embed_tokens.weight.device)
+            tokens.append(int(model(x, mtp=False).logits[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+def _prompts(vocab: int, lengths: tuple[int, ...], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture
+def model64(make_cfg, make_model):
+    return make_model(make_cfg(num_nextn_predict_layers=0), dtype=torch.float64)
+
+
+def test_batched_greedy_equals_one_at_a_time(model64) -> None:
+    prompts = _prompts(model64.cfg.vocab_size, (1, 5, 12, 3, 20))
+    params = SamplingParams(max_tokens=10, temperature=0)
+    alone = [generate(model64, None, p, params=params, block_size=4)[0].token_ids for p in prompts]
+    for p, out in zip(prompts, alone, strict=True):
+        assert out == greedy_reference(model64, p, 10)
+    batched = Engine(model64, None, block_size=4).generate(prompts, params)
+    assert [r.token_ids for r in batched] == alone
+    assert all(r.finish_reason == "length" for r in batched)
+    # a pool too small for all five at once: sequences are preempted, recomputed, and no token changes
+    small = Engine(model64, None, block_size=4, cache_tokens=40)
+    assert [r.token_ids for r in small.generate(prompts, params)] == alone
+    assert small.scheduler.num_preempted > 0
+    small.blocks.check()
+    assert small.blocks.num_free == small.blocks.num_blocks - 1  # every block came back
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(model64) -> None:
+    prompts = _prompts(model64.cfg.vocab_size, (4, 9, 2))
+    params = [SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=40, seed=s) for s in (7, 8, 9)]
+    engine = Engine(model64, None, block_size=4)
+    alone = [engine.generate(p, sp)[0].token_ids for p, sp in zip(prompts, params, strict=True)]
+    assert [r.token_ids for r in engine.generate(prompts, params)] == alone
+    reseeded = [SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=40, seed=s) for s in (1, 2, 3)]
+    assert [r.token_ids for r in engine.generate(prompts, reseeded)] != alone
+
+
+def test_stop_rules_against_reference_output(model64) -> None:
+    prompt = _prompts(model64.cfg.vocab_size, (6,), seed=3)[0]
+    ref = greedy_reference(model64, prompt, 16)
+    tok = CharTokenizer()
+    text = tok.decode(ref)
+
+    def run(eos: int | None = None, **kw) -> object:
+        return generate(model64, CharTokenizer(eos), prompt, temperature=0, **{"max_tokens": 16, **kw})[0]
+
+    r = run(max_tokens=4)
+    assert (r.token_ids, r.text, r.finish_reason) == (ref[:4], text[:4], "length")
+    stop_id = ref[5]
+    cut = ref.index(stop_id)
+    r = run(stop_token_ids=[stop_id])
+    assert (r.token_ids, r.text, r.finish_reason) == (ref[: cut + 1], text[:cut], "stop")  # id kept, text not
+    r = run(eos=stop_id)
+    assert (r.token_ids, r.text, r.finish_reason) == (ref[: cut + 1], text[:cut], "stop")
+    r = run(eos=stop_id, ignore_eos=True)
+    assert r.token_ids == ref
+    stop = text[7:10]  # a stop string spanning three tokens
+    r = run(stop=[stop, "never there"])
+    assert (r.text, r.finish_reason) == (text[: text.find(stop)], "stop")
+
+
+def test_stream_deltas_add_up_and_never_pass_a_stop_string(model64) -> None:
+    prompt = _prompts(model64.cfg.vocab_size, (5,), seed=4)[0]
+    ref = greedy_reference(model64, prompt, 12)
+    text = CharTokenizer().decode(ref)
+    stop = text[6:8]
+    engine = Engine(model64, CharTokenizer(), block_size=4)
+    params = SamplingParams(max_tokens=12, temperature=0, stop=[stop])
+    deltas = list(engine.generate(prompt, params, stream=True))
+    final = deltas[-1].result
+    assert final is not None and all(d.result is None for d in deltas[:-1])
+    assert "".join(d.text for d in deltas) == final.text == text[: text.find(stop)]
+    assert [t for d in deltas for t in d.token_ids] == final.token_ids
+
+
+def test_abandoned_stream_frees_its_cache(model64) -> None:
+    engine = Engine(model64, None, block_size=4)
+    prompts = _prompts(model64.cfg.vocab_size, (3, 7))
+    stream = engine.generate(prompts, SamplingParams(max_tokens=50), stream=True)
+    next(stream)
+    stream.close()
+    assert not engine.has_unfinished()
+    engine.blocks.check()
+    assert engine.blocks.num_free == engine.blocks.num_blocks - 1
+
+
+def test_user_errors_are_clear(model64, tokenizer) -> None:
+    engine = Engine(model64, None, max_model_len=16)
+    with pytest.raises(ValueError, match="prompt has 16 tokens but the context holds 16"):
+        engine.generate([1] * 16)
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([[]])
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        engine.generate("hello")
+    with pytest.raises(ValueError, match=r"vocab_size"):
+        engine.generate([model64.cfg.vocab_size])
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model64, tokenizer, "hi", temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model64, tokenizer, "hi", top_p=0)
+    with pytest.raises(ValueError, match="MTP modules"):
+        Engine(model64, None, mtp=2)
+    with pytest.raises(CacheExhausted, match="raise cache_tokens"):
+        Engine(model64, None, cache_tokens=8, block_size=4).generate([1, 2, 3], SamplingParams(max_tokens=10))
+    assert not engine.has_unfinished()  # refused requests left nothing queued

@@ -1,0 +1,267 @@
+"""The static, graph-ready decode path (dsv3/infer/model_runner.py) on the CPU twin of the CUDA-graph path:
+bucket grids, padding rows that never touch real rows, the persistent block tables under random workloads,
+greedy output equal to full recompute, and no host synchronisation inside a decode step. The `gpu` tests at
+the end run the captured CUDA graphs against the eager twin, token for token, and under CUDA's sync
+debugging."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dsv3.infer import Engine, SamplingParams
+from dsv3.infer.block_manager import NULL_BLOCK, BlockManager
+from dsv3.infer.model_runner import ModelRunner, bucket
+from dsv3.infer.paged_cache import PagedLatentCache
+from dsv3.infer.sequence import Sequence
+from tests.conftest import random_model, tiny_config
+from tests.infer.test_engine import _prompts, greedy_reference
+
+aten = torch.ops.aten
+# ops that make the host wait for the device on CUDA (a data-dependent size, or a value read back)
+_SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.is_nonzero, aten.equal, aten._unique2, aten.unique_dim,
+             aten.unique_consecutive, aten.bincount, aten.masked_select, aten.argwhere}
+_SYNC_METHODS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu"}
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on any operation that would synchronise the host with a CUDA device (checked on the CPU, where
+    it cannot be observed directly). strict (a captured graph's body): also no tensors from Python data, which
+    a graph would bake in as constants, and no numpy views."""
+
+    def __init__(self, strict: bool = False):
+        super().__init__()
+        self.strict = strict
+        self.methods = _Methods(strict)
+
+    def __enter__(self):
+        self.methods.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        return self.methods.__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        bad = packet in _SYNC_OPS
+        bad |= func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None
+        if packet in (aten.index, aten.index_put, aten.index_put_):  # boolean masks index through nonzero
+            bad |= any(i is not None and i.dtype == torch.bool for i in args[1])
+        bad |= self.strict and packet is aten.lift_fresh
+        if bad:
+            raise AssertionError(f"host sync (or a host constant) inside the decode step: {func}")
+        return func(*args, **kwargs)
+
+
+class _Methods(TorchFunctionMode):
+    def __init__(self, strict: bool):
+        super().__init__()
+        self.names = _SYNC_METHODS | ({"numpy"} if strict else set())
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in self.names:
+            raise AssertionError(f"host sync inside the decode step: Tensor.{func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+def _check_tables(runner: ModelRunner, seqs: list[Sequence] | None = None) -> None:
+    """The persistent host tables hold what `_rows` says, then only null blocks; row b is seqs[b]'s table."""
+    for b, row in enumerate(runner._rows):
+        assert runner._tables[b, : len(row)].tolist() == row
+        assert (runner._tables[b, len(row) :] == NULL_BLOCK).all()
+    for b, s in enumerate(seqs or []):
+        assert runner._rows[b] == runner.blocks.table(s.seq_id)
+
+
+def test_bucket_grid() -> None:
+    for steps in (4, 8):
+        sizes, prev = set(), 0
+        for n in range(1, 5000):
+            b = bucket(n, steps)
+            assert n <= b < n + n / steps and b >= prev  # at most 1/steps padding, monotone
+            if n <= 2 * steps:
+                assert b == n
+            sizes.add(b)
+            prev = b
+        assert len([s for s in sizes if 1024 < s <= 2048]) == steps  # `steps` sizes per octave
+    assert bucket(289, 8, cap=290) == 290 and bucket(300, 8, cap=290) == 300  # never below n
+    assert [bucket(n, 4) for n in (1, 8, 9, 64, 65)] == [1, 8, 10, 64, 80]
+    assert [bucket(n, 8) for n in (16, 17, 65, 257)] == [16, 18, 72, 288]
+
+
+def test_padding_rows_never_affect_real_rows(make_cfg, make_model) -> None:
+    """9 rows run as a bucket of 10: real rows match the uncached forward, the padding row writes only into
+    the null block, and garbage tokens in the padding row change no bit of the real rows' outputs."""
+    cfg = make_cfg(num_nextn_predict_layers=0)
+    model = make_model(cfg, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    lengths = [1, 6, 13, 4, 9, 2, 7, 3, 11]
+    full = [torch.randint(0, cfg.vocab_size, (n + 4,), generator=g).tolist() for n in lengths]
+    bs = 4
+    blocks = BlockManager(num_blocks=80, block_size=bs)
+    cache = PagedLatentCache(cfg, 80, bs, cfg.num_hidden_layers, dtype=torch.float64)
+    cache.pool.normal_(0, 100.0, generator=g)
+    runner = ModelRunner(model, cache, blocks, max_batch=16)
+    seqs = [Sequence(i, full[i][:n], SamplingParams(), None) for i, n in enumerate(lengths)]
+    for upto in range(1, max(lengths) + 2):  # scattered block tables
+        for s, n in zip(seqs, lengths, strict=True):
+            blocks.reserve(s.seq_id, min(upto, n + 1))
+    with torch.inference_mode():
+        ref = [model(torch.tensor([f])).logits[0] for f in full]
+        runner.prefill(seqs)
+        for s in seqs:
+            s.num_cached = len(s.tokens)
+            s.tokens.append(full[s.seq_id][s.num_cached])
+        before = cache.pool.clone()
+        step = runner.prepare_decode(seqs)
+        assert (step.B, step.Bp) == (9, 10)
+        _, logits, greedy = runner.decode()
+        for b, s in enumerate(seqs):
+            torch.testing.assert_close(logits[b, 0], ref[b][s.num_cached], rtol=0, atol=1e-6)
+        assert torch.equal(greedy[:, 0], logits[:, 0].argmax(-1))
+        changed = (cache.pool != before).any(-1).any(0).nonzero().flatten().tolist()
+        null = set(range(NULL_BLOCK * bs, NULL_BLOCK * bs + bs))
+        allowed = null | {blocks.slot(s.seq_id, s.num_cached) for s in seqs}
+        assert set(changed) <= allowed and len(set(changed) - null) == len(seqs)
+        first = logits.clone()
+        step.tokens[9:] = torch.randint(0, cfg.vocab_size, (1, 1), generator=g)  # garbage in the padding row
+        _, again, _ = runner.decode()  # same step again: the same slots are rewritten with the same latents
+        assert torch.equal(again, first)
+    _check_tables(runner, seqs)
+
+
+def test_static_decode_equals_full_recompute(make_cfg, make_model) -> None:
+    """Greedy through the engine (batched, ragged, finishing at different steps so the batch shrinks through
+    buckets, tables growing through width buckets), with and without MTP: equal to full recompute."""
+    model = make_model(make_cfg(), dtype=torch.float64)
+    prompts = _prompts(model.cfg.vocab_size, (2, 9, 5, 1, 14, 3, 7, 11, 4, 6))
+    max_tokens = [6 + 2 * i for i in range(len(prompts))]
+    ref = [greedy_reference(model, p, n) for p, n in zip(prompts, max_tokens, strict=True)]
+    params = [SamplingParams(max_tokens=n, temperature=0) for n in max_tokens]
+    for mtp in (0, 2):
+        engine = Engine(model, None, mtp=mtp, block_size=4)
+        assert [r.token_ids for r in engine.generate(prompts, params)] == ref, mtp
+        shapes = set(engine.runner._graphs)
+        assert len({bp for bp, _ in shapes}) >= 3 and len({wp for _, wp in shapes}) >= 3, shapes
+        assert all(g.graph is None for g in engine.runner._graphs.values())  # the CPU twin runs eagerly
+
+
+def test_tables_under_random_workload(make_cfg, make_model) -> None:
+    """Requests arriving, finishing, preempted and rolled back (MTP drafts rejected) in a pool too small for
+    all of them: after every step the persistent tables equal the block manager's, padding rows are null, and
+    the tokens equal full recompute."""
+    model = make_model(make_cfg(), dtype=torch.float64)
+    rng = random.Random(0)
+    prompts = _prompts(model.cfg.vocab_size, tuple(rng.randint(1, 12) for _ in range(12)), seed=5)
+    max_tokens = [rng.randint(1, 14) for _ in prompts]
+    engine = Engine(model, None, mtp=2, block_size=4, cache_tokens=120)
+    ids = []
+    pending = list(zip(prompts, max_tokens, strict=True))
+    while pending or engine.has_unfinished():
+        for _ in range(rng.randint(0, 3)):
+            if pending:
+                p, n = pending.pop(0)
+                ids.append(engine.add_request(p, SamplingParams(max_tokens=n, temperature=0)))
+        seqs = engine.step()
+        if seqs and engine.runner.step is not None:
+            _check_tables(engine.runner)
+    assert engine.scheduler.num_preempted > 0
+    for sid, p, n in zip(ids, prompts, max_tokens, strict=True):
+        assert engine.result(sid).token_ids == greedy_reference(model, p, n)
+    engine.blocks.check()
+
+
+@pytest.mark.parametrize("mtp", [0, 2])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_decode_step_has_no_host_sync(make_cfg, make_model, mtp, greedy) -> None:
+    """Every decode step from staging to the sampled tokens (the graph body strictly: no Python data baked
+    in) runs without an operation that would wait for a CUDA device; the engine's one sync comes after."""
+    model = make_model(make_cfg(), dtype=torch.float32)
+    engine = Engine(model, None, mtp=mtp, block_size=4)
+    runner = engine.runner
+    launch, forward = engine._launch_decode, runner._forward
+    calls = []
+
+    def checked_launch(seqs):
+        with NoHostSync():
+            calls.append(len(seqs))
+            return launch(seqs)
+
+    def checked_forward(Bp, Wp):
+        with NoHostSync(strict=True):
+            return forward(Bp, Wp)
+
+    engine._launch_decode, runner._forward = checked_launch, checked_forward
+    params = SamplingParams(max_tokens=8, temperature=0) if greedy else \
+        SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, top_k=20, seed=1)
+    results = engine.generate(_prompts(model.cfg.vocab_size, (3, 8, 5)), params)
+    assert calls and all(len(r.token_ids) == 8 for r in results)
+
+
+def test_detector_catches_syncs() -> None:
+    x = torch.arange(4.0)
+    for bad in (lambda: x.sum().item(), lambda: x.tolist(), lambda: x[x > 1], lambda: x.nonzero(),
+                lambda: bool(x[0] > 0), lambda: int(x[1])):
+        with pytest.raises(AssertionError, match="host sync"), NoHostSync():
+            bad()
+    with pytest.raises(AssertionError, match="host"), NoHostSync(strict=True):
+        torch.tensor([1, 2])
+    with NoHostSync(strict=True):
+        torch.arange(3).repeat_interleave(2)
+
+
+# -- CUDA -------------------------------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _gpu_model():
+    # bf16 grouped GEMM (the sync-free kernel) wants 16-byte aligned widths: multiples of 8
+    cfg = tiny_config(hidden_size=128, moe_intermediate_size=64, intermediate_size=192, v_head_dim=32,
+                      qk_nope_head_dim=32, qk_rope_head_dim=16, kv_lora_rank=64, q_lora_rank=64)
+    return random_model(cfg, torch.bfloat16, std=0.05).cuda()
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("mtp", [0, 2])
+def test_cuda_graph_decode_equals_eager(mtp) -> None:
+    """The replayed graphs run the kernels of the eager twin on the same static shapes: same tokens."""
+    model = _gpu_model()
+    prompts = _prompts(model.cfg.vocab_size, (2, 9, 5, 1, 14, 3, 7, 11, 4), seed=2)
+    params = [SamplingParams(max_tokens=10 + 3 * i, temperature=0) for i in range(len(prompts))]
+    eager = Engine(model, None, mtp=mtp, block_size=4, cuda_graphs=False).generate(prompts, params)
+    engine = Engine(model, None, mtp=mtp, block_size=4, cuda_graphs=True)
+    graphs = engine.generate(prompts, params)
+    assert [r.token_ids for r in graphs] == [r.token_ids for r in eager]
+    assert engine.runner._graphs and all(g.graph is not None for g in engine.runner._graphs.values())
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("mtp", [0, 2])
+def test_cuda_graph_step_never_syncs(mtp) -> None:
+    """A whole decode step (staging, replay, greedy acceptance, MTP drafting) under set_sync_debug_mode
+    ("error"), once its graph is captured; then the step's results read back as usual."""
+    model = _gpu_model()
+    engine = Engine(model, None, mtp=mtp, block_size=4, cuda_graphs=True)
+    for p in _prompts(model.cfg.vocab_size, (3, 12, 6), seed=3):
+        engine.add_request(p, SamplingParams(max_tokens=20, temperature=0))
+    for _ in range(3):  # the prefill and two decode steps (lazy initialisation of every kernel)
+        engine.step()
+    seqs, is_prefill = engine.scheduler.schedule()
+    assert not is_prefill
+    engine.runner.capture(len(seqs), 1, max(len(s.tokens) for s in seqs) + mtp + 1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rows = engine._launch_decode(seqs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert rows.shape == (len(seqs), 2 + mtp)
+    torch.testing.assert_close(rows[:, 1], rows[:, 1].clamp(0, model.cfg.vocab_size - 1))

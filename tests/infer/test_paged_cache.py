@@ -1,0 +1,98 @@
+"""Attention over the paged latent pool against full recompute: the cache must not change the model's outputs.
+
+The slow twin is the model's own uncached forward over the whole sequence (expanded attention). The fast path
+prefills a batch of prompts of different lengths (padded, expanded attention, latents written to the pool),
+then decodes ragged rows with the absorbed attention over latents gathered through non-contiguous block
+tables from a pool that starts full of garbage. Dense float64: agreement to 1e-11 says the math is the same
+(only summation order differs). With MoE layers the router computes in float32 by design (SPEC 1.4), so a
+1-ulp difference of its input moves float64 gates by ~1e-8: tolerance 1e-6. float32: 2e-4 on logits ~1.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv3.infer.block_manager import BlockManager
+from dsv3.infer.model_runner import ModelRunner
+from dsv3.infer.paged_cache import PagedLatentCache
+from dsv3.infer.sampling import SamplingParams
+from dsv3.infer.sequence import Sequence
+from dsv3.model.cache import StaticLatentCache
+
+
+@pytest.mark.parametrize(("dense", "dtype", "tol"), [
+    (True, torch.float64, 1e-11), (False, torch.float64, 1e-6), (False, torch.float32, 2e-4),
+])
+def test_paged_decode_matches_full_forward(make_cfg, make_model, dense, dtype, tol) -> None:
+    cfg = make_cfg(num_nextn_predict_layers=0)
+    if dense:
+        cfg = make_cfg(num_nextn_predict_layers=0, first_k_dense_replace=cfg.num_hidden_layers)
+    model = make_model(cfg, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    lengths = [1, 6, 13, 4]
+    full = [torch.randint(0, cfg.vocab_size, (n + 12,), generator=g).tolist() for n in lengths]
+    blocks = BlockManager(num_blocks=64, block_size=4)
+    cache = PagedLatentCache(cfg, 64, 4, cfg.num_hidden_layers, dtype=dtype)
+    cache.pool.normal_(0, 100.0, generator=g)  # stale latents everywhere: masking, not zeros, must hide them
+    runner = ModelRunner(model, cache, blocks)
+    seqs = [Sequence(i, full[i][:n], SamplingParams(), None) for i, n in enumerate(lengths)]
+    # reserve in small interleaved steps so that every block table is scattered over the pool
+    for upto in range(1, max(lengths) + 1):
+        for s, n in zip(seqs, lengths, strict=True):
+            blocks.reserve(s.seq_id, min(upto, n))
+    with torch.inference_mode():
+        ref = [model(torch.tensor([f])).logits[0] for f in full]
+        _, last, _, _ = runner.prefill(seqs)
+        for b, n in enumerate(lengths):
+            torch.testing.assert_close(last[b], ref[b][n - 1], rtol=0, atol=tol)
+        for s in seqs:
+            s.num_cached = len(s.tokens)
+        # decode 1, then 3, then 1, 2, ... tokens per row per step (a verification step feeds several)
+        # each S is its own static decode shape: a runner per S over the same pool and blocks
+        for S in (1, 3, 1, 2, 4, 1):
+            for s in seqs:
+                blocks.reserve(s.seq_id, s.num_cached + S)
+            fed = [full[s.seq_id][s.num_cached : s.num_cached + S] for s in seqs]
+            step_runner = ModelRunner(model, cache, blocks, max_batch=8, tokens_per_step=S)
+            step_runner.prepare_decode(seqs, fed)
+            _, logits, _ = step_runner.decode()
+            for b, s in enumerate(seqs):
+                expect = ref[b][s.num_cached : s.num_cached + S]
+                torch.testing.assert_close(logits[b], expect, rtol=0, atol=tol)
+                s.num_cached += S
+    blocks.check()
+
+
+def test_static_cache_still_matches_full_forward(make_cfg, make_model) -> None:
+    """The contiguous cache's contract after the LatentCache change: chunked == uncached, float64."""
+    cfg = make_cfg()
+    model = make_model(cfg, dtype=torch.float64)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 15), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref = model(tokens, mtp=False).logits
+        cache = StaticLatentCache(cfg, 2, 16, dtype=torch.float64)
+        parts = [model(tokens[:, a:b], cache=cache, start_pos=a).logits for a, b in ((0, 7), (7, 8), (8, 15))]
+    torch.testing.assert_close(torch.cat(parts, 1), ref, rtol=0, atol=1e-6)  # float32 router: see above
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bytes_per_token(make_cfg, dtype) -> None:
+    """(kv_lora_rank + qk_rope_head_dim) * layers * element size, and nothing else in the pool."""
+    cfg = make_cfg()
+    for layers in (cfg.num_hidden_layers, cfg.num_hidden_layers + cfg.num_nextn_predict_layers):
+        cache = PagedLatentCache(cfg, num_blocks=10, block_size=16, n_layers=layers, dtype=dtype)
+        expect = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * layers * torch.finfo(dtype).bits // 8
+        assert cache.bytes_per_token == expect
+        assert cache.pool.numel() * cache.pool.element_size() == expect * 10 * 16
+
+
+def test_bytes_per_token_of_deepseek_v3() -> None:
+    """SPEC 1.1: 576 values per token per layer, 70,272 bytes per token for the 61 layers in BF16 (the pool
+    is built on the meta device: shapes only)."""
+    from dsv3.config import preset
+
+    cfg = preset("671b")
+    cache = PagedLatentCache(cfg, num_blocks=2, block_size=64, n_layers=cfg.num_hidden_layers, device="meta",
+                             dtype=torch.bfloat16)
+    assert cache.bytes_per_token == 70_272

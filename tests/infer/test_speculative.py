@@ -1,0 +1,151 @@
+"""MTP speculative decoding against plain decoding: token-for-token for greedy, in distribution for sampling.
+
+References are independent of the engine: greedy decoding by full recompute, the uncached forward's own MTP
+logits for the drafts, and the exact distribution of the first tokens computed from full forwards.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv3.infer.engine as engine_module
+from dsv3.infer import Engine, SamplingParams
+from dsv3.infer.sampling import uniforms
+from dsv3.infer.speculative import FixedDrafter
+from tests.conftest import SHAPES
+from tests.infer.test_engine import _prompts, greedy_reference
+from tests.infer.test_sampling import _resample_from_p
+
+GREEDY = SamplingParams(max_tokens=14, temperature=0)
+
+
+@pytest.mark.parametrize("shape", ["base", "no_qlora-1group-rope-mtp2-dense0"])  # MTP depth 1 and depth 2
+def test_greedy_speculation_equals_plain_greedy(make_cfg, make_model, shape) -> None:
+    model = make_model(make_cfg(**SHAPES[shape]), dtype=torch.float64)
+    prompts = _prompts(model.cfg.vocab_size, (2, 7, 13))
+    ref = [greedy_reference(model, p, GREEDY.max_tokens) for p in prompts]
+    for k in (1, 2, 3):
+        results = Engine(model, None, mtp=k, block_size=4).generate(prompts, GREEDY)
+        assert [r.token_ids for r in results] == ref, k
+        for r in results:
+            assert r.drafted == k * r.num_steps and 0 <= r.accepted <= r.drafted
+    # a pool that holds one sequence at a time: preempted sequences rebuild their MTP state on recompute
+    small = Engine(model, None, mtp=2, block_size=4, cache_tokens=36)
+    assert [r.token_ids for r in small.generate(prompts, GREEDY)] == ref
+    assert small.scheduler.num_preempted > 0
+
+
+def test_mtp_drafts_are_the_models_mtp_predictions(make_cfg, make_model) -> None:
+    """Draft 1 comes from depth 1 at the last cached position, the pair (h_{N-2}, t_{N-1}): its logits must be
+    the uncached forward's mtp_logits there, at every step (the catch-up after each verification is exact)."""
+    model = make_model(make_cfg(), dtype=torch.float64)
+    engine = Engine(model, None, mtp=2, block_size=4)
+    for p in _prompts(model.cfg.vocab_size, (3, 8)):
+        engine.add_request(p, SamplingParams(max_tokens=30, temperature=0))
+    checked = 0
+    for _ in range(5):
+        engine.step()
+        for seq in engine.scheduler.running:
+            with torch.inference_mode():
+                got = model.lm_head(seq.draft[0])
+                ref = model(torch.tensor([seq.tokens]), mtp=True).mtp_logits[0][0, len(seq.tokens) - 2]
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)  # float64 model, float32 router
+            checked += 1
+    assert checked >= 8
+
+
+class OracleDrafter:
+    """Drafts the reference greedy continuation, except at planned positions where it drafts a wrong token,
+    so verification accepts some drafts and rejects others at every depth."""
+
+    def __init__(self, k: int, reference: dict[tuple[int, ...], list[int]], vocab: int):
+        self.k, self.reference, self.vocab = k, reference, vocab
+
+    @staticmethod
+    def wrong(step_start: int, j: int) -> bool:
+        return (3 * step_start + j) % 4 == 3
+
+    def after_prefill(self, *args: object) -> None:
+        pass
+
+    def after_verify(self, *args: object) -> None:
+        pass
+
+    def propose(self, runner, seqs):
+        drafts = []
+        for s in seqs:
+            ref = self.reference[tuple(s.tokens[: s.num_prompt])]
+            o = len(s.output)
+            row = [ref[o + j] if o + j < len(ref) else 0 for j in range(self.k)]
+            drafts.append([(t + 1) % self.vocab if self.wrong(o, j) else t for j, t in enumerate(row)])
+        d = torch.tensor(drafts)
+        return d, torch.nn.functional.one_hot(d, self.vocab).float()
+
+
+def test_partial_acceptance_rolls_back_exactly(make_cfg, make_model) -> None:
+    """Drafts accepted up to a planned wrong one: output still equals greedy decoding, and the accepted counts
+    equal a simulation of the plan, so the cache rolled back exactly the rejected positions each step."""
+    model = make_model(make_cfg(num_nextn_predict_layers=0), dtype=torch.float64)
+    prompts = _prompts(model.cfg.vocab_size, (3, 10))
+    n = 20
+    reference = {tuple(p): greedy_reference(model, p, n + 4) for p in prompts}
+    for k in (1, 3):
+        engine = Engine(model, None, drafter=OracleDrafter(k, reference, model.cfg.vocab_size), block_size=4)
+        results = engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0))
+        steps, accepted, o = 0, 0, 1  # the prefill emits the first token
+        while o < n:
+            a = next((j for j in range(k) if OracleDrafter.wrong(o, j)), k)
+            steps, accepted, o = steps + 1, accepted + a, o + a + 1
+        for p, r in zip(prompts, results, strict=True):
+            assert r.token_ids == reference[tuple(p)][:n]
+            assert (r.num_steps, r.accepted) == (steps, accepted)
+        assert 0 < accepted < k * steps or k == 1
+
+
+def _first_tokens_exact(model, prompt: list[int]) -> torch.Tensor:
+    """P(t2, t3) [V, V] after the prompt, marginalising t1, from uncached forwards over all continuations."""
+    V = model.cfg.vocab_size
+    with torch.inference_mode():
+        p1 = model(torch.tensor([prompt]), mtp=False).logits[0, -1].double().softmax(-1)
+        t1 = torch.arange(V).view(V, 1, 1).expand(V, V, 1)
+        t2 = torch.arange(V).view(1, V, 1).expand(V, V, 1)
+        seqs = torch.cat([torch.tensor(prompt).expand(V, V, -1), t1, t2], -1).reshape(V * V, -1)
+        logits = model(seqs, mtp=False).logits.double()
+    p2 = logits[::V, -2].softmax(-1)  # [t1, t2]: row t1 of P(t2 | t1)
+    p3 = logits[:, -1].softmax(-1).view(V, V, V)  # [t1, t2, t3]
+    return torch.einsum("a,ab,abc->bc", p1, p2, p3)
+
+
+def _speculative_samples(model, prompt: list[int], q: torch.Tensor, n: int) -> torch.Tensor:
+    engine = Engine(model, None, drafter=FixedDrafter(q, k=2), block_size=8, cache_tokens=8 * n,
+                    max_num_seqs=n, max_num_batched_tokens=len(prompt) * n)
+    params = [SamplingParams(max_tokens=3, temperature=1.0, seed=i) for i in range(n)]
+    results = engine.generate([prompt] * n, params)
+    assert sum(r.accepted for r in results) > 0.1 * sum(r.drafted for r in results)  # both branches exercised
+    out = torch.tensor([r.token_ids for r in results])
+    V = model.cfg.vocab_size
+    return torch.bincount(out[:, 1] * V + out[:, 2], minlength=V * V).double().view(V, V) / n
+
+
+def test_sampled_speculation_preserves_the_distribution(make_cfg, make_model, monkeypatch) -> None:
+    """Tokens 2 and 3 come out of one verification of 2 drafts from a fixed q far from the model's p. Their
+    empirical joint over 12,000 seeded requests must match the exact P(t2, t3): total variation below 0.05
+    (sampling noise ~0.02 over 64 outcomes). The plausible wrong rule (resample from p after a rejection)
+    must miss that bound, so the test can tell them apart."""
+    model = make_model(make_cfg(vocab_size=8, num_nextn_predict_layers=0), std=0.3)
+    prompt = [1, 2, 3]
+    exact = _first_tokens_exact(model, prompt)
+    q = torch.tensor([0.6, 0.3] + [0.1 / 6] * 6)
+    tv = 0.5 * (_speculative_samples(model, prompt, q, 12_000) - exact).abs().sum()
+    assert tv < 0.05, tv
+    monkeypatch.setattr(engine_module, "accept_drafts", _resample_from_p)
+    tv_wrong = 0.5 * (_speculative_samples(model, prompt, q, 12_000) - exact).abs().sum()
+    assert tv_wrong > 0.05, tv_wrong
+
+
+def test_uniforms_are_per_request() -> None:
+    """A request's random stream does not depend on its batch neighbours (seeds are batch-independent)."""
+    a = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    b = [torch.Generator().manual_seed(2)]
+    assert torch.equal(uniforms(a, 3, "cpu")[1], uniforms(b, 3, "cpu")[0])

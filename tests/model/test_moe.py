@@ -1,0 +1,269 @@
+"""DeepSeekMoE (SPEC 1.4): the router against hand-computed cases, a float64 loop reference and transformers'
+router; grouped-GEMM experts against a plain per-expert loop; the float32 router and bias under bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+from dsv3.model.moe import MoE, Router, RouterOutput, route
+from tests.conftest import randomize_bias_
+
+# Hand cases are float32 sums of a few numbers of order 1: 1e-6 absolute covers their rounding.
+HAND_ATOL = 1e-6
+
+
+def _route1(scores, bias, **kw):
+    """route() on one token given as Python lists; returns (experts in selection order, gates)."""
+    w, idx = route(torch.tensor([scores]), torch.tensor(bias), **kw)
+    return idx[0].tolist(), w[0]
+
+
+def _as_dict(idx, w):
+    return {e: float(g) for e, g in zip(idx, w.detach(), strict=True)}
+
+
+def test_route_plain_topk_gates_are_normalised_scores_times_scaling():
+    idx, w = _route1([0.9, 0.1, 0.5, 0.7], [0.0] * 4, n_group=1, topk_group=1, top_k=2,
+                     routed_scaling_factor=2.5)
+    assert sorted(idx) == [0, 3]
+    got = _as_dict(idx, w)
+    assert got[0] == pytest.approx(0.9 / 1.6 * 2.5, abs=HAND_ATOL)
+    assert got[3] == pytest.approx(0.7 / 1.6 * 2.5, abs=HAND_ATOL)
+
+
+def test_route_negative_bias_changes_selection_but_gates_use_unbiased_scores():
+    # biased = [0.4, 0.1, 0.5, 0.7]: expert 0 (best unbiased) drops out, experts 3 and 2 win
+    idx, w = _route1([0.9, 0.1, 0.5, 0.7], [-0.5, 0.0, 0.0, 0.0], n_group=1, topk_group=1, top_k=2,
+                     routed_scaling_factor=2.5)
+    assert sorted(idx) == [2, 3]
+    got = _as_dict(idx, w)
+    assert got[3] == pytest.approx(0.7 / 1.2 * 2.5, abs=HAND_ATOL)  # not (0.7 + 0) / ...: bias never enters
+    assert got[2] == pytest.approx(0.5 / 1.2 * 2.5, abs=HAND_ATOL)
+
+
+def test_route_group_score_is_sum_of_top2():
+    # three groups of four. Rank groups by max -> g0 (0.95); by sum of all -> g2 (1.66); by the SPEC's sum of
+    # the top two -> g1 (1.15 vs g0 1.05 vs g2 0.85). Keeping one group, the two experts must come from g1.
+    scores = [0.95, 0.10, 0.10, 0.10, 0.60, 0.55, 0.04, 0.05, 0.40, 0.41, 0.42, 0.43]
+    idx, w = _route1(scores, [0.0] * 12, n_group=3, topk_group=1, top_k=2, routed_scaling_factor=1.0)
+    assert sorted(idx) == [4, 5]
+    got = _as_dict(idx, w)
+    assert got[4] == pytest.approx(0.60 / 1.15, abs=HAND_ATOL)
+    assert got[5] == pytest.approx(0.55 / 1.15, abs=HAND_ATOL)
+
+
+def test_route_masks_dropped_groups_with_minus_inf_not_zero():
+    scores = [0.50, 0.40, 0.30, 0.20, 0.60, 0.10, 0.35, 0.15]
+    bias = [-0.60, -0.70, -0.80, -0.90, -0.75, -0.65, -0.55, -0.95]
+    # biased = [-.10, -.30, -.50, -.70, -.15, -.55, -.20, -.80]; groups of two score -.40, -1.20, -.70, -1.00,
+    # so groups 0 and 2 are kept and the top 3 of {0: -.10, 1: -.30, 4: -.15, 5: -.55} are experts 0, 4, 1.
+    idx, w = _route1(scores, bias, n_group=4, topk_group=2, top_k=3, routed_scaling_factor=2.5)
+    assert sorted(idx) == [0, 1, 4]
+    got = _as_dict(idx, w)
+    for e, s in ((0, 0.50), (4, 0.60), (1, 0.40)):
+        assert got[e] == pytest.approx(s / 1.5 * 2.5, abs=HAND_ATOL)
+
+    # the case discriminates: masking with 0 would let the dropped groups' experts (0 > every kept score) win
+    biased = torch.tensor(scores) + torch.tensor(bias)
+    keep = torch.tensor([True, True, False, False, True, True, False, False])
+    zero_masked = biased.masked_fill(~keep, 0.0).topk(3).indices.tolist()
+    assert not set(zero_masked) & {0, 1, 4}
+
+
+def test_route_batch_of_tokens_each_routed_independently():
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.7], [0.2, 0.8, 0.6, 0.1]])
+    w, idx = route(scores, torch.tensor([-0.5, 0.0, 0.0, 0.0]), n_group=2, topk_group=1, top_k=2,
+                   routed_scaling_factor=1.0)
+    # token 0: biased [.4,.1,.5,.7], groups (.5, 1.2) -> group 1 -> experts 2, 3
+    # token 1: biased [-.3,.8,.6,.1], groups (.5, .7) -> group 1 -> experts 2, 3
+    assert sorted(idx[0].tolist()) == [2, 3] and sorted(idx[1].tolist()) == [2, 3]
+    assert _as_dict(idx[0].tolist(), w[0]) == pytest.approx({2: 0.5 / 1.2, 3: 0.7 / 1.2}, abs=HAND_ATOL)
+    assert _as_dict(idx[1].tolist(), w[1]) == pytest.approx({2: 0.6 / 0.7, 3: 0.1 / 0.7}, abs=HAND_ATOL)
+
+
+def test_bias_never_changes_gate_values_for_the_same_selection():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(64, 16, generator=g)
+    kw = dict(n_group=4, topk_group=2, top_k=4, routed_scaling_factor=2.5)
+    w0, i0 = route(scores, torch.zeros(16), **kw)
+    # a constant bias shifts every biased score and every group score alike: the same experts are selected,
+    # and the gates must be bit-identical
+    w1, i1 = route(scores, torch.full((16,), -0.37), **kw)
+    assert torch.equal(i0, i1)
+    assert torch.equal(w0, w1)
+
+
+def route_reference(scores, bias, n_group, topk_group, top_k, scale):
+    """SPEC 1.4 token by token in float64 with Python loops: returns a list of {expert: gate} per token."""
+    T, E = scores.shape
+    size = E // n_group
+    out = []
+    for t in range(T):
+        s = scores[t].double().tolist()
+        b = [s[e] + float(bias[e]) for e in range(E)]
+        gscore = [sum(sorted(b[g * size:(g + 1) * size], reverse=True)[:2]) for g in range(n_group)]
+        kept = sorted(range(n_group), key=lambda g: -gscore[g])[:topk_group]
+        cands = [e for g in kept for e in range(g * size, (g + 1) * size)]
+        chosen = sorted(cands, key=lambda e: -b[e])[:top_k]
+        total = sum(s[e] for e in chosen)
+        out.append({e: s[e] / total * scale for e in chosen})
+    return out
+
+
+@pytest.mark.parametrize("E,G,TG,K", [(8, 1, 1, 2), (16, 4, 2, 4), (32, 8, 4, 8), (12, 3, 3, 5)])
+def test_route_matches_float64_loop_reference_on_random_scores(E, G, TG, K):
+    g = torch.Generator().manual_seed(E * 100 + K)
+    scores = torch.rand(50, E, generator=g)
+    bias = torch.randn(E, generator=g) * 0.2  # mixed-sign biases of the size aux-free balancing reaches
+    w, idx = route(scores, bias, n_group=G, topk_group=TG, top_k=K, routed_scaling_factor=2.5)
+    ref = route_reference(scores, bias, G, TG, K, 2.5)
+    for t in range(50):
+        got = _as_dict(idx[t].tolist(), w[t])
+        assert got.keys() == ref[t].keys(), f"token {t}"
+        # float32 gates vs float64: a few float32 roundings of numbers below 2.5
+        assert got == pytest.approx(ref[t], abs=1e-6)
+
+
+def test_router_matches_transformers_router(make_cfg):
+    cfg = make_cfg(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    torch.manual_seed(0)
+    ours = Router(cfg)
+    torch.nn.init.normal_(ours.weight, std=0.3)
+    randomize_bias_(ours, 0.1)
+    hf = DeepseekV3TopkRouter(DeepseekV3Config(**cfg.to_dict()))
+    hf.load_state_dict(ours.state_dict())
+    x = torch.randn(40, cfg.hidden_size)
+    r = ours(x)
+    _, hf_w, hf_idx = hf(x)
+    for t in range(40):
+        assert _as_dict(r.topk_idx[t].tolist(), r.weights[t]) == pytest.approx(
+            _as_dict(hf_idx[t].tolist(), hf_w[t]), abs=1e-6  # same float32 ops, possibly reordered
+        )
+
+
+def test_router_load_is_bincount_of_dispatched_experts(make_cfg):
+    cfg = make_cfg(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    torch.manual_seed(1)
+    router = Router(cfg)
+    torch.nn.init.normal_(router.weight, std=0.3)
+    randomize_bias_(router, 0.1)
+    r = router(torch.randn(37, cfg.hidden_size))
+    assert r.load.dtype == torch.int64
+    assert torch.equal(r.load, torch.bincount(r.topk_idx.flatten(), minlength=16))
+    assert int(r.load.sum()) == 37 * 4
+    # no token dropped, no expert twice for one token
+    assert all(len(set(row)) == 4 for row in r.topk_idx.tolist())
+
+
+def test_router_runs_in_float32_inside_a_bf16_model(make_cfg):
+    cfg = make_cfg(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    torch.manual_seed(2)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    randomize_bias_(moe, 0.1)
+    moe.to(torch.bfloat16)
+    x = torch.randn(64, cfg.hidden_size).bfloat16()
+    _, r = moe(x)
+    assert r.scores.dtype == torch.float32 and r.weights.dtype == torch.float32
+    # the bf16 inputs and weights multiplied exactly (float64): a float32 router is within a few float32 ulps,
+    # a bf16 GEMM or sigmoid would be off by ~1e-3
+    ref = torch.sigmoid(x.double() @ moe.gate.weight.double().T)
+    assert (r.scores.double() - ref).abs().max().item() < 1e-6
+    expected = route_reference(ref, moe.gate.e_score_correction_bias, 4, 2, 4, cfg.routed_scaling_factor)
+    for t in range(64):
+        assert set(r.topk_idx[t].tolist()) == expected[t].keys()
+
+
+def test_correction_bias_stays_float32_and_exact_under_bf16_and_fp16(make_cfg, make_model):
+    model = make_model(make_cfg(), bias_std=1e-3)  # aux-free updates are gamma = 1e-3 steps
+    before = {n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+    assert before
+    # the values are not bf16-representable, so a cast would show
+    assert any(not torch.equal(b.bfloat16().float(), b) for b in before.values())
+    for dtype in (torch.bfloat16, torch.float16):
+        model.to(dtype)
+        assert model.embed_tokens.weight.dtype == dtype
+        for n, b in model.named_buffers():
+            if n in before:
+                assert b.dtype == torch.float32, n
+                assert torch.equal(b, before[n]), n
+
+
+def experts_reference(x, gate_up, down, idx, weights):
+    """sum_k g_k * down_e(silu(gate_e x) * up_e x), one token and one expert at a time, in float64."""
+    x, gate_up, down, weights = x.double(), gate_up.double(), down.double(), weights.double()
+    inter = down.shape[-1]
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k])
+            gate, up = gate_up[e, :inter] @ x[t], gate_up[e, inter:] @ x[t]
+            out[t] += weights[t, k] * (down[e] @ (F.silu(gate) * up))
+    return out
+
+
+def _router_output(idx: torch.Tensor, weights: torch.Tensor, E: int) -> RouterOutput:
+    load = torch.bincount(idx.flatten(), minlength=E)
+    return RouterOutput(idx, weights, torch.zeros(idx.shape[0], E), load)
+
+
+@pytest.mark.parametrize(
+    "dtype,tol",
+    # float32: grouped GEMM vs float64, sums of 64 products of O(1) numbers -> ~1e-6 relative; float64 (the
+    # per-row fallback grouped_mm needs there) agrees to rounding
+    [(torch.float32, 1e-5), (torch.float64, 1e-12)],
+)
+@pytest.mark.parametrize("allowed", [[1, 2, 4], [0, 5], [3]], ids=["middle-gaps", "ends", "one-expert"])
+def test_grouped_experts_match_per_expert_loop(make_cfg, dtype, tol, allowed):
+    cfg = make_cfg(n_routed_experts=6, n_group=1, topk_group=1, num_experts_per_tok=min(2, len(allowed)))
+    K = cfg.num_experts_per_tok
+    g = torch.Generator().manual_seed(3)
+    moe = MoE(cfg).to(dtype)
+    with torch.no_grad():
+        moe.experts.gate_up_proj.copy_(torch.randn(moe.experts.gate_up_proj.shape, generator=g) * 0.2)
+        moe.experts.down_proj.copy_(torch.randn(moe.experts.down_proj.shape, generator=g) * 0.2)
+    T = 11
+    x = torch.randn(T, cfg.hidden_size, generator=g).to(dtype)
+    # only `allowed` experts receive tokens: the others (including the first/last) get empty segments
+    pool = torch.tensor(allowed)
+    idx = torch.stack([pool[torch.randperm(len(allowed), generator=g)[:K]] for _ in range(T)])
+    weights = torch.rand(T, K, generator=g) * 2
+    r = _router_output(idx, weights, 6)
+    assert (r.load == 0).any()
+    got = moe.experts(x, r)
+    ref = experts_reference(x, moe.experts.gate_up_proj, moe.experts.down_proj, idx, weights)
+    assert got.dtype == dtype
+    assert (got.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("n_shared", [0, 2])
+def test_moe_is_shared_plus_gated_routed_experts(make_cfg, n_shared):
+    cfg = make_cfg(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4,
+                   n_shared_experts=n_shared)
+    torch.manual_seed(4)
+    moe = MoE(cfg).double()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    randomize_bias_(moe, 0.1)
+    x = torch.randn(2, 5, cfg.hidden_size, dtype=torch.float64)
+    with torch.no_grad():
+        y, r = moe(x)
+    flat = x.reshape(10, -1)
+    scores = torch.sigmoid(flat @ moe.gate.weight.T)
+    routes = route_reference(scores, moe.gate.e_score_correction_bias, 4, 2, 4, cfg.routed_scaling_factor)
+    idx = torch.tensor([list(rt) for rt in routes])
+    w = torch.tensor([list(rt.values()) for rt in routes], dtype=torch.float64)
+    ref = experts_reference(flat, moe.experts.gate_up_proj, moe.experts.down_proj, idx, w)
+    if n_shared:
+        s = moe.shared_experts
+        assert s.gate_proj.weight.shape[0] == n_shared * cfg.moe_intermediate_size
+        ref = ref + (F.silu(flat @ s.gate_proj.weight.T) * (flat @ s.up_proj.weight.T)) @ s.down_proj.weight.T
+    else:
+        assert moe.shared_experts is None
+    # the router's float32 scores give gates within ~1e-7 of the float64 reference
+    assert (y.reshape(10, -1) - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()

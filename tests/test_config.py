@@ -1,0 +1,164 @@
+"""ModelConfig (SPEC 6): the 671B preset is the released config.json, both RoPE spellings read alike, JSON and
+transformers round trips, and validation errors that name the offending field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import DeepseekV3Config
+
+from dsv3.config import ConfigError, ModelConfig, preset
+from dsv3.model import DeepSeekV3
+from tests.conftest import SHAPES, tiny_config
+
+# deepseek-ai/DeepSeek-V3 config.json as released (auto_map and transformers_version left out)
+RELEASED = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "ep_size": 1,
+    "first_k_dense_replace": 3,
+    "hidden_act": "silu",
+    "hidden_size": 7168,
+    "initializer_range": 0.02,
+    "intermediate_size": 18432,
+    "kv_lora_rank": 512,
+    "max_position_embeddings": 163840,
+    "model_type": "deepseek_v3",
+    "moe_intermediate_size": 2048,
+    "moe_layer_freq": 1,
+    "n_group": 8,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "norm_topk_prob": True,
+    "num_attention_heads": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 61,
+    "num_key_value_heads": 128,
+    "num_nextn_predict_layers": 1,
+    "pretraining_tp": 1,
+    "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "quantization_config": {
+        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],
+    },
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {
+        "beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096, "type": "yarn",
+    },
+    "rope_theta": 10000,
+    "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid",
+    "seq_aux": True,
+    "tie_word_embeddings": False,
+    "topk_group": 4,
+    "topk_method": "noaux_tc",
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "v_head_dim": 128,
+    "vocab_size": 129280,
+}
+
+
+def test_671b_preset_is_the_released_config():
+    d = preset("671b").to_dict()
+    for key, value in RELEASED.items():
+        if key == "quantization_config":
+            continue  # storage format of the released files, not a model hyper-parameter
+        assert d[key] == value, key
+    assert "quantization_config" not in d
+
+
+def test_released_config_json_loads_field_for_field():
+    extra = {"auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
+             "transformers_version": "4.33.1"}
+    cfg = ModelConfig.from_dict({**RELEASED, **extra})
+    assert cfg.replace(quantization_config=None) == preset("671b")
+    assert cfg.quantization_config == RELEASED["quantization_config"]
+
+
+def test_671b_main_model_has_671_03b_parameters():
+    with torch.device("meta"):  # shapes only
+        model = DeepSeekV3(preset("671b"))
+    main = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
+    assert round(main / 1e9, 2) == 671.03  # SPEC 6
+    assert preset("671b").n_moe_layers == 58
+
+
+def test_rope_parameters_and_rope_scaling_spellings_give_the_same_config():
+    old = dict(RELEASED)
+    new = {k: v for k, v in RELEASED.items() if k not in ("rope_scaling", "rope_theta")}
+    rs = dict(RELEASED["rope_scaling"])
+    del rs["type"]
+    new["rope_parameters"] = {**rs, "rope_type": "yarn", "rope_theta": 10000}
+    a, b = ModelConfig.from_dict(old), ModelConfig.from_dict(new)
+    assert a == b
+    assert b.yarn == a.yarn and b.yarn["factor"] == 40.0
+    assert b.rope_theta == 10000
+    # rope_theta inside rope_parameters is read, not silently defaulted
+    odd = ModelConfig.from_dict({**new, "rope_parameters": {**new["rope_parameters"], "rope_theta": 50000}})
+    assert odd.rope_theta == 50000
+
+
+def test_default_rope_parameters_mean_no_yarn():
+    d = {k: v for k, v in RELEASED.items() if k != "rope_scaling"}
+    cfg = ModelConfig.from_dict({**d, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
+    assert cfg.rope_scaling is None and cfg.yarn is None
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_json_round_trip(shape, tmp_path):
+    cfg = tiny_config(**SHAPES[shape])
+    cfg.save_json(tmp_path)
+    assert ModelConfig.from_json(tmp_path) == cfg
+    assert ModelConfig.from_json(tmp_path / "config.json") == cfg
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "deepseek_v3"
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_transformers_config_round_trip(shape):
+    # transformers 5 rewrites rope_scaling as rope_parameters (with rope_type and rope_theta inside)
+    cfg = tiny_config(**SHAPES[shape])
+    hf = DeepseekV3Config(**cfg.to_dict()).to_dict()
+    assert "rope_parameters" in hf
+    assert ModelConfig.from_dict(hf) == cfg
+
+
+def test_q_lora_rank_zero_means_none():
+    assert tiny_config(q_lora_rank=0).q_lora_rank is None
+    assert ModelConfig.from_dict({**RELEASED, "q_lora_rank": 0}).q_lora_rank is None
+    assert not hasattr(DeepSeekV3(tiny_config(q_lora_rank=0)).layers[0].self_attn, "q_a_proj")
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(n_routed_experts=10, n_group=4), "n_routed_experts"),
+        (dict(n_group=2, topk_group=3), "topk_group"),
+        (dict(scoring_func="softmax"), "scoring_func"),
+        (dict(num_experts_per_tok=5, n_group=4, topk_group=2), "num_experts_per_tok"),  # 2 groups of 2 kept
+        (dict(num_key_value_heads=2), "num_key_value_heads"),
+        (dict(qk_rope_head_dim=15), "qk_rope_head_dim"),
+        (dict(first_k_dense_replace=4), "first_k_dense_replace"),
+        (dict(topk_method="greedy"), "topk_method"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(moe_intermediate_size=36), "moe_intermediate_size"),  # grouped-GEMM rows must be 16-byte aligned
+        (dict(rope_scaling={**SHAPES["shared2-yarn0.707-2groups"]["rope_scaling"], "type": "dynamic"}),
+         "rope_scaling"),
+    ],
+)
+def test_validation_error_names_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=f"`{field}`"):
+        tiny_config(**overrides)
+
+
+def test_unknown_preset_is_an_error():
+    with pytest.raises(ConfigError, match="tiny"):
+        preset("7b")

@@ -1,0 +1,51 @@
+"""`dsv3 train | eval | sample` through the command line: outputs and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsv3.cli import main
+
+
+def test_train_eval_sample(make_run, loop_corpus, tmp_path, capsys):
+    run = make_run("cli")
+    path = tmp_path / "run.toml"
+    run.save(path)
+    assert main(["train", str(path), "--train.tokens", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "done: step 2" in out and "val loss" in out
+    latest = str(tmp_path / "cli" / "checkpoints" / "latest")
+
+    assert main(["eval", "--model", latest, "--data", loop_corpus, "--split", "val", "--val-fraction", "0.2",
+                 "--seq-len", "32", "--max-batches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "nats/token" in out and "bits/byte" in out and "over 512 tokens" in out
+
+    assert main(["sample", "--model", latest, "--prompt", "def f(x):", "-n", "2", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "sample 1 (greedy)" in out and "sample 2 (temperature 0.8" in out and "def f(x):" in out
+
+    # the finished run continues when given more tokens
+    assert main(["train", "--resume", str(tmp_path / "cli"), "--train.tokens", "768"]) == 0
+    assert "done: step 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["eval", "--model", "/no/such/dir", "--data", "stdlib"], "--model /no/such/dir: no such checkpoint directory"),
+    (["sample", "--model", "/no/such/dir", "--prompt", "x"], "no such checkpoint directory"),
+    (["train", "--train.bogus", "1"], "`train.bogus`: unknown key"),
+    (["train", "/no/such.toml"], "run file /no/such.toml does not exist"),
+    (["train", "--resume", "/no/such/run"], "/no/such/run: no train.toml"),
+    (["train", "--train.device", "tpu"], "`train.device`"),
+])
+def test_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a stray default run directory lands in tmp
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and err.startswith(f"dsv3 {argv[0]}: error:")
+
+
+def test_unknown_flag_of_another_command_is_rejected(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["info", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -1,0 +1,54 @@
+"""Run settings: TOML + typed command-line overrides, and the written train.toml reading back the same."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsv3.config import ConfigError
+from dsv3.train.run import RunConfig, parse_overrides
+
+
+def test_overrides_are_typed_by_the_defaults(tmp_path):
+    f = tmp_path / "r.toml"
+    f.write_text('[train]\nlr = 1e-3\ntokens = 5e5\n[model]\npreset = "tiny"\nnum_hidden_layers = 3\n')
+    run = RunConfig.load(f, ["--train.lr", "3e-3", "--data.seq_len=128", "--data.sources", "a,b",
+                             "--train.warmup_steps", "none", "--train.alpha", "2e-4", "--log.plots", "false",
+                             "--model.rope_scaling", "none", "--run.dir", "runs/x", "--train.tokens", "2_000"])
+    assert run.train.lr == 3e-3 and isinstance(run.train.lr, float)
+    assert run.train.tokens == 2000 and isinstance(run.train.tokens, int)
+    assert run.data.seq_len == 128 and run.data.sources == ["a", "b"]
+    assert run.train.warmup_steps is None and run.train.alpha == 2e-4 and run.log.plots is False
+    assert run.run.dir == "runs/x"
+    cfg = run.model_config()
+    assert cfg.num_hidden_layers == 3 and cfg.rope_scaling is None and cfg.hidden_size == 256
+    # train.toml round trip, None values included
+    run.save(tmp_path / "train.toml")
+    assert RunConfig.load(tmp_path / "train.toml").to_dict() == run.to_dict()
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["--train.bogus", "1"], r"`train.bogus`: unknown key"),
+    (["--nosection.x", "1"], r"SECTION one of"),
+    (["--train.tokens", "lots"], r"`train.tokens`: expected an integer"),
+    (["--train.lr", "fast"], r"`train.lr`: expected a number"),
+    (["--model.not_a_field", "1"], r"not a ModelConfig field"),
+    (["--train.lr"], r"needs a value"),
+    (["stray"], r"unexpected argument"),
+])
+def test_bad_overrides_name_the_setting(args, match):
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.load(None, args)
+
+
+def test_validate_names_the_field():
+    run = RunConfig.load(None, ["--train.batch_size", "12", "--train.micro_batch_size", "8"])
+    with pytest.raises(ConfigError, match="train.batch_size.*multiple of micro_batch_size=8"):
+        run.validate()
+    run = RunConfig.load(None, ["--model.n_group", "3"])
+    with pytest.raises(ConfigError, match="n_routed_experts"):
+        run.validate()
+
+
+def test_parse_overrides_reads_toml_values():
+    assert parse_overrides(["--a.b", "[1, 2]", "--a.c=true", "--a.d", "x y"]) == [
+        ("a.b", [1, 2]), ("a.c", True), ("a.d", "x y")]
