@@ -32,11 +32,35 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2, ite
     return statistics.median(times)
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2, iters: int = 5
+) -> dict[str, float]:
+    """Median wall time of each fn, the calls taken round-robin so that load from other processes (a shared
+    CPU, a noisy GPU neighbour) falls on every implementation alike and their ratio stays meaningful."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def cpu_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
     """Measured float32 matmul rate of this CPU (there is no datasheet peak to count against)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    t = time_fn(lambda: a @ b, torch.device("cpu"), warmup=2, iters=5)
-    return 2 * n**3 / t
+    a @ b
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times)  # the best of 10: a peak, so load from other processes must not lower it
 
 
 def device_name(device: torch.device) -> str:

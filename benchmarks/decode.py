@@ -1,8 +1,8 @@
 """Decode throughput of the dsv3 engine vs transformers' `generate`, and the fraction of the HBM roofline.
 
-GPU (the `bench` preset, random weights, bf16; one run of about 5 minutes):
+GPU (the `bench` preset, random weights, bf16; one run of about 6 minutes, everything by default):
 
-    python benchmarks/decode.py --out decode.json
+    python benchmarks/decode.py --profile --time-limit 360 --out decode.json
     python benchmarks/decode.py --batch 1 8 --context 1024 --steps 32 --impl dsv3 hf --time-limit 120
 
 For every batch B and context C: B random prompts of C tokens are prefilled, then decode steps are timed
@@ -15,7 +15,9 @@ For every batch B and context C: B random prompts of C tokens are prefilled, the
                loaded with its defaults: dynamic cache, SDPA, grouped_mm experts), greedy, min_new_tokens so
                that no row stops early; per-step times from a stopping criterion that synchronises.
   hf-static    the same with cache_implementation="static" (transformers compiles it: ~40 s per shape);
-               only for --hf-static configs.
+               only for --hf-static points.
+  dsv3+compile the dsv3 row with the decode forward torch.compiled inside the graphs (fused element-wise
+               kernels); a compilation per shape, so only for --compile points.
 Roofline: bytes that must move per decode step / measured device-to-device copy bandwidth (bytes read +
 written, measured in this run). Bytes per step, bf16:
   weights: attention + dense FFN + norms + output head + B embedding rows, and per MoE layer the router, the
@@ -32,7 +34,7 @@ The table comes last, then one JSON line.
 MTP speculative decoding on a trained model (CPU): acceptance rate, tokens per step and end-to-end speedup of
 --mtp K over plain greedy decoding (outputs must be identical), one prompt at a time and batched:
 
-    python benchmarks/decode.py --model runs/demo/checkpoints/latest
+    python benchmarks/decode.py --model runs/demo/checkpoints/latest --mtp 1 2 --repeats 3
     python benchmarks/decode.py --model random:tiny --mtp 1 2      # pipeline check on an untrained model
 """
 
@@ -50,8 +52,9 @@ from pathlib import Path
 
 import torch
 
-if not __package__:  # run as a script (python benchmarks/decode.py): make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a script (python benchmarks/decode.py): the repository root and its src/
+    _root = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(_root), str(_root / "src")]
 
 from benchmarks.common import device_name, emit_json, print_table, sync, time_fn  # noqa: E402
 from dsv3.config import ModelConfig, preset  # noqa: E402
@@ -100,16 +103,20 @@ def step_bytes(cfg: ModelConfig, batch: int, context: float, bytes_per_value: in
 
 
 # -- dsv3 ------------------------------------------------------------------------------------------------
-def run_dsv3(model: DeepSeekV3, args: argparse.Namespace, B: int, ctx: int, bw: float, profile: bool) -> list[dict]:
+def run_dsv3(
+    model: DeepSeekV3, args: argparse.Namespace, B: int, ctx: int, bw: float, profile: bool, compile: bool = False,
+) -> list[dict]:
     """Prefill B prompts of ctx tokens, capture, time `steps` engine steps with graphs, the replayed forward
-    alone, then `eager_steps` steps without graphs. Returns the dsv3 and dsv3-eager rows."""
+    alone, then `eager_steps` steps without graphs. Returns the dsv3 (or dsv3+compile) and dsv3-eager rows."""
     cfg, dev = model.cfg, model.embed_tokens.weight.device
     graphs = dev.type == "cuda" and not args.no_graphs
-    eager_steps = args.eager_steps if "dsv3-eager" in args.impl else 0
+    eager_steps = args.eager_steps if "dsv3-eager" in args.impl and not compile else 0
+    name = ("dsv3" if graphs else "dsv3 (no graphs)") + ("+compile" if compile else "")
     total = args.warmup + args.steps + eager_steps + 4
     bs = args.block_size
     engine = Engine(model, None, block_size=bs, cache_tokens=B * (ctx + total + bs) + bs, max_num_seqs=B,
-                    max_model_len=ctx + total + bs, max_num_batched_tokens=max(16384, ctx), cuda_graphs=graphs)
+                    max_model_len=ctx + total + bs, max_num_batched_tokens=max(16384, ctx), cuda_graphs=graphs,
+                    compile=compile)
     g = torch.Generator().manual_seed(B * 100003 + ctx)
     params = SamplingParams(max_tokens=total, temperature=0, ignore_eos=True)
     for _ in range(B):
@@ -123,9 +130,15 @@ def run_dsv3(model: DeepSeekV3, args: argparse.Namespace, B: int, ctx: int, bw: 
         sync(dev)
         prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        shapes = engine.runner.capture(B, ctx + 1, ctx + total + 1) if graphs else 0
+        shapes = engine.runner.capture(B, ctx + 1, ctx + total + 1) if graphs or compile else 0
         sync(dev)
         capture_s = time.perf_counter() - t0
+        capture_error = engine.runner.capture_error  # the runner fell back to eager decoding
+        if capture_error:
+            log(f"CUDA graph capture failed: {capture_error}")
+            if compile:
+                raise RuntimeError(f"capture (with torch.compile) failed: {capture_error}")
+            graphs, shapes, name = False, 0, name + " (capture failed: eager)"
         for _ in range(args.warmup):
             engine.step()
         start_ctx = engine.scheduler.running[0].num_cached
@@ -148,13 +161,14 @@ def run_dsv3(model: DeepSeekV3, args: argparse.Namespace, B: int, ctx: int, bw: 
         nbytes = step_bytes(cfg, B, mean_ctx)
         roof = nbytes["total"] / bw
         rows.append({
-            "impl": "dsv3" if graphs else "dsv3 (no graphs)", "batch": B, "context": ctx,
+            "impl": name, "batch": B, "context": ctx,
             "tokens_per_s": B / step_s, "ms_per_step": step_s * 1e3, "model_ms_per_step": model_s * 1e3,
             "roofline": roof / step_s, "roofline_model": roof / model_s, "bytes_per_step": nbytes["total"],
             "kv_bytes_per_step": nbytes["kv"], "experts_touched": nbytes["experts_touched"],
             "prefill_s": prefill_s, "capture_s": capture_s, "graph_shapes": shapes, "mean_context": mean_ctx,
+            **({"capture_error": capture_error} if capture_error else {}),
         })
-        log(f"dsv3 B={B} ctx={ctx}: {B / step_s:,.0f} tok/s, {step_s * 1e3:.2f} ms/step "
+        log(f"{name} B={B} ctx={ctx}: {B / step_s:,.0f} tok/s, {step_s * 1e3:.2f} ms/step "
             f"(forward {model_s * 1e3:.2f} ms), roofline {roof / step_s:.1%}; prefill {prefill_s:.1f}s, "
             f"capture {capture_s:.1f}s ({shapes} shapes)")
         if eager_steps and graphs:
@@ -181,16 +195,17 @@ def profile_step(runner, dev: torch.device) -> None:
         return
     try:
         n = 5
+        forward = runner.graph(runner.step.Bp, runner.step.Wp).fn  # the captured function, run eagerly
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(n):
-                runner.decode()
+                forward()
             sync(dev)
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
         kernels = sum(e.count for e in events) / n
         total = sum(e.self_device_time_total for e in events) / n
-        print(f"\nprofile of the replayed decode forward: {kernels:.0f} kernels per step, "
+        print(f"\nprofile of the decode forward: {kernels:.0f} kernels per step, "
               f"{total / 1e3:.3f} ms of kernel time per step", flush=True)
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70),
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70),
               flush=True)
     except Exception as e:  # noqa: BLE001 - a profiler failure must not lose the measurements
         print(f"profile failed: {type(e).__name__}: {e}", flush=True)
@@ -241,6 +256,17 @@ def run_hf(peer, cfg: ModelConfig, args: argparse.Namespace, B: int, ctx: int, b
             "roofline": roof / step_s, "bytes_per_step": nbytes["total"], "steps": n, "compile_s": compile_s}
 
 
+def rounded(x: object, digits: int = 4) -> object:
+    """Floats to `digits` significant digits, through dicts and lists (a shorter JSON line)."""
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}")
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, list):
+        return [rounded(v, digits) for v in x]
+    return x
+
+
 def free_memory(dev: torch.device) -> None:
     gc.collect()
     if dev.type == "cuda":
@@ -252,6 +278,12 @@ def free_memory(dev: torch.device) -> None:
 
 
 # -- the GPU speed benchmark ----------------------------------------------------------------------------
+def points(spec: str) -> tuple[int, int]:
+    """'8x1024' -> (8, 1024)."""
+    b, c = spec.lower().split("x")
+    return int(b), int(c)
+
+
 def speed(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -291,6 +323,11 @@ def speed(args: argparse.Namespace) -> None:
                 warnings.simplefilter("ignore")
                 save_model(model, d)
                 peer = DeepseekV3ForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
+            with torch.inference_mode(), warnings.catch_warnings():  # lazy initialisation, outside any timing
+                warnings.simplefilter("ignore")
+                warm = torch.randint(0, cfg.vocab_size, (1, 16), device=device)
+                peer.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=3, min_new_tokens=3,
+                              do_sample=False, pad_token_id=0)
             log(f"transformers {transformers.__version__} peer loaded")
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
@@ -298,19 +335,21 @@ def speed(args: argparse.Namespace) -> None:
     save()
 
     configs = [(B, C) for C in args.context for B in args.batch]
-    static_cfgs = [tuple(int(v) for v in s.split("x")) for s in args.hf_static]
     plan: list[tuple[str, int, int]] = []
     for B, C in configs:
         if {"dsv3", "dsv3-eager"} & set(args.impl):
             plan.append(("dsv3", B, C))
         if "hf" in args.impl:
             plan.append(("hf", B, C))
-    if "hf-static" in args.impl:
-        plan += [("hf-static", B, C) for B, C in static_cfgs]
+    # then the slow-to-start rows (each compiles), alternating, most informative first
+    static = [("hf-static", *points(s)) for s in args.hf_static] if "hf-static" in args.impl else []
+    compiled = [("dsv3+compile", *points(s)) for s in args.compile] if "dsv3+compile" in args.impl else []
+    for i in range(max(len(static), len(compiled))):
+        plan += static[i : i + 1] + compiled[i : i + 1]
     # rough seconds per unit, to skip what would overrun the time limit (prefill ~100K tok/s, hf 3 prefills)
     cost = {"dsv3": lambda B, C: 4 + B * C / 1e5, "hf": lambda B, C: 5 + 3 * B * C / 1e5,
-            "hf-static": lambda B, C: 80 + 3 * B * C / 1e5}
-    profiled = False
+            "hf-static": lambda B, C: 80 + 3 * B * C / 1e5, "dsv3+compile": lambda B, C: 90 + B * C / 1e5}
+    profiled = set()
     for impl, B, C in plan:
         if elapsed() + cost[impl](B, C) > args.time_limit:
             log(f"skip {impl} B={B} ctx={C}: would pass --time-limit {args.time_limit}s")
@@ -319,9 +358,10 @@ def speed(args: argparse.Namespace) -> None:
         if impl.startswith("hf") and peer is None:
             continue
         try:
-            if impl == "dsv3":
-                rows += run_dsv3(model, args, B, C, bw, profile=args.profile and not profiled)
-                profiled = True
+            if impl.startswith("dsv3"):
+                rows += run_dsv3(model, args, B, C, bw, profile=args.profile and impl not in profiled,
+                                 compile=impl == "dsv3+compile")
+                profiled.add(impl)
             else:
                 rows.append(run_hf(peer, cfg, args, B, C, bw, static=impl == "hf-static"))
         except Exception as e:  # noqa: BLE001 - one failure must not lose the other rows
@@ -362,7 +402,7 @@ def speed(args: argparse.Namespace) -> None:
     for s in result["skipped"]:
         print(f"skipped (time limit): {s}")
     result["elapsed_s"] = elapsed()
-    emit_json(result)
+    emit_json(rounded(result))
 
 
 # -- MTP acceptance and speedup on a trained model (CPU) ---------------------------------------------------
@@ -449,8 +489,9 @@ def mtp(args: argparse.Namespace) -> None:
         "tokens/step": "" if r["tokens_per_step"] is None else f"{r['tokens_per_step']:.2f}",
         "speedup": f"{r['speedup']:.2f}x", "same output": r["identical_to_mtp0"],
     } for r in rows], ["mtp", "batch", "tok/s", "acceptance", "tokens/step", "speedup", "same output"])
-    emit_json({"bench": "decode-mtp", "model": args.model, "device": device_name(device), "dtype": str(dtype),
-               "max_tokens": args.max_tokens, "prompts": len(prompts), "torch": torch.__version__, "rows": rows})
+    emit_json(rounded({"bench": "decode-mtp", "model": args.model, "device": device_name(device),
+                       "dtype": str(dtype), "max_tokens": args.max_tokens, "prompts": len(prompts),
+                       "repeats": args.repeats, "torch": torch.__version__, "rows": rows}))
 
 
 def main() -> None:
@@ -465,10 +506,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4, help="untimed decode steps before timing")
     ap.add_argument("--eager-steps", type=int, default=16, help="timed steps of the dsv3-eager row")
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--impl", nargs="+", default=["dsv3", "dsv3-eager", "hf", "hf-static"],
-                    choices=["dsv3", "dsv3-eager", "hf", "hf-static"])
+    ap.add_argument("--impl", nargs="+", default=["dsv3", "dsv3-eager", "hf", "hf-static", "dsv3+compile"],
+                    choices=["dsv3", "dsv3-eager", "hf", "hf-static", "dsv3+compile"])
     ap.add_argument("--hf-static", nargs="*", default=["1x1024", "8x1024"], metavar="BxC",
                     help="batch x context points for hf-static (each compiles, ~40 s; default 1x1024 8x1024)")
+    ap.add_argument("--compile", nargs="*", default=["1x1024", "1x4096"], metavar="BxC",
+                    help="batch x context points for dsv3+compile (torch.compile of the decode forward inside the "
+                         "graphs; each compiles; default 1x1024 1x4096)")
     ap.add_argument("--no-graphs", action="store_true", help="dsv3 without CUDA graphs")
     ap.add_argument("--profile", action="store_true", help="print the kernels of one replayed decode step")
     ap.add_argument("--time-limit", type=float, default=330.0,

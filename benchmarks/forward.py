@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from benchmarks.common import PEAK_FLOPS, cpu_peak_flops, device_name, emit_json, print_table, time_fn
+from benchmarks.common import PEAK_FLOPS, cpu_peak_flops, device_name, emit_json, print_table, time_interleaved
 from dsv3.checkpoint import save_model
 from dsv3.config import preset
 from dsv3.info import forward_flops_per_token
@@ -56,42 +56,37 @@ def main() -> None:
     peak = PEAK_FLOPS["cuda-bf16"] if gpu else cpu_peak_flops()
     rows, result = [], {}
 
-    def record(name: str, fn) -> float:
-        t = time_fn(fn, device, warmup=2, iters=args.iters)
-        tps = batch * seq / t
-        mfu = tps * flops_tok / peak
-        rows.append({"impl": name, "ms/iter": f"{t * 1e3:.1f}", "tokens/s": f"{tps:,.0f}", "MFU": f"{mfu:.1%}"})
-        result[name] = {"tokens_per_s": tps, "mfu": mfu}
-        return tps
-
-    with torch.inference_mode():
-        ours_tps = record("dsv3", lambda: ours(tokens, mtp=False).logits)
-        best = ours_tps
-        if args.profile and not args.compile:
-            with torch.profiler.profile() as prof:
-                ours(tokens, mtp=False)
-            sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
-            print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
-        if args.compile:
-            compiled = torch.compile(ours, mode=None if args.compile_mode == "default" else args.compile_mode)
-            best = max(best, record("dsv3+compile", lambda: compiled(tokens, mtp=False).logits))
-            if args.profile:
-                with torch.profiler.profile() as prof:
-                    compiled(tokens, mtp=False)
-                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25,
-                                                max_name_column_width=60))
-
+    fns = {"dsv3": lambda: ours(tokens, mtp=False).logits}
+    if args.compile:
+        compiled = torch.compile(ours, mode=None if args.compile_mode == "default" else args.compile_mode)
+        fns["dsv3+compile"] = lambda: compiled(tokens, mtp=False).logits
     if not args.no_peer:
         from transformers import DeepseekV3ForCausalLM
 
         with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            save_model(ours, d)
+            save_model(ours, d)  # the peer gets our weights through the HF layout, loaded its default way
             peer = DeepseekV3ForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
-        with torch.inference_mode():
-            peer_tps = record("transformers", lambda: peer(tokens).logits)
-        result["ratio"] = best / peer_tps
-        result["ratio_eager"] = ours_tps / peer_tps
+        fns["transformers"] = lambda: peer(tokens).logits
+
+    with torch.inference_mode():
+        times = time_interleaved(fns, device, warmup=2, iters=args.iters)
+        if args.profile:
+            fn = fns.get("dsv3+compile", fns["dsv3"])
+            with torch.profiler.profile() as prof:
+                fn()
+            sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+
+    for name, t in times.items():
+        tps = batch * seq / t
+        mfu = tps * flops_tok / peak
+        rows.append({"impl": name, "ms/iter": f"{t * 1e3:.1f}", "tokens/s": f"{tps:,.0f}", "MFU": f"{mfu:.1%}"})
+        result[name] = {"tokens_per_s": tps, "mfu": mfu}
+    if "transformers" in times:
+        best = min(t for name, t in times.items() if name != "transformers")
+        result["ratio"] = times["transformers"] / best
+        result["ratio_eager"] = times["transformers"] / times["dsv3"]
 
     print(f"\nforward, preset {args.preset}, batch {batch} x seq {seq}, {dtype}, {device_name(device)}")
     print(f"FLOPs/token {flops_tok / 1e9:.3f} G; MFU against {peak / 1e12:.1f} TFLOP/s "

@@ -83,7 +83,7 @@ def test_sigint_from_outside_in_a_subprocess(make_run, tmp_path):
     run.save(path)
     proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "train", str(path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = run_dir = tmp_path / "cli"
+    run_dir = tmp_path / "cli"
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline and not (metrics.exists() and rows(run_dir)):

@@ -73,13 +73,14 @@ class Engine:
     mtp: draft tokens per step with the model's MTP modules (0: plain decoding). drafter: another `Drafter`
     instead. cache_tokens: token slots in the pool (default: one sequence of max_model_len, shared by all).
     cuda_graphs: replay decode steps from CUDA graphs (default: when the model is on a CUDA device).
+    compile: torch.compile the decode forward first (faster steps, a compilation per decode shape).
     """
 
     def __init__(
         self, model: DeepSeekV3, tokenizer: TokenizerLike | None = None, *, mtp: int = 0,
         drafter: Drafter | None = None, block_size: int = 16, cache_tokens: int | None = None,
         max_num_seqs: int = 256, max_num_batched_tokens: int = 16384, max_model_len: int | None = None,
-        cuda_graphs: bool | None = None,
+        cuda_graphs: bool | None = None, compile: bool = False,
     ):
         cfg = model.cfg
         self.model = model.eval()
@@ -100,7 +101,7 @@ class Engine:
         self.runner = ModelRunner(
             model, self.cache, self.blocks, max_batch=max_num_seqs,
             max_blocks=self.blocks.blocks_for(self.max_model_len + k), tokens_per_step=1 + k,
-            keep_hidden=self.drafter is not None, cuda_graphs=cuda_graphs,
+            keep_hidden=self.drafter is not None, cuda_graphs=cuda_graphs, compile=compile,
         )
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, lookahead=k)
         self._seqs: dict[int, Sequence] = {}

@@ -5,7 +5,8 @@ query, so causal attention never sees them), index tensors built from the block 
 
 Decode: a fixed shape per step so that a CUDA graph can replay it. A step of B sequences, each feeding S
 tokens (the newest one, then the drafts it verifies), runs padded to a batch bucket Bp >= B with every block
-table padded to a width bucket Wp (`bucket`). Its inputs live in one preallocated device buffer: tokens
+table padded to a width bucket Wp (`bucket`; at least MIN_TABLE_TOKENS positions, so short contexts share one
+shape, at most the longest table the engine allows). Its inputs live in one preallocated device buffer: tokens
 [Bp, S], start positions [Bp] and block tables [Bp, Wp], staged in pinned host memory and copied with one
 non-blocking transfer; positions, slots and the gathered keys are computed from them on the device. Padding
 rows have start 0 and an all-null block table: they write only into the null block and no real row reads
@@ -15,6 +16,9 @@ tokens [Bp, S] and, for the drafter, hidden [Bp, S, d]. On CUDA each (Bp, Wp) is
 `torch.cuda.CUDAGraph` (warm-up on a side stream, one memory pool shared by all graphs, as vLLM does) and
 replayed; elsewhere, or with cuda_graphs=False, the very same function runs eagerly, so the CPU tests cover
 the buffer bookkeeping of the graph path. Nothing between staging and the outputs waits on the device.
+compile=True runs that function through torch.compile first (one compilation per shape, before capture): it
+fuses the hundreds of small element-wise kernels of a decode step (norms, RoPE, routing, casts) that a graph
+otherwise replays one by one. It stops at the cache's write-and-gather (`PagedStep.update`), which runs as is.
 
 The MTP drafter runs its modules eagerly over the same step's device tensors (`mtp`). The model's own code
 does all the math: `hidden_states` for the main decoder, `MTPModule` for drafting, `lm_head` for logits.
@@ -22,6 +26,7 @@ does all the math: `hidden_states` for the main decoder, `MTPModule` for draftin
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,7 +40,19 @@ from dsv3.model import DeepSeekV3
 
 BATCH_STEPS_PER_OCTAVE = 4  # batch buckets 1..8, 10, 12, 14, 16, 20, 24, ...: at most 25% padding rows
 WIDTH_STEPS_PER_OCTAVE = 8  # table widths 1..16, 18, 20, ..., 72, 80, ...: at most 12.5% extra keys gathered
-GRAPH_WARMUP = 2  # eager runs on the capture stream before each capture (lazy initialisation, autotuning)
+MIN_TABLE_TOKENS = 256  # short tables are padded to this many positions: one shape for every short context
+GRAPH_WARMUP = 2  # eager runs on the capture stream before each capture (lazy initialisation, compilation)
+# torch.compile guards each layer's attention frame on its layer index, so a shape compiles once per layer
+# (identical graphs: the compile cache serves all but the first); the default limit of 8 would leave the
+# deeper layers eager
+COMPILE_CACHE_LIMIT = 1024
+
+
+def _compile_limits() -> dict[str, int]:
+    """Raised recompilation limits, under whichever names this torch has (recompile_limit was cache_size_limit)."""
+    cfg = torch._dynamo.config
+    names = ("recompile_limit", "accumulated_recompile_limit", "cache_size_limit", "accumulated_cache_size_limit")
+    return {n: COMPILE_CACHE_LIMIT for n in names if hasattr(cfg, n)}
 
 
 def bucket(n: int, steps_per_octave: int, cap: int | None = None) -> int:
@@ -104,13 +121,14 @@ class ModelRunner:
     max_batch: most sequences per decode step. max_blocks: longest block table (default: the whole pool).
     tokens_per_step: S, tokens each row feeds per decode step (1 + draft tokens). keep_hidden: also output the
     final hidden states of decode steps (the MTP drafter needs them). cuda_graphs: capture decode steps in CUDA
-    graphs (default: on CUDA devices).
+    graphs (default: on CUDA devices). compile: torch.compile the decode forward (slow to start: a compilation
+    per decode shape; bf16 models, the only dtype the compiled grouped GEMM takes).
     """
 
     def __init__(
         self, model: DeepSeekV3, cache: PagedLatentCache, blocks: BlockManager, *, max_batch: int = 256,
         max_blocks: int | None = None, tokens_per_step: int = 1, keep_hidden: bool = False,
-        cuda_graphs: bool | None = None,
+        cuda_graphs: bool | None = None, compile: bool = False,
     ):
         self.model = model
         self.cache = cache
@@ -144,6 +162,9 @@ class ModelRunner:
         self._pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
         self._stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         self.step: DecodeStep | None = None  # the decode step being run (prepare_decode .. the next one)
+        self.min_blocks = blocks.blocks_for(MIN_TABLE_TOKENS)
+        self.compiled = torch.compile(self._forward, dynamic=False) if compile else None
+        self.capture_error: str | None = None  # set when a capture failed and decoding fell back to eager
 
     # -- prefill -------------------------------------------------------------------------------------
     def _tensor(self, values: list[int]) -> torch.Tensor:
@@ -196,14 +217,32 @@ class ModelRunner:
         if self.out_hidden is not None:
             self.out_hidden[:Bp].copy_(h)
 
+    def _run(self, Bp: int, Wp: int) -> None:
+        if self.compiled is None:
+            self._forward(Bp, Wp)
+            return
+        with torch._dynamo.config.patch(_compile_limits()):
+            self.compiled(Bp, Wp)
+
     def graph(self, Bp: int, Wp: int) -> DecodeGraph:
         """The decode step of shape (Bp, Wp), captured on first use. Capture runs on zeroed inputs (every row
         padding: only the null block is written), so call it before staging a real step's inputs."""
         g = self._graphs.get((Bp, Wp))
         if g is None:
+            fn = lambda: self._run(Bp, Wp)  # noqa: E731
             if self.cuda_graphs:
                 self._inputs.zero_()
-            g = DecodeGraph(lambda: self._forward(Bp, Wp), self.cuda_graphs, self.device, self._pool, self._stream)
+                try:
+                    g = DecodeGraph(fn, True, self.device, self._pool, self._stream)
+                except Exception as e:  # noqa: BLE001 - decode on without graphs (and without compile)
+                    self.capture_error = f"{type(e).__name__}: {e}"
+                    warnings.warn(f"CUDA graph capture failed, decoding without CUDA graphs or compile from now "
+                                  f"on: {self.capture_error}", RuntimeWarning, stacklevel=2)
+                    self.cuda_graphs, self.compiled = False, None
+                    self._graphs.clear()
+                    g = DecodeGraph(fn, False)
+            else:
+                g = DecodeGraph(fn, False)
             self._graphs[(Bp, Wp)] = g
         return g
 
@@ -220,7 +259,7 @@ class ModelRunner:
         min_tokens and max_tokens positions (drafts included) will use. Returns the number of shapes."""
         Bp = bucket(batch_size, BATCH_STEPS_PER_OCTAVE, self.max_batch)
         lo, hi = self.blocks.blocks_for(min_tokens), self.blocks.blocks_for(max_tokens)
-        widths = sorted({bucket(w, WIDTH_STEPS_PER_OCTAVE, self.max_blocks) for w in range(lo, hi + 1)})
+        widths = sorted({self._width(w) for w in range(lo, hi + 1)})
         for Wp in widths:
             self.graph(Bp, Wp)
         return len(widths)
@@ -233,19 +272,27 @@ class ModelRunner:
             event.synchronize()  # not normally reached: the engine reads every step's tokens back
         return self._staging[self._turn]
 
+    def shape(self, seqs: list[Sequence]) -> tuple[int, int]:
+        """(Bp, Wp): the batch and table-width buckets a decode step of `seqs` runs as."""
+        B = len(seqs)
+        if not 0 < B <= self.max_batch:
+            raise ValueError(f"a decode step takes 1 to {self.max_batch} sequences (max_batch), got {B}")
+        width = max(len(self.blocks.table(s.seq_id)) for s in seqs)
+        if width > self.max_blocks:
+            raise ValueError(f"a block table of {width} blocks exceeds max_blocks={self.max_blocks}")
+        return bucket(B, BATCH_STEPS_PER_OCTAVE, self.max_batch), self._width(width)
+
+    def _width(self, blocks: int) -> int:
+        """Table width bucket of a longest table of `blocks` blocks (at least min_blocks, at most max_blocks)."""
+        return bucket(min(max(blocks, self.min_blocks), self.max_blocks), WIDTH_STEPS_PER_OCTAVE, self.max_blocks)
+
     def prepare_decode(self, seqs: list[Sequence], tokens: list[list[int]] | None = None) -> DecodeStep:
         """Stage a decode step of `seqs` and copy its inputs to the device (non-blocking). Row b feeds
         tokens[b] (at most S; default: its newest token), the rest of its S tokens come from `decode(drafts)`,
         at positions num_cached.. . Blocks for all S positions must be reserved."""
         B, S = len(seqs), self.S
-        if not 0 < B <= self.max_batch:
-            raise ValueError(f"a decode step takes 1 to {self.max_batch} sequences (max_batch), got {B}")
         tables = [self.blocks.table(s.seq_id) for s in seqs]
-        width = max(map(len, tables))
-        if width > self.max_blocks:
-            raise ValueError(f"a block table of {width} blocks exceeds max_blocks={self.max_blocks}")
-        Bp = bucket(B, BATCH_STEPS_PER_OCTAVE, self.max_batch)
-        Wp = bucket(width, WIDTH_STEPS_PER_OCTAVE, self.max_blocks)
+        Bp, Wp = self.shape(seqs)
         self.graph(Bp, Wp)  # capture (on zeroed inputs) before this step's inputs are staged
         # the persistent tables: entries past what a row holds are always the null block
         for b in range(Bp):

@@ -60,6 +60,9 @@ class PagedStep:
         self.positions = positions
         self.block_tables = block_tables
 
+    # torch.compile (ModelRunner(compile=True)) stops at this call and runs it eagerly: traced, the in-place
+    # write into the pool would be functionalised into a copy of the whole pool per layer and step
+    @torch.compiler.disable
     def update(
         self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos: int = 0
     ) -> CachedLatents | None:

@@ -22,6 +22,11 @@ _grouped_mm_kernel = getattr(F, "grouped_mm", None) or torch._grouped_mm
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows [offs[e-1], offs[e]) of x [N, k] times w[e] [k, n]. grouped_mm has no float64 kernel; float64 (the
     reference numerics of the tests) multiplies each row by its own expert's matrix instead."""
+    if torch.is_autocast_enabled(x.device.type):
+        # autocast does not cover grouped_mm: cast both operands as it casts a linear's (fp32 master weights
+        # would otherwise run the experts in fp32, and the compiled graph refuses non-bf16 grouped_mm)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
     if x.dtype != torch.float64:
         return _grouped_mm_kernel(x, w, offs=offs)
     expert = torch.searchsorted(offs, torch.arange(x.shape[0], device=x.device, dtype=offs.dtype), right=True)
@@ -129,18 +134,22 @@ class Experts(nn.Module):
         order = r.topk_idx.flatten().argsort(stable=True)  # pair p = t*K + k, sorted by expert
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * K, device=order.device))
         offs = r.load.cumsum(0).to(torch.int32)  # segment ends, as grouped_mm wants them
-        xs = x[order // K]
+        # index_select, not x[order // K]: each token is gathered K times, and the backward of advanced indexing
+        # (index_put_ with accumulate) sums those K rows in a thread-dependent order on the CPU; index_select's
+        # (index_add_) is deterministic there, which bit-identical resume and reproducible runs need
+        xs = x.index_select(0, order // K)
         h = _grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offs)
         gate, up = h.chunk(2, dim=-1)
         ys = _grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offs)
-        # Unsort by gathering each token's K rows (an index_copy scatter ran ~3x slower on an H200) and sum
-        # them weighted, in float32. Unrolled over the static K so torch.compile emits one pointwise kernel
-        # with coalesced row reads; a [T, K, d] reduction over K compiled to a 4x slower kernel.
-        inverse = inverse.view(T, K)
+        # Unsort with one gather (an index_copy scatter ran ~3x slower on an H200; one gather, not K, keeps the
+        # backward to one scatter) and sum each token's K rows weighted, in float32. The sum is unrolled over
+        # the static K so torch.compile emits one pointwise kernel with coalesced row reads; a [T, K, d]
+        # reduction over K compiled to a 4x slower kernel.
+        y = ys.index_select(0, inverse).view(T, K, -1)
         acc = torch.promote_types(ys.dtype, torch.float32)  # float32, or float64 for float64 models
-        out = ys[inverse[:, 0]].to(acc) * r.weights[:, :1]
+        out = y[:, 0].to(acc) * r.weights[:, :1]
         for k in range(1, K):
-            out = out + ys[inverse[:, k]].to(acc) * r.weights[:, k : k + 1]
+            out = out + y[:, k].to(acc) * r.weights[:, k : k + 1]
         return out.to(x.dtype)
 
 

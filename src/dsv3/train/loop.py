@@ -35,7 +35,7 @@ from dsv3.data.corpus import iter_documents, limit_bytes, split_documents
 from dsv3.data.dataset import TokenDataset, tokenize_corpus
 from dsv3.data.tokenizer import Tokenizer, train_bpe
 from dsv3.model import DeepSeekV3
-from dsv3.train.balance import LoadAccumulator, max_vio, update_bias
+from dsv3.train.balance import LoadAccumulator, max_vio, routers, update_bias
 from dsv3.train.evaluate import EvalResult, autocast_context, evaluate
 from dsv3.train.objective import ObjectiveConfig, compute_loss
 from dsv3.train.optim import build_optimizer, clip_grad_norm, init_model, set_lr
@@ -218,6 +218,7 @@ def train(run: RunConfig, *, resume: bool = False,
             emit(row, "train")
             bar.update(1)
             bar.set_postfix({"tok/s": f"{row['tokens_per_s']:,.0f}", "loss": f"{row['loss']:.3f}",
+                             "ntp": f"{row['ntp']:.3f}",
                              "lr": f"{lr:.2e}", "MaxVio": "-" if row["maxvio"] is None else f"{row['maxvio']:.3f}"},
                             refresh=False)
             if callback is not None:
@@ -278,7 +279,7 @@ def train_step(
     update (when the objective has it) from the dispatch counts of ALL micro-batches. `forward` is the model
     or its torch.compile'd wrapper; `mtp=False` skips the MTP modules (benchmarks against MTP-less peers)."""
     device = torch.device(device)
-    forward = forward or model
+    forward = model if forward is None else forward
     mb = micro_batch_size
     n_micro = tokens.shape[0] // mb
     acc = LoadAccumulator()
@@ -304,6 +305,9 @@ def train_step(
     opt.zero_grad(set_to_none=True)
     loads = acc.take()
     if objective.bias_update and loads is not None:
+        n = len(routers(model))
+        if loads.shape[0] < n:  # mtp=False: the MTP blocks routed nothing; zero loads leave their bias alone
+            loads = torch.cat([loads, loads.new_zeros(n - loads.shape[0], loads.shape[1])])
         update_bias(model, loads, gamma)  # after the step, from every micro-batch's dispatch counts
     return StepOutput(loss, ntp, mtp_ce, bal, loads, grad_norm)
 

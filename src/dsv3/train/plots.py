@@ -17,11 +17,25 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _ema(x: np.ndarray, beta: float = 0.9) -> np.ndarray:
-    out, m = np.empty_like(x), x[0] if len(x) else 0.0
+    """Exponential moving average, bias-corrected (as Adam's moments) so the first points are not pulled to 0."""
+    out, m = np.empty(len(x)), 0.0
     for i, v in enumerate(x):
         m = beta * m + (1 - beta) * v
-        out[i] = m / (1 - beta ** (i + 1)) if i < 50 else m  # bias-corrected start
+        out[i] = m / (1 - beta ** (i + 1))
     return out
+
+
+def _moe_layer_names(run_dir: Path, n: int) -> list[str]:
+    """Names of the rows of `load`: the main MoE layers in order, then the MTP blocks."""
+    try:
+        from dsv3.config import ModelConfig
+
+        cfg = ModelConfig.from_json(run_dir / "config.json")
+        names = [f"layer {i}" for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+        names += [f"MTP {k + 1}" for k in range(cfg.num_nextn_predict_layers)]
+    except (OSError, ValueError):
+        names = []
+    return names if len(names) == n else [f"MoE layer {i}" for i in range(n)]
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -72,14 +86,17 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         steps = np.array([r["step"] for r in loads])
         heat = np.array([r["load"] for r in loads], dtype=float)  # [T, L, E]: load / mean load
         n_layers = heat.shape[1]
-        names = loads[-1].get("load_layers") or [f"MoE layer {i}" for i in range(n_layers)]
+        names = _moe_layer_names(run_dir, n_layers)
         fig, axes = plt.subplots(n_layers + 1, 1, figsize=(10, 1.6 * n_layers + 2.6), sharex=True,
                                  gridspec_kw={"height_ratios": [1] * n_layers + [1.3]})
         vmax = max(2.0, float(np.percentile(heat, 99)))
-        extent = (steps[0] - 0.5, steps[-1] + 0.5, heat.shape[2] - 0.5, -0.5)
+        # cell edges halfway between the logged steps (they are not evenly spaced: step 1, then every k)
+        mid = (steps[1:] + steps[:-1]) / 2
+        x_edges = np.concatenate([[steps[0] - 0.5], mid, [steps[-1] + 0.5]])
+        y_edges = np.arange(heat.shape[2] + 1) - 0.5
         for i in range(n_layers):
-            im = axes[i].imshow(heat[:, i].T, aspect="auto", cmap="magma", vmin=0, vmax=vmax, extent=extent,
-                                interpolation="nearest")
+            im = axes[i].pcolormesh(x_edges, y_edges, heat[:, i].T, cmap="magma", vmin=0, vmax=vmax)
+            axes[i].invert_yaxis()
             axes[i].set_ylabel(f"{names[i]}\nexpert", fontsize=8)
         fig.colorbar(im, ax=axes[:n_layers], label="load / mean load", pad=0.01)
         vio_steps = np.array([r["step"] for r in train])
