@@ -7,7 +7,7 @@ variants that parametrised tests run over (`@pytest.mark.parametrize("tiny_cfg",
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -102,3 +102,12 @@ def make_model() -> Callable[..., DeepSeekV3]:
 def tokens() -> torch.Tensor:
     """A fixed batch of 2 random sequences of 24 tokens from the TINY vocabulary."""
     return torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1234))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run the test on one torch thread (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,7 +12,6 @@ than the math), so these tests run torch on one thread, as the inference tests d
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -60,8 +59,5 @@ def emulated_cuda(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _single_thread(one_thread: None) -> None:
+    """These tests run many small ops: one thread avoids oversubscription on a busy 2-core machine."""

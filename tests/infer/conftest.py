@@ -7,10 +7,7 @@ inference tests run torch on one thread and restore the setting afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
 
 BOS, EOS = 256, 257
 
@@ -48,8 +45,5 @@ def tokenizer() -> ByteTokenizer:
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _single_thread(one_thread: None) -> None:
+    """These tests run many small ops: one thread avoids oversubscription on a busy 2-core machine."""
