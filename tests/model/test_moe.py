@@ -128,12 +128,18 @@ def test_route_matches_float64_loop_reference_on_random_scores(E, G, TG, K):
         assert got == pytest.approx(ref[t], abs=1e-6)
 
 
+def _random_router(cfg, seed: int) -> Router:
+    """A router with N(0, 0.3) weights (well-separated scores) and random biases."""
+    torch.manual_seed(seed)
+    router = Router(cfg)
+    torch.nn.init.normal_(router.weight, std=0.3)
+    randomize_bias_(router, 0.1)
+    return router
+
+
 def test_router_matches_transformers_router(make_cfg):
     cfg = make_cfg(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
-    torch.manual_seed(0)
-    ours = Router(cfg)
-    torch.nn.init.normal_(ours.weight, std=0.3)
-    randomize_bias_(ours, 0.1)
+    ours = _random_router(cfg, seed=0)
     hf = DeepseekV3TopkRouter(DeepseekV3Config(**cfg.to_dict()))
     hf.load_state_dict(ours.state_dict())
     x = torch.randn(40, cfg.hidden_size)
@@ -147,10 +153,7 @@ def test_router_matches_transformers_router(make_cfg):
 
 def test_router_load_is_bincount_of_dispatched_experts(make_cfg):
     cfg = make_cfg(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
-    torch.manual_seed(1)
-    router = Router(cfg)
-    torch.nn.init.normal_(router.weight, std=0.3)
-    randomize_bias_(router, 0.1)
+    router = _random_router(cfg, seed=1)
     r = router(torch.randn(37, cfg.hidden_size))
     assert r.load.dtype == torch.int64
     assert torch.equal(r.load, torch.bincount(r.topk_idx.flatten(), minlength=16))
