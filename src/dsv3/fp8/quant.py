@@ -8,6 +8,9 @@ dimensions are independent matrices (stacked experts [E, out, in] with scales [E
 An activation x [..., K] is quantised online per token per 128 channels with s = max(amax, 1e-4) / 448 and
 no rounding of s (SPEC 2, FP8 inference of V3). Both casts are torch's float32 -> float8_e4m3fn conversion
 (round to nearest even), the same on the CPU and the GPU, so a CPU emulation rounds exactly like the GPU.
+The scale's division by 448 is a tensor-by-tensor division on both (`_scale`): CUDA turns a division by a
+Python number into a multiplication by its float32 reciprocal, one ulp off in some scales, which moved
+exact ties of x / s (124 between E4M3's 120 and 128) to the other neighbour.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ import torch.nn.functional as F
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 _TINY = 1e-12  # an all-zero weight block gets a tiny scale instead of dividing by zero
 ACT_AMAX_FLOOR = 1e-4  # DeepSeek's activation quantiser: an all-zero tile gets scale 1e-4 / 448
+
+
+def _scale(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 448 correctly rounded in float32 on every device (see the module docstring)."""
+    return amax / torch.full_like(amax, E4M3_MAX)
 
 
 def _pad(t: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:
@@ -42,7 +50,7 @@ def quantize_blockwise(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor,
     if w.dim() < 2:
         raise ValueError(f"block quantisation takes a 2-D weight (or a stack of them), got shape {tuple(w.shape)}")
     blocks = _blocks(w, block)  # [..., bo, block, bi, block]
-    scale = blocks.abs().amax(dim=(-3, -1)).clamp(min=_TINY) / E4M3_MAX  # [..., bo, bi]
+    scale = _scale(blocks.abs().amax(dim=(-3, -1)).clamp(min=_TINY))  # [..., bo, bi]
     q = (blocks / scale[..., :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)
     return _unblock(q, w.shape).to(torch.float8_e4m3fn), scale
 
@@ -70,6 +78,6 @@ def quantize_activation_1x128(x: torch.Tensor, block: int = 128) -> tuple[torch.
     """
     k = x.shape[-1]
     tiles = _pad(x.float(), (0, -k % block)).unflatten(-1, (-1, block))  # [..., ceil(K/b), b]
-    scale = tiles.abs().amax(dim=-1).clamp(min=ACT_AMAX_FLOOR) / E4M3_MAX
+    scale = _scale(tiles.abs().amax(dim=-1).clamp(min=ACT_AMAX_FLOOR))
     q = (tiles / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).flatten(-2)[..., :k]
     return q.to(torch.float8_e4m3fn), scale
