@@ -244,6 +244,30 @@ def test_grouped_experts_match_per_expert_loop(make_cfg, dtype, tol, allowed):
     assert (got.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_grouped_experts_gradients_match_per_expert_loop(make_cfg, dtype, tol):
+    # the dispatch and unsort gathers have hand-written backwards (sum of each token's K row gradients, the
+    # inverse permutation): every gradient against autograd through the float64 loop
+    cfg = make_cfg(n_routed_experts=6, n_group=1, topk_group=1, num_experts_per_tok=3)
+    g = torch.Generator().manual_seed(5)
+    moe = MoE(cfg).to(dtype)
+    with torch.no_grad():
+        moe.experts.gate_up_proj.copy_(torch.randn(moe.experts.gate_up_proj.shape, generator=g) * 0.2)
+        moe.experts.down_proj.copy_(torch.randn(moe.experts.down_proj.shape, generator=g) * 0.2)
+    T = 13
+    x = torch.randn(T, cfg.hidden_size, generator=g).to(dtype).requires_grad_()
+    idx = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(T)])
+    weights = (torch.rand(T, 3, generator=g, dtype=dtype) * 2).requires_grad_()
+    cot = torch.randn(T, cfg.hidden_size, generator=g, dtype=torch.float64)
+    (moe.experts(x, _router_output(idx, weights, 6)).double() * cot).sum().backward()
+    leaves = [x.detach().double().requires_grad_(), moe.experts.gate_up_proj.detach().double().requires_grad_(),
+              moe.experts.down_proj.detach().double().requires_grad_(), weights.detach().double().requires_grad_()]
+    (experts_reference(leaves[0], leaves[1], leaves[2], idx, leaves[3]) * cot).sum().backward()
+    for got, ref in zip([x.grad, moe.experts.gate_up_proj.grad, moe.experts.down_proj.grad, weights.grad], leaves,
+                        strict=True):
+        assert (got.double() - ref.grad).abs().max().item() <= tol * ref.grad.abs().max().item()
+
+
 @pytest.mark.parametrize("n_shared", [0, 2])
 def test_moe_is_shared_plus_gated_routed_experts(make_cfg, n_shared):
     cfg = make_cfg(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4,

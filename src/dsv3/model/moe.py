@@ -33,6 +33,36 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.T
     return torch.bmm(x.unsqueeze(1), w[expert]).squeeze(1)
 
 
+class _Gather(torch.autograd.Function):
+    """rows = x.index_select(0, src) where every row of x is read `K` times and `back` inverts the reading:
+    rows[back[t*K + k]] are the K copies of x[t] (K=1: `src` is a permutation and `back` its inverse).
+
+    The backward sums each row's K gradients through `back` (a gather, summed in float32), where
+    index_select's own backward scatters with atomic adds: ~18% of a compiled training step on an H200, and
+    thread-order dependent on the CPU. Here the sum runs in a fixed order on every device.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, src: torch.Tensor, back: torch.Tensor, K: int) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(back)
+        ctx.K = K
+        return x.index_select(0, src)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # noqa: ANN001, ANN205 - autograd.Function signature
+        (back,) = ctx.saved_tensors
+        K = ctx.K
+        g_rows = g.index_select(0, back)
+        if K > 1:  # unrolled over the static K, as the forward's combine: one pointwise kernel once compiled
+            g_rows = g_rows.view(-1, K, g.shape[-1])
+            acc = torch.promote_types(g.dtype, torch.float32)
+            total = g_rows[:, 0].to(acc)
+            for k in range(1, K):
+                total = total + g_rows[:, k].to(acc)
+            g_rows = total.to(g.dtype)
+        return g_rows, None, None, None
+
+
 @dataclass
 class RouterOutput:
     """What one MoE layer's router decided for its T tokens (all float32 / int64)."""
@@ -134,18 +164,15 @@ class Experts(nn.Module):
         order = r.topk_idx.flatten().argsort(stable=True)  # pair p = t*K + k, sorted by expert
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * K, device=order.device))
         offs = r.load.cumsum(0).to(torch.int32)  # segment ends, as grouped_mm wants them
-        # index_select, not x[order // K]: each token is gathered K times, and the backward of advanced indexing
-        # (index_put_ with accumulate) sums those K rows in a thread-dependent order on the CPU; index_select's
-        # (index_add_) is deterministic there, which bit-identical resume and reproducible runs need
-        xs = x.index_select(0, order // K)
+        xs = _Gather.apply(x, order // K, inverse, K)  # each token's K copies, in expert order
         h = _grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offs)
         gate, up = h.chunk(2, dim=-1)
         ys = _grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offs)
-        # Unsort with one gather (an index_copy scatter ran ~3x slower on an H200; one gather, not K, keeps the
-        # backward to one scatter) and sum each token's K rows weighted, in float32. The sum is unrolled over
+        # Unsort with one gather (an index_copy scatter ran ~3x slower on an H200; its backward is the gather
+        # by `order`) and sum each token's K rows weighted, in float32. The sum is unrolled over
         # the static K so torch.compile emits one pointwise kernel with coalesced row reads; a [T, K, d]
         # reduction over K compiled to a 4x slower kernel.
-        y = ys.index_select(0, inverse).view(T, K, -1)
+        y = _Gather.apply(ys, inverse, order, 1).view(T, K, -1)
         acc = torch.promote_types(ys.dtype, torch.float32)  # float32, or float64 for float64 models
         out = y[:, 0].to(acc) * r.weights[:, :1]
         for k in range(1, K):
