@@ -133,6 +133,33 @@ def test_clip_grad_norm_returns_the_pre_clip_norm():
     assert torch.allclose(a.weight.grad, torch.tensor([[0.3, 0.0]]))  # below the threshold: untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_adamw_clips_inside_its_step_as_clip_grad_norm_does(dtype):
+    # The fused path only computes the norm and hands 1/c to the optimiser's kernel as `grad_scale`. Adam is
+    # blind to one step's gradient scale, so two steps: a clipped one (norm ~30), then one below the threshold.
+    g = torch.Generator().manual_seed(0)
+    w0 = [torch.randn(5, 7, generator=g).to(dtype), torch.randn(7, generator=g).to(dtype)]
+    grads = [[(torch.randn(w.shape, generator=g) * s).to(dtype) for w in w0] for s in (5.0, 0.1)]
+    params = {}
+    for mode in ("clip_", "fused", "unclipped"):
+        model = torch.nn.ParameterList([torch.nn.Parameter(w.clone()) for w in w0])
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+        for step_grads in grads:
+            for p, gr in zip(model, step_grads, strict=True):
+                p.grad = gr.clone()
+            if mode != "unclipped":  # "clip_": torch's in-place clipping, then the same fused step
+                norm = clip_grad_norm(model, 1.0, opt if mode == "fused" else None)
+                want = math.sqrt(sum((gr.double() ** 2).sum().item() for gr in step_grads))
+                assert norm.item() == pytest.approx(want, rel=1e-6 if dtype == torch.float32 else 2**-8)
+            opt.step()
+            opt.grad_scale = None
+        params[mode] = torch.cat([p.detach().flatten() for p in model])
+    # g * c against g / (1/c) inside the kernel: float32 roundings apart, then the same update
+    tol = 1e-6 if dtype == torch.float32 else 2**-7  # bf16: at most one ulp of parameters of order 1
+    assert torch.allclose(params["fused"].float(), params["clip_"].float(), rtol=0, atol=tol)
+    assert (params["unclipped"].float() - params["clip_"].float()).abs().max().item() > 2 * tol  # clipping mattered
+
+
 def test_init_std_scales_with_width(tiny_cfg):
     assert init_std(tiny_cfg.replace(hidden_size=7168)) == pytest.approx(0.006, rel=1e-12)
     assert init_std(tiny_cfg.replace(hidden_size=256)) == pytest.approx(0.006 * math.sqrt(28), rel=1e-12)

@@ -37,7 +37,7 @@ from dsv3.data.tokenizer import Tokenizer, train_bpe
 from dsv3.model import DeepSeekV3
 from dsv3.train.balance import LoadAccumulator, max_vio, routers, update_bias
 from dsv3.train.evaluate import EvalResult, autocast_context, evaluate
-from dsv3.train.objective import ObjectiveConfig, compute_loss
+from dsv3.train.objective import LossParts, ObjectiveConfig, compute_loss
 from dsv3.train.optim import build_optimizer, clip_grad_norm, init_model, set_lr
 from dsv3.train.run import RunConfig
 from dsv3.train.schedule import ScheduleConfig, batch_size, gamma_at, lr_at, mtp_lambda_at, total_steps
@@ -140,6 +140,7 @@ def train(run: RunConfig, *, resume: bool = False,
         set_rng_state(state["rng"])
         step, tokens = int(state["step"]), int(state["tokens"])
     forward = torch.compile(model) if t.compile else model
+    loss_fn = torch.compile(compute_loss) if t.compile else compute_loss  # fused float32 CE over the logits
 
     # ---- logging -----------------------------------------------------------------------------------
     metrics_path = run_dir / METRICS
@@ -195,7 +196,7 @@ def train(run: RunConfig, *, resume: bool = False,
             batch = train_data.next_batch(B)
             out = train_step(model, opt, batch.tokens, batch.doc_ids if d.doc_mask else None, objective,
                              micro_batch_size=mb, lr=lr, mtp_lambda=lam, gamma=gamma, grad_clip=t.grad_clip,
-                             device=device, autocast=t.autocast, forward=forward)
+                             device=device, autocast=t.autocast, forward=forward, loss_fn=loss_fn)
             loads, grad_norm = out.loads, out.grad_norm
             step += 1
             tokens += B * S
@@ -273,11 +274,13 @@ def train_step(
     objective: ObjectiveConfig, *, micro_batch_size: int, lr: float, mtp_lambda: float, gamma: float,
     grad_clip: float = 1.0, device: torch.device | str = "cpu", autocast: bool = True,
     forward: Callable[..., Any] | None = None, mtp: bool | None = None,
+    loss_fn: Callable[..., LossParts] = compute_loss,
 ) -> StepOutput:
     """One optimiser step on `tokens` [B, S+1] (B a multiple of micro_batch_size): per micro-batch forward,
     loss / n_micro, backward (so the gradient is the batch mean); clip; AdamW at `lr`; then the aux-free bias
     update (when the objective has it) from the dispatch counts of ALL micro-batches. `forward` is the model
-    or its torch.compile'd wrapper; `mtp=False` skips the MTP modules (benchmarks against MTP-less peers)."""
+    or its torch.compile'd wrapper, `loss_fn` compute_loss or its compiled form; `mtp=False` skips the MTP
+    modules (benchmarks against MTP-less peers)."""
     device = torch.device(device)
     forward = model if forward is None else forward
     mb = micro_batch_size
@@ -289,7 +292,7 @@ def train_step(
         doc = None if doc_ids is None else doc_ids[i * mb:(i + 1) * mb].to(device, non_blocking=True)
         with autocast_context(device, autocast):
             out = forward(x[:, :-1], doc_ids=doc, mtp=mtp)
-            parts = compute_loss(out, x, objective, mtp_lambda)
+            parts = loss_fn(out, x, objective, mtp_lambda)
         (parts.loss / n_micro).backward()  # the step's gradient is the mean over its micro-batches
         acc.add(out.router)
         loss = loss + parts.loss.detach() / n_micro
@@ -299,9 +302,10 @@ def train_step(
         if parts.balance is not None:
             bal = bal + parts.balance / n_micro
         del out, parts
-    grad_norm = clip_grad_norm(model, grad_clip) if grad_clip > 0 else None
+    grad_norm = clip_grad_norm(model, grad_clip, opt) if grad_clip > 0 else None
     set_lr(opt, lr)
     opt.step()
+    opt.grad_scale = None  # the clipping factor a fused AdamW applied in its step: this step's only
     opt.zero_grad(set_to_none=True)
     loads = acc.take()
     if objective.bias_update and loads is not None:
