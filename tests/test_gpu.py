@@ -89,3 +89,30 @@ def test_absorbed_equals_expanded_on_gpu():
         b = attn.absorbed(q_nope, q_pe, c_kv, k_pe, 0)
     # float32 with TF32 off by default in matmul; the two paths associate the products differently
     assert _rel(b, a) < 1e-4
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_few_query_decode_attention_matches_float64(dtype):
+    from dsv3.model.attention import _FEW_QUERIES, attend
+
+    # absorbed decode shapes: S*H queries against one latent key head (C + rope wide), value c_kv (C wide)
+    g = torch.Generator().manual_seed(0)
+    B, SH, T, C, R = 3, 32, 300, 128, 16
+    assert SH <= _FEW_QUERIES
+    q, k = torch.randn(B, 1, SH, C + R, generator=g), torch.randn(B, 1, T, C + R, generator=g)
+    v = k[..., :C] * 2
+    pos = torch.tensor([[T - 1], [150], [7]]).expand(B, SH)  # rows of different lengths, padded keys beyond
+    scale = (C + R) ** -0.5
+    for q_pos in (pos, None, T - 4):  # per-row positions, no mask, one offset for every row
+        with torch.no_grad():
+            got = attend(q.to("cuda", dtype), k.to("cuda", dtype), v.to("cuda", dtype), scale, q_pos.cuda()
+                         if isinstance(q_pos, torch.Tensor) else q_pos).cpu().double()
+        s = torch.einsum("bhsd,bhtd->bhst", q.double(), k.double()) * scale
+        if isinstance(q_pos, torch.Tensor):
+            s = s.masked_fill(torch.arange(T) > q_pos[:, None, :, None], float("-inf"))
+        elif isinstance(q_pos, int):
+            s = s.masked_fill(torch.arange(T) > torch.arange(q_pos, q_pos + SH)[:, None], float("-inf"))
+        want = torch.einsum("bhst,bhtd->bhsd", s.softmax(-1), v.double())
+        # bf16: operands and probabilities rounded to 8 bits (~4e-3 each); float32: TF32 off, ~1e-6
+        assert _rel(got, want) < (1e-2 if dtype == torch.bfloat16 else 1e-5), q_pos

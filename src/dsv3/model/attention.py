@@ -57,6 +57,29 @@ _CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPB
                     SDPBackend.MATH]
 
 
+# Absorbed decode: a few queries (heads x draft tokens) against one shared latent key head of 576 values. The
+# fused kernels (only the memory-efficient one takes that width) give each block a tile of queries, so a
+# decode step runs one block per sequence: 66 us a layer at 1K context on an H200 with one SM busy. Two
+# batched GEMMs around a float32 softmax spread the keys over the whole GPU instead.
+_FEW_QUERIES = 64
+
+
+def _attend_few_queries(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None, causal: bool,
+) -> torch.Tensor:
+    """`attend` for q [B, 1, S, D] against k [B, 1, T, D], v [B, 1, T, Dv] on CUDA: float32 scores and softmax,
+    the probabilities rounded to v's dtype for the second GEMM (as the fused kernels do)."""
+    S, T = q.shape[-2], k.shape[-2]
+    q0, kt = q[:, 0], k[:, 0].transpose(1, 2)
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    s = (torch.bmm(q0, kt, out_dtype=torch.float32) if half else torch.bmm(q0, kt).float()) * scale  # [B, S, T]
+    if causal:  # SDPA's is_causal: query i sees keys <= i
+        mask = torch.ones(S, T, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        s = s.masked_fill(~mask.reshape(-1, S, T), float("-inf"))
+    return torch.bmm(s.softmax(-1).to(v.dtype), v[:, 0]).unsqueeze(1)
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_pos: int | torch.Tensor | None,
     doc_ids: torch.Tensor | None = None,
@@ -86,6 +109,8 @@ def attend(
     else:
         qpos = torch.arange(q_pos, q_pos + S, device=q.device)
         kw["attn_mask"] = torch.arange(T, device=q.device)[None, :] <= qpos[:, None]
+    if q.is_cuda and q.shape[1] == k.shape[1] == 1 and S <= _FEW_QUERIES and not torch.is_grad_enabled():
+        return _attend_few_queries(q, k, v, scale, kw.get("attn_mask"), kw.get("is_causal", False))
     if q.is_cuda:
         with sdpa_kernel(_CUDA_SDPA_ORDER, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, **kw)
