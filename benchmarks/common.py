@@ -81,3 +81,24 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
 def emit_json(obj: dict) -> None:
     """The benchmark's last stdout line: one JSON object (BENCHMARKS.md rows are regenerated from it)."""
     print(json.dumps(obj, sort_keys=True))
+
+
+def profile_kernels(fn: Callable[[], object], device: torch.device, label: str, n: int = 3, rows: int = 30) -> None:
+    """Print the device kernels of `n` calls of fn (already warm): count and kernel time per call, then the
+    top `rows` by self device time. Profiler failures are printed, never raised (measurements come first)."""
+    if device.type != "cuda":
+        return
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                fn()
+            sync(device)
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = sum(e.count for e in events) / n
+        total = sum(e.self_device_time_total for e in events) / n
+        print(f"\nprofile of {label}: {kernels:.0f} kernels per call, {total / 1e3:.3f} ms of kernel time per call",
+              flush=True)
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=90),
+              flush=True)
+    except Exception as e:  # noqa: BLE001 - a profiler failure must not lose the measurements
+        print(f"profile failed: {type(e).__name__}: {e}", flush=True)

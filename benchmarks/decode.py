@@ -56,7 +56,7 @@ if not __package__:  # run as a script (python benchmarks/decode.py): the reposi
     _root = Path(__file__).resolve().parents[1]
     sys.path[:0] = [str(_root), str(_root / "src")]
 
-from benchmarks.common import device_name, emit_json, print_table, sync, time_fn  # noqa: E402
+from benchmarks.common import device_name, emit_json, print_table, profile_kernels, sync, time_fn  # noqa: E402
 from dsv3.config import ModelConfig, preset  # noqa: E402
 from dsv3.infer import Engine, SamplingParams  # noqa: E402
 from dsv3.info import count_params  # noqa: E402
@@ -190,25 +190,8 @@ def run_dsv3(
 
 
 def profile_step(runner, dev: torch.device) -> None:
-    """Kernels of the replayed decode forward: count per step and the top ones by device time."""
-    if dev.type != "cuda":
-        return
-    try:
-        n = 5
-        forward = runner.graph(runner.step.Bp, runner.step.Wp).fn  # the captured function, run eagerly
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(n):
-                forward()
-            sync(dev)
-        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-        kernels = sum(e.count for e in events) / n
-        total = sum(e.self_device_time_total for e in events) / n
-        print(f"\nprofile of the decode forward: {kernels:.0f} kernels per step, "
-              f"{total / 1e3:.3f} ms of kernel time per step", flush=True)
-        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70),
-              flush=True)
-    except Exception as e:  # noqa: BLE001 - a profiler failure must not lose the measurements
-        print(f"profile failed: {type(e).__name__}: {e}", flush=True)
+    """Kernels of the replayed decode forward (the captured function, run eagerly): count and top ones."""
+    profile_kernels(runner.graph(runner.step.Bp, runner.step.Wp).fn, dev, "the decode forward", n=5, rows=25)
 
 
 # -- transformers ----------------------------------------------------------------------------------------

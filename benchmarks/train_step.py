@@ -25,13 +25,21 @@ import warnings
 
 import torch
 
-from benchmarks.common import PEAK_FLOPS, cpu_peak_flops, device_name, emit_json, print_table, time_fn
+from benchmarks.common import (
+    PEAK_FLOPS,
+    cpu_peak_flops,
+    device_name,
+    emit_json,
+    print_table,
+    profile_kernels,
+    time_fn,
+)
 from dsv3.checkpoint import save_model
 from dsv3.config import ModelConfig, preset
 from dsv3.info import attention_flops_per_token, count_params, forward_flops_per_token
 from dsv3.model import DeepSeekV3
 from dsv3.train.loop import train_step
-from dsv3.train.objective import ObjectiveConfig
+from dsv3.train.objective import ObjectiveConfig, compute_loss
 from dsv3.train.optim import build_optimizer, init_model
 
 
@@ -53,12 +61,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 4 GPU, 8 CPU)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 2048 GPU, 256 CPU)")
+    ap.add_argument("--accum", type=int, default=1,
+                    help="micro-batches of --batch sequences per optimiser step (gradient accumulation, both models)")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(dsv3 model)")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
     ap.add_argument("--no-mtp-row", action="store_true", help="skip the MTP-on row (the loop's full step)")
     ap.add_argument("--pure-bf16", action="store_true", help="GPU: also time dsv3 in pure bf16 (as the peer)")
+    ap.add_argument("--skip-master", action="store_true", help="with --pure-bf16: skip the fp32-master rows")
+    ap.add_argument("--profile", action="store_true", help="GPU: print the kernels of each timed configuration")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -72,6 +84,7 @@ def main() -> None:
         model = DeepSeekV3(cfg)
     init_model(model)
     model.train()
+    mb, batch = batch, batch * args.accum  # sequences per micro-batch, per optimiser step
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     peak = PEAK_FLOPS["cuda-bf16"] if gpu else cpu_peak_flops()
     objective = ObjectiveConfig("aux-free")
@@ -85,28 +98,34 @@ def main() -> None:
             rows.append({"impl": label, "ms/step": "failed"})
             result[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
             return 0.0
+        if args.profile:
+            profile_kernels(fn, device, label, n=2)
         tps = batch * seq / t
         mfu = tps * train_flops_per_token(cfg, seq, mtp) / peak
         rows.append({"impl": label, "ms/step": f"{t * 1e3:.1f}", "tokens/s": f"{tps:,.0f}", "MFU": f"{mfu:.1%}"})
         result[key] = {"tokens_per_s": tps, "mfu": mfu, "ms_per_step": t * 1e3}
         return tps
 
+    compiled_loss = torch.compile(compute_loss) if args.compile else compute_loss
+
     def ours(m: DeepSeekV3, forward, mtp: bool, autocast: bool):
         opt = build_optimizer(m, lr=1e-4, fused=gpu or None)
+        loss_fn = compute_loss if forward is m else compiled_loss  # as the loop: compiled together or not at all
 
         def step() -> None:
-            train_step(m, opt, tokens, None, objective, micro_batch_size=batch, lr=1e-4, mtp_lambda=0.3,
-                       gamma=1e-3, device=device, autocast=autocast, forward=forward, mtp=mtp)
+            train_step(m, opt, tokens, None, objective, micro_batch_size=mb, lr=1e-4, mtp_lambda=0.3,
+                       gamma=1e-3, device=device, autocast=autocast, forward=forward, mtp=mtp, loss_fn=loss_fn)
         return step
 
     with tempfile.TemporaryDirectory() as ckpt:
         save_model(model, ckpt)  # the peer's weights: the same model, before any of our steps change it
         # fp32 master weights; bf16 autocast on the GPU (the loop's recipe)
         label = "dsv3 (fp32 master, bf16 autocast)" if gpu else "dsv3 (fp32)"
-        best = record(f"{label}, MTP off", "dsv3", ours(model, model, False, True), mtp=False)
-        if not args.no_mtp_row:
+        master = not (gpu and args.pure_bf16 and args.skip_master)
+        best = record(f"{label}, MTP off", "dsv3", ours(model, model, False, True), mtp=False) if master else 0.0
+        if master and not args.no_mtp_row:
             record(f"{label}, MTP on", "dsv3_mtp", ours(model, model, True, True), mtp=True)
-        if args.compile:
+        if master and args.compile:
             compiled = torch.compile(model)
             best = max(best, record(f"{label} + compile, MTP off", "dsv3_compile",
                                     ours(model, compiled, False, True), mtp=False))
@@ -136,8 +155,9 @@ def main() -> None:
                                      fused=gpu or None)
 
             def peer_step() -> None:
-                loss = peer(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
-                loss.backward()
+                for i in range(args.accum):
+                    x = tokens[i * mb:(i + 1) * mb]
+                    (peer(input_ids=x[:, :-1], labels=x[:, :-1]).loss / args.accum).backward()
                 torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
                 popt.step()
                 popt.zero_grad(set_to_none=True)
@@ -146,17 +166,20 @@ def main() -> None:
                               mtp=False)
             if peer_tps:
                 result["ratio"] = best / peer_tps
-                result["ratio_eager"] = result["dsv3"].get("tokens_per_s", 0.0) / peer_tps
+                if "dsv3" in result:
+                    result["ratio_eager"] = result["dsv3"].get("tokens_per_s", 0.0) / peer_tps
 
-    print(f"\ntraining step, preset {name}, batch {batch} x seq {seq}, {device_name(device)}")
+    print(f"\ntraining step, preset {name}, batch {batch} x seq {seq} ({args.accum} micro-batch(es) of {mb}), "
+          f"{device_name(device)}")
     print(f"FLOPs/token {train_flops_per_token(cfg, seq, False) / 1e9:.3f} G (MTP off), "
           f"{train_flops_per_token(cfg, seq, True) / 1e9:.3f} G (MTP on); MFU against {peak / 1e12:.1f} TFLOP/s "
           f"({'bf16 dense peak' if gpu else 'measured fp32 matmul'})")
     print_table(rows, ["impl", "ms/step", "tokens/s", "MFU"])
     if "ratio" in result:
         print(f"dsv3 / transformers (like for like, MTP off): {result['ratio']:.2f}x "
-              f"(eager, loop's precision: {result['ratio_eager']:.2f}x)")
+              + (f" (eager, loop's precision: {result['ratio_eager']:.2f}x)" if "ratio_eager" in result else ""))
     emit_json({"bench": "train_step", "preset": name, "device": device_name(device), "batch": batch, "seq": seq,
+               "accum": args.accum,
                "torch": torch.__version__, **result})
 
 
