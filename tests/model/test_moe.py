@@ -215,6 +215,17 @@ def _router_output(idx: torch.Tensor, weights: torch.Tensor, E: int) -> RouterOu
     return RouterOutput(idx, weights, torch.zeros(idx.shape[0], E), load)
 
 
+def _random_experts(make_cfg, dtype: torch.dtype, K: int, seed: int):
+    """An MoE of 6 experts (one group) picking K, with N(0, 0.2) expert weights; returns (cfg, moe, generator)."""
+    cfg = make_cfg(n_routed_experts=6, n_group=1, topk_group=1, num_experts_per_tok=K)
+    g = torch.Generator().manual_seed(seed)
+    moe = MoE(cfg).to(dtype)
+    with torch.no_grad():
+        moe.experts.gate_up_proj.copy_(torch.randn(moe.experts.gate_up_proj.shape, generator=g) * 0.2)
+        moe.experts.down_proj.copy_(torch.randn(moe.experts.down_proj.shape, generator=g) * 0.2)
+    return cfg, moe, g
+
+
 @pytest.mark.parametrize(
     "dtype,tol",
     # float32: grouped GEMM vs float64, sums of 64 products of O(1) numbers -> ~1e-6 relative; float64 (the
@@ -223,13 +234,8 @@ def _router_output(idx: torch.Tensor, weights: torch.Tensor, E: int) -> RouterOu
 )
 @pytest.mark.parametrize("allowed", [[1, 2, 4], [0, 5], [3]], ids=["middle-gaps", "ends", "one-expert"])
 def test_grouped_experts_match_per_expert_loop(make_cfg, dtype, tol, allowed):
-    cfg = make_cfg(n_routed_experts=6, n_group=1, topk_group=1, num_experts_per_tok=min(2, len(allowed)))
-    K = cfg.num_experts_per_tok
-    g = torch.Generator().manual_seed(3)
-    moe = MoE(cfg).to(dtype)
-    with torch.no_grad():
-        moe.experts.gate_up_proj.copy_(torch.randn(moe.experts.gate_up_proj.shape, generator=g) * 0.2)
-        moe.experts.down_proj.copy_(torch.randn(moe.experts.down_proj.shape, generator=g) * 0.2)
+    K = min(2, len(allowed))
+    cfg, moe, g = _random_experts(make_cfg, dtype, K, seed=3)
     T = 11
     x = torch.randn(T, cfg.hidden_size, generator=g).to(dtype)
     # only `allowed` experts receive tokens: the others (including the first/last) get empty segments
@@ -248,12 +254,7 @@ def test_grouped_experts_match_per_expert_loop(make_cfg, dtype, tol, allowed):
 def test_grouped_experts_gradients_match_per_expert_loop(make_cfg, dtype, tol):
     # the dispatch and unsort gathers have hand-written backwards (sum of each token's K row gradients, the
     # inverse permutation): every gradient against autograd through the float64 loop
-    cfg = make_cfg(n_routed_experts=6, n_group=1, topk_group=1, num_experts_per_tok=3)
-    g = torch.Generator().manual_seed(5)
-    moe = MoE(cfg).to(dtype)
-    with torch.no_grad():
-        moe.experts.gate_up_proj.copy_(torch.randn(moe.experts.gate_up_proj.shape, generator=g) * 0.2)
-        moe.experts.down_proj.copy_(torch.randn(moe.experts.down_proj.shape, generator=g) * 0.2)
+    cfg, moe, g = _random_experts(make_cfg, dtype, 3, seed=5)
     T = 13
     x = torch.randn(T, cfg.hidden_size, generator=g).to(dtype).requires_grad_()
     idx = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(T)])
