@@ -168,16 +168,20 @@ class Experts(nn.Module):
         h = _grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offs)
         gate, up = h.chunk(2, dim=-1)
         ys = _grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offs)
-        # Unsort with one gather (an index_copy scatter ran ~3x slower on an H200; its backward is the gather
-        # by `order`) and sum each token's K rows weighted, in float32. The sum is unrolled over
-        # the static K so torch.compile emits one pointwise kernel with coalesced row reads; a [T, K, d]
-        # reduction over K compiled to a 4x slower kernel.
-        y = _Gather.apply(ys, inverse, order, 1).view(T, K, -1)
-        acc = torch.promote_types(ys.dtype, torch.float32)  # float32, or float64 for float64 models
-        out = y[:, 0].to(acc) * r.weights[:, :1]
-        for k in range(1, K):
-            out = out + y[:, k].to(acc) * r.weights[:, k : k + 1]
-        return out.to(x.dtype)
+        # unsort with one gather (an index_copy scatter ran ~3x slower on an H200; its backward is the gather
+        # by `order`)
+        return combine(_Gather.apply(ys, inverse, order, 1).view(T, K, -1), r.weights, x.dtype)
+
+
+def combine(y: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sum_k weights[:, k] * y[:, k] for each token's K expert outputs y [T, K, d], in float32 (float64 for
+    float64 models), returned in `dtype`. Unrolled over the static K so torch.compile emits one pointwise
+    kernel with coalesced row reads; a [T, K, d] reduction over K compiled to a 4x slower kernel."""
+    acc = torch.promote_types(y.dtype, torch.float32)
+    out = y[:, 0].to(acc) * weights[:, :1]
+    for k in range(1, y.shape[1]):
+        out = out + y[:, k].to(acc) * weights[:, k : k + 1]
+    return out.to(dtype)
 
 
 class MoE(nn.Module):
