@@ -26,6 +26,9 @@ written, measured in this run). Bytes per step, bf16:
   KV cache: B * context * (kv_lora_rank + qk_rope_head_dim) * layers * 2 bytes (read; the step's own writes
            and the logits are < 0.1% and left out).
 fraction = (bytes / bandwidth) / measured step time.
+`--fp8-weights keep` serves dsv3 with the blocks' linear weights and experts in FP8 E4M3 (quantised in memory,
+128x128 block scales, as `load_model(..., fp8="keep")` serves an FP8 checkpoint); those weights then count 1
+byte each plus their scales, the peer keeps bf16.
 
 Every measurement runs in its own try/except (a failure prints its error and the rest go on), units of work
 are skipped once --time-limit would be exceeded, and rows are printed (and written to --out) as they finish.
@@ -89,17 +92,19 @@ def experts_touched(cfg: ModelConfig, batch: int) -> float:
     return E * (1 - (1 - K / E) ** batch) if E else 0.0
 
 
-def step_bytes(cfg: ModelConfig, batch: int, context: float, bytes_per_value: int = 2) -> dict[str, float]:
-    """Bytes one decode step of `batch` sequences at `context` cached positions must move (module docstring)."""
+def step_bytes(cfg: ModelConfig, batch: int, context: float, bytes_per_value: int = 2,
+               fp8: bool = False) -> dict[str, float]:
+    """Bytes one decode step of `batch` sequences at `context` cached positions must move (module docstring).
+    fp8: the blocks' linear weights and experts count 1 byte plus their float32 128x128 block scale."""
     c = count_params(cfg)
     d, inter = cfg.hidden_size, cfg.moe_intermediate_size
     expert = 3 * d * inter
     touched = experts_touched(cfg, batch)
-    moe = cfg.n_moe_layers * (cfg.n_routed_experts * d + cfg.n_shared_experts * expert + touched * expert)
-    weights = c.attention + c.dense_ffn + c.norms + c.head + moe + min(batch, cfg.vocab_size) * d
-    kv = batch * context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers
-    return {"weights": weights * bytes_per_value, "kv": kv * bytes_per_value,
-            "total": (weights + kv) * bytes_per_value, "experts_touched": touched}
+    matrices = c.attention + c.dense_ffn + cfg.n_moe_layers * (cfg.n_shared_experts + touched) * expert
+    rest = c.norms + c.head + cfg.n_moe_layers * cfg.n_routed_experts * d + min(batch, cfg.vocab_size) * d
+    weights = matrices * (1 + 4 / 128**2 if fp8 else bytes_per_value) + rest * bytes_per_value
+    kv = batch * context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * bytes_per_value
+    return {"weights": weights, "kv": kv, "total": weights + kv, "experts_touched": touched}
 
 
 # -- dsv3 ------------------------------------------------------------------------------------------------
@@ -158,7 +163,7 @@ def run_dsv3(
             model_s = time_fn(runner.decode, dev, warmup=2, iters=max(args.steps // 4, 3))
             if profile:
                 profile_step(runner, dev)
-        nbytes = step_bytes(cfg, B, mean_ctx)
+        nbytes = step_bytes(cfg, B, mean_ctx, fp8=args.fp8_weights == "keep")
         roof = nbytes["total"] / bw
         rows.append({
             "impl": name, "batch": B, "context": ctx,
@@ -315,6 +320,13 @@ def speed(args: argparse.Namespace) -> None:
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             result["errors"].append({"impl": "hf (load)", "error": f"{type(e).__name__}: {e}"})
+    if args.fp8_weights == "keep":  # after the peer took the bf16 weights: it has no blockwise FP8 path
+        from dsv3.checkpoint import fp8_module_names
+        from dsv3.fp8 import to_fp8_
+
+        to_fp8_(model, fp8_module_names(model))
+        result["fp8_weights"] = "keep"
+        log("dsv3 weights kept in FP8 E4M3 with 128x128 block scales (the peer keeps bf16)")
     save()
 
     configs = [(B, C) for C in args.context for B in args.batch]
@@ -498,6 +510,9 @@ def main() -> None:
                          "graphs; each compiles; default 1x1024 1x4096)")
     ap.add_argument("--no-graphs", action="store_true", help="dsv3 without CUDA graphs")
     ap.add_argument("--profile", action="store_true", help="print the kernels of one replayed decode step")
+    ap.add_argument("--fp8-weights", choices=["bf16", "keep"], default="bf16",
+                    help="keep: quantise dsv3's block linears and experts to FP8 E4M3 (128x128 scales) and serve "
+                         "them so (roofline bytes count 1 byte per such weight); the peer stays bf16")
     ap.add_argument("--time-limit", type=float, default=330.0,
                     help="seconds from start after which remaining units are skipped (default 330)")
     ap.add_argument("--out", default=None, help="also write the JSON here (rewritten after every row)")
