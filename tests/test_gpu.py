@@ -92,7 +92,7 @@ def test_absorbed_equals_expanded_on_gpu():
 
 
 @cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 def test_few_query_decode_attention_matches_float64(dtype):
     from dsv3.model.attention import _FEW_QUERIES, attend
 
@@ -104,7 +104,8 @@ def test_few_query_decode_attention_matches_float64(dtype):
     v = k[..., :C] * 2
     pos = torch.tensor([[T - 1], [150], [7]]).expand(B, SH)  # rows of different lengths, padded keys beyond
     scale = (C + R) ** -0.5
-    for q_pos in (pos, None, T - 4):  # per-row positions, no mask, one offset for every row
+    # per-row positions, the same positions for every row ([1, S]), no mask, one offset for every row
+    for q_pos in (pos, pos[1:2], None, T - 4):
         with torch.no_grad():
             got = attend(q.to("cuda", dtype), k.to("cuda", dtype), v.to("cuda", dtype), scale, q_pos.cuda()
                          if isinstance(q_pos, torch.Tensor) else q_pos).cpu().double()
@@ -114,5 +115,14 @@ def test_few_query_decode_attention_matches_float64(dtype):
         elif isinstance(q_pos, int):
             s = s.masked_fill(torch.arange(T) > torch.arange(q_pos, q_pos + SH)[:, None], float("-inf"))
         want = torch.einsum("bhst,bhtd->bhsd", s.softmax(-1), v.double())
-        # bf16: operands and probabilities rounded to 8 bits (~4e-3 each); float32: TF32 off, ~1e-6
-        assert _rel(got, want) < (1e-2 if dtype == torch.bfloat16 else 1e-5), q_pos
+        # bf16: operands and probabilities rounded to 8 bits (~4e-3 each); float32: TF32 off, ~1e-6; float64
+        # stays float64 throughout
+        tol = {torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+        assert _rel(got, want) < tol, q_pos
+    # queries == keys from position 0: SDPA's is_causal (query i sees keys <= i)
+    kc, vc = k[:, :, :SH], v[:, :, :SH]
+    with torch.no_grad():
+        got = attend(q.to("cuda", dtype), kc.to("cuda", dtype), vc.to("cuda", dtype), scale, 0).cpu().double()
+    s = (torch.einsum("bhsd,bhtd->bhst", q.double(), kc.double()) * scale).masked_fill(
+        torch.ones(SH, SH, dtype=torch.bool).triu(1), float("-inf"))
+    assert _rel(got, torch.einsum("bhst,bhtd->bhsd", s.softmax(-1), vc.double())) < tol

@@ -160,6 +160,29 @@ def test_fused_adamw_clips_inside_its_step_as_clip_grad_norm_does(dtype):
     assert (params["unclipped"].float() - params["clip_"].float()).abs().max().item() > 2 * tol  # clipping mattered
 
 
+def test_clip_grad_norm_follows_the_groups_fused_flag_after_a_state_load():
+    # a state saved by a non-fused AdamW (a CPU run) loaded into a fused one (resumed on CUDA): load_state_dict
+    # restores the groups' fused=None, so the step is not fused and must get clipped gradients, not grad_scale
+    def make(fused):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 4)
+        return m, torch.optim.AdamW(m.parameters(), lr=0.1, fused=fused)
+
+    m0, o0 = make(None)
+    for p in m0.parameters():
+        p.grad = torch.randn_like(p) * 10
+    o0.step()
+    m1, o1 = make(True)
+    o1.load_state_dict(o0.state_dict())
+    assert o1.defaults["fused"] and not o1.param_groups[0]["fused"]
+    for p in m1.parameters():
+        p.grad = torch.randn_like(p) * 10
+    clip_grad_norm(m1, 1.0, o1)
+    assert getattr(o1, "grad_scale", None) is None
+    assert math.sqrt(sum((p.grad.double() ** 2).sum().item() for p in m1.parameters())) == pytest.approx(1.0, rel=1e-5)
+    o1.step()
+
+
 def test_init_std_scales_with_width(tiny_cfg):
     assert init_std(tiny_cfg.replace(hidden_size=7168)) == pytest.approx(0.006, rel=1e-12)
     assert init_std(tiny_cfg.replace(hidden_size=256)) == pytest.approx(0.006 * math.sqrt(28), rel=1e-12)

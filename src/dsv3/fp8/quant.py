@@ -8,9 +8,11 @@ dimensions are independent matrices (stacked experts [E, out, in] with scales [E
 An activation x [..., K] is quantised online per token per 128 channels with s = max(amax, 1e-4) / 448 and
 no rounding of s (SPEC 2, FP8 inference of V3). Both casts are torch's float32 -> float8_e4m3fn conversion
 (round to nearest even), the same on the CPU and the GPU, so a CPU emulation rounds exactly like the GPU.
-The scale's division by 448 is a tensor-by-tensor division on both (`_scale`): CUDA turns a division by a
-Python number into a multiplication by its float32 reciprocal, one ulp off in some scales, which moved
-exact ties of x / s (124 between E4M3's 120 and 128) to the other neighbour.
+The scale's division by 448 runs in float64 and is rounded once to float32 (`_scale`): CUDA turns a float32
+division by a constant into a multiplication by its float32 reciprocal (eagerly for a Python number,
+inductor for any constant), one ulp off in some scales, which moved exact ties of x / s (124 between E4M3's
+120 and 128) to the other neighbour. A float64 quotient, even through a reciprocal, rounds to the correctly
+rounded float32 one (amax / 448 = amax / 7 / 64 is never near a float32 rounding midpoint).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ ACT_AMAX_FLOOR = 1e-4  # DeepSeek's activation quantiser: an all-zero tile gets 
 
 
 def _scale(amax: torch.Tensor) -> torch.Tensor:
-    """amax / 448 correctly rounded in float32 on every device (see the module docstring)."""
-    return amax / torch.full_like(amax, E4M3_MAX)
+    """amax / 448 correctly rounded in float32 on every device, compiled or not (see the module docstring)."""
+    return (amax.double() / E4M3_MAX).float()
 
 
 def _pad(t: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:

@@ -57,11 +57,13 @@ _CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPB
                     SDPBackend.MATH]
 
 
-# Absorbed decode: a few queries (heads x draft tokens) against one shared latent key head of 576 values. The
-# fused kernels (only the memory-efficient one takes that width) give each block a tile of queries, so a
-# decode step runs one block per sequence: 66 us a layer at 1K context on an H200 with one SM busy. Two
-# batched GEMMs around a float32 softmax spread the keys over the whole GPU instead.
-_FEW_QUERIES = 64
+# Absorbed decode: a few queries (heads x draft tokens: 16-64 for `bench`, 128-512 for V3) against one shared
+# latent key head of 576 values. The fused kernels (only the memory-efficient one takes that width) give each
+# block a tile of 32 queries, so a decode step runs a few blocks per sequence: 66 us a layer at 1K context on
+# an H200 with one SM busy (`bench`, batch 1). Two batched GEMMs around a float32 softmax spread the keys over
+# the whole GPU instead, as long as the [B, queries, keys] scores stay small (1 GiB of float32 at most).
+_FEW_QUERIES = 1024
+_MAX_SCORES = 2**28
 
 
 def _attend_few_queries(
@@ -72,7 +74,8 @@ def _attend_few_queries(
     S, T = q.shape[-2], k.shape[-2]
     q0, kt = q[:, 0], k[:, 0].transpose(1, 2)
     half = q.dtype in (torch.bfloat16, torch.float16)
-    s = (torch.bmm(q0, kt, out_dtype=torch.float32) if half else torch.bmm(q0, kt).float()) * scale  # [B, S, T]
+    acc = torch.promote_types(q.dtype, torch.float32)  # float32 scores, float64 for float64 models
+    s = (torch.bmm(q0, kt, out_dtype=acc) if half else torch.bmm(q0, kt).to(acc)) * scale  # [B, S, T]
     if causal:  # SDPA's is_causal: query i sees keys <= i
         mask = torch.ones(S, T, dtype=torch.bool, device=q.device).tril()
     if mask is not None:
@@ -109,7 +112,8 @@ def attend(
     else:
         qpos = torch.arange(q_pos, q_pos + S, device=q.device)
         kw["attn_mask"] = torch.arange(T, device=q.device)[None, :] <= qpos[:, None]
-    if q.is_cuda and q.shape[1] == k.shape[1] == 1 and S <= _FEW_QUERIES and not torch.is_grad_enabled():
+    if (q.is_cuda and q.shape[1] == k.shape[1] == 1 and S <= _FEW_QUERIES and q.shape[0] * S * T <= _MAX_SCORES
+            and not torch.is_grad_enabled()):
         return _attend_few_queries(q, k, v, scale, kw.get("attn_mask"), kw.get("is_causal", False))
     if q.is_cuda:
         with sdpa_kernel(_CUDA_SDPA_ORDER, set_priority=True):

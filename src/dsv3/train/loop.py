@@ -136,6 +136,8 @@ def train(run: RunConfig, *, resume: bool = False,
     step, tokens = 0, 0
     if state is not None:
         opt.load_state_dict(state["optimizer"])
+        for g in opt.param_groups:  # the saved groups carry the saving device's kernel choice, not this one's
+            g["fused"] = opt.defaults.get("fused")
         train_data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         step, tokens = int(state["step"]), int(state["tokens"])
@@ -304,8 +306,10 @@ def train_step(
         del out, parts
     grad_norm = clip_grad_norm(model, grad_clip, opt) if grad_clip > 0 else None
     set_lr(opt, lr)
-    opt.step()
-    opt.grad_scale = None  # the clipping factor a fused AdamW applied in its step: this step's only
+    try:
+        opt.step()
+    finally:
+        opt.grad_scale = None  # the clipping factor clip_grad_norm handed a fused AdamW holds for one step only
     opt.zero_grad(set_to_none=True)
     loads = acc.take()
     if objective.bias_update and loads is not None:

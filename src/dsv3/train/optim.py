@@ -140,7 +140,8 @@ def clip_grad_norm(
     g * c with c = max_norm / (norm + 1e-6) when below 1, as torch.nn.utils.clip_grad_norm_ computes it.
     """
     params = [p for p in model.parameters() if p.grad is not None]
-    if not (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused")):
+    fused = isinstance(optimizer, torch.optim.AdamW) and all(g.get("fused") for g in optimizer.param_groups)
+    if not fused:  # (groups, not defaults: load_state_dict restores each group's saved `fused`)
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)  # divides by 1/c; float32 (bf16 models)
