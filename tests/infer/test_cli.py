@@ -50,6 +50,22 @@ def test_generate_streams_the_greedy_continuation(model_dir: Path, capsys: pytes
     assert "tok/s" in out.err
 
 
+def test_generate_passes_compile_and_mtp_to_the_engine(model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    seen = {}
+    original = Engine.__init__
+
+    def spy(self, model, tokenizer=None, **kw):
+        seen.update(kw)
+        original(self, model, tokenizer, **{**kw, "compile": False})  # the flag's plumbing, not a CPU compile
+
+    monkeypatch.setattr(Engine, "__init__", spy)
+    run("generate", "--model", str(model_dir), "--prompt", "x", "--max-tokens", "2", "--device", "cpu",
+        "--compile", "--mtp", "1")
+    assert seen == {"mtp": 1, "compile": True}
+    capsys.readouterr()
+
+
 def test_chat_keeps_the_conversation(model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     prompts: list[list[int]] = []
     original = Engine.generate

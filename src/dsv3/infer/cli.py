@@ -45,6 +45,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="weights and cache dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--mtp", type=int, default=0, metavar="K",
                    help="draft K tokens per step with the MTP modules (speculative decoding; 0 = off)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (on an H200 about 2x faster batch-1 decode than CUDA graphs "
+                        "alone; costs a compilation per batch-size bucket on first use)")
     p.add_argument("--fp8-weights", choices=["dequantize", "keep"], default="dequantize",
                    help="an FP8 checkpoint's linear weights: dequantise to --dtype on load (default), or keep "
                         "them E4M3 with their block scales (about half the memory)")
@@ -101,7 +104,7 @@ def load(args: argparse.Namespace) -> tuple[Engine, Any, SamplingParams]:
     dtype = DTYPES[args.dtype] if args.dtype else default
     tokenizer = Tokenizer.from_pretrained(path)
     model = load_model(path, device=device, dtype=dtype, fp8=args.fp8_weights)
-    return Engine(model, tokenizer, mtp=args.mtp), tokenizer, params
+    return Engine(model, tokenizer, mtp=args.mtp, compile=args.compile), tokenizer, params
 
 
 def _stream(engine: Engine, prompt: str | list[int], params: SamplingParams) -> GenerationResult:
