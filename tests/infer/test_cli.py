@@ -66,6 +66,11 @@ def test_generate_passes_compile_and_mtp_to_the_engine(model_dir: Path, monkeypa
     capsys.readouterr()
 
 
+def test_compile_needs_a_bf16_model(model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="needs a bfloat16 model"):
+        run("generate", "--model", str(model_dir), "--prompt", "x", "--device", "cpu", "--compile")
+
+
 def test_chat_keeps_the_conversation(model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     prompts: list[list[int]] = []
     original = Engine.generate

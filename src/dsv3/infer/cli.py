@@ -46,8 +46,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mtp", type=int, default=0, metavar="K",
                    help="draft K tokens per step with the MTP modules (speculative decoding; 0 = off)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (on an H200 about 2x faster batch-1 decode than CUDA graphs "
-                        "alone; costs a compilation per batch-size bucket on first use)")
+                   help="torch.compile the decode step (bfloat16 models, the CUDA default; on an H200 about 2x "
+                        "faster batch-1 decode than CUDA graphs alone, after a compilation per batch-size bucket)")
     p.add_argument("--fp8-weights", choices=["dequantize", "keep"], default="dequantize",
                    help="an FP8 checkpoint's linear weights: dequantise to --dtype on load (default), or keep "
                         "them E4M3 with their block scales (about half the memory)")

@@ -83,6 +83,10 @@ class Engine:
         cuda_graphs: bool | None = None, compile: bool = False,
     ):
         cfg = model.cfg
+        dtype = model.embed_tokens.weight.dtype
+        if compile and dtype != torch.bfloat16:
+            raise ValueError(f"compile=True needs a bfloat16 model: torch.compile's grouped GEMM (the routed "
+                             f"experts) takes bf16 only (got {dtype}; load with dtype=torch.bfloat16)")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_id = getattr(tokenizer, "eos_id", None)
