@@ -52,7 +52,7 @@ def time_interleaved(
 
 
 def cpu_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
-    """Measured float32 matmul rate of this CPU (there is no datasheet peak to count against)."""
+    """Measured matmul rate of this CPU in `dtype` (there is no datasheet peak to count against)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     times = []

@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_step --preset tiny --device cpu
     python -m benchmarks.train_step --preset bench --device cuda --batch 4 --seq 2048 --compile --pure-bf16
+    python -m benchmarks.train_step --preset tiny --device cpu --compile --cpu-bf16   # + bf16 autocast rows
 
 dsv3's step is `dsv3.train.loop.train_step`, what `dsv3 train` runs: forward, the loss (float32 CE, MTP,
 sequence-wise balance loss), backward, gradient clipping, AdamW, the aux-free bias update. On the GPU it keeps
@@ -71,6 +72,9 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
     ap.add_argument("--no-mtp-row", action="store_true", help="skip the MTP-on row (the loop's full step)")
     ap.add_argument("--pure-bf16", action="store_true", help="GPU: also time dsv3 in pure bf16 (as the peer)")
+    ap.add_argument("--cpu-bf16", action="store_true",
+                    help="CPU: also time both models under bf16 autocast (fp32 master weights; ours is the loop's "
+                         "train.cpu_bf16; with --compile, dsv3 compiled too: its grouped GEMM takes bf16 only)")
     ap.add_argument("--skip-master", action="store_true",
                     help="GPU with --pure-bf16: skip the fp32-master rows (ignored otherwise)")
     ap.add_argument("--profile", action="store_true", help="GPU: print the kernels of each timed configuration")
@@ -95,9 +99,11 @@ def main() -> None:
 
     pending = []  # CPU configurations, timed round-robin at the end
 
+    peak16 = cpu_peak_flops(torch.bfloat16) if not gpu and args.cpu_bf16 else peak
+
     def finish(label: str, key: str, t: float, mtp: bool) -> None:
         tps = batch * seq / t
-        mfu = tps * train_flops_per_token(cfg, seq, mtp) / peak
+        mfu = tps * train_flops_per_token(cfg, seq, mtp) / (peak16 if key.startswith("bf16ac") else peak)
         rows.append({"impl": label, "ms/step": f"{t * 1e3:.1f}", "tokens/s": f"{tps:,.0f}", "MFU": f"{mfu:.1%}"})
         result[key] = {"tokens_per_s": tps, "mfu": mfu, "ms_per_step": t * 1e3}
 
@@ -118,13 +124,20 @@ def main() -> None:
 
     compiled_loss = torch.compile(compute_loss, mode=args.compile_mode) if args.compile else compute_loss
 
-    def ours(m: DeepSeekV3, forward, mtp: bool, autocast: bool):
+    def cpu_autocast(step):  # noqa: ANN001, ANN202 - the peer's step under autocast (ours: train.cpu_bf16)
+        def wrapped() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                step()
+        return wrapped
+
+    def ours(m: DeepSeekV3, forward, mtp: bool, autocast: bool, cpu_autocast: bool = False):
         opt = build_optimizer(m, lr=1e-4, fused=gpu or None)
         loss_fn = compute_loss if forward is m else compiled_loss  # as the loop: compiled together or not at all
 
         def step() -> None:
             train_step(m, opt, tokens, None, objective, micro_batch_size=mb, lr=1e-4, mtp_lambda=0.3,
-                       gamma=1e-3, device=device, autocast=autocast, forward=forward, mtp=mtp, loss_fn=loss_fn)
+                       gamma=1e-3, device=device, autocast=autocast, forward=forward, mtp=mtp, loss_fn=loss_fn,
+                       cpu_autocast=cpu_autocast)
         return step
 
     with tempfile.TemporaryDirectory() as ckpt:
@@ -136,9 +149,18 @@ def main() -> None:
             record(f"{label}, MTP off", "dsv3", ours(model, model, False, True), mtp=False)
         if master and not args.no_mtp_row:
             record(f"{label}, MTP on", "dsv3_mtp", ours(model, model, True, True), mtp=True)
-        if master and args.compile:
+        if master and args.compile and gpu:
             compiled = torch.compile(model, mode=args.compile_mode)
             record(f"{label} + compile, MTP off", "dsv3_compile", ours(model, compiled, False, True), mtp=False)
+        elif args.compile and not args.cpu_bf16:
+            print("--compile on the CPU needs --cpu-bf16 (torch.compile's grouped GEMM takes bf16 only)")
+        if not gpu and args.cpu_bf16:
+            record("dsv3 (fp32 master, bf16 autocast), MTP off", "bf16ac_dsv3",
+                   ours(model, model, False, True, cpu_autocast=True), mtp=False)
+            if args.compile:
+                compiled = torch.compile(model, mode=args.compile_mode)
+                record("dsv3 (fp32 master, bf16 autocast) + compile, MTP off", "bf16ac_dsv3_compile",
+                       ours(model, compiled, False, True, cpu_autocast=True), mtp=False)
         if gpu and args.pure_bf16:
             m16 = model.to(torch.bfloat16)
             record("dsv3 (pure bf16), MTP off", "dsv3_bf16", ours(m16, m16, False, False), mtp=False)
@@ -172,6 +194,9 @@ def main() -> None:
                 popt.zero_grad(set_to_none=True)
 
             record(f"transformers ({'pure bf16' if gpu else 'fp32'})", "transformers", peer_step, mtp=False)
+            if not gpu and args.cpu_bf16:
+                record("transformers (fp32 master, bf16 autocast)", "bf16ac_transformers", cpu_autocast(peer_step),
+                       mtp=False)
 
         if pending:
             try:
@@ -194,13 +219,20 @@ def main() -> None:
         result["ratio"] = best / tps["transformers"]
         if "dsv3" in tps:
             result["ratio_eager"] = tps["dsv3"] / tps["transformers"]
+    if tps.get("bf16ac_transformers"):  # CPU, both under bf16 autocast: like for like in precision
+        best16 = max((v for k, v in tps.items() if k.startswith("bf16ac_dsv3")), default=0.0)
+        result["ratio_bf16_autocast"] = best16 / tps["bf16ac_transformers"]
 
     print(f"\ntraining step, preset {name}, batch {batch} x seq {seq} ({args.accum} micro-batch(es) of {mb}), "
           f"{device_name(device)}")
     print(f"FLOPs/token {train_flops_per_token(cfg, seq, False) / 1e9:.3f} G (MTP off), "
           f"{train_flops_per_token(cfg, seq, True) / 1e9:.3f} G (MTP on); MFU against {peak / 1e12:.1f} TFLOP/s "
-          f"({'bf16 dense peak' if gpu else 'measured fp32 matmul'})")
+          f"({'bf16 dense peak' if gpu else 'measured fp32 matmul'})"
+          + (f"; bf16 autocast rows against a measured bf16 matmul, {peak16 / 1e12:.2f} TFLOP/s" if peak16 != peak
+             else ""))
     print_table(rows, ["impl", "ms/step", "tokens/s", "MFU"])
+    if "ratio_bf16_autocast" in result:
+        print(f"dsv3 / transformers, both under bf16 autocast (MTP off): {result['ratio_bf16_autocast']:.2f}x")
     if "ratio" in result:
         print(f"dsv3 / transformers (like for like, MTP off): {result['ratio']:.2f}x"
               + (f" (eager, loop's precision: {result['ratio_eager']:.2f}x)" if "ratio_eager" in result else ""))

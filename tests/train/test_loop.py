@@ -165,3 +165,21 @@ def test_vocab_smaller_than_tokenizer_is_a_clear_error(make_run):
 
     with pytest.raises(ConfigError, match="vocab_size 200 is smaller than the tokenizer's 300"):
         train(make_run(**{"model.vocab_size": 200}))
+
+
+def test_cpu_bf16_runs_the_step_under_bf16_autocast(make_run):
+    # train.cpu_bf16: the same run with bf16 matmuls (float32 master weights and loss): the first losses agree
+    # to bf16 rounding of a few layers, and differ from float32's (the autocast really applied)
+    a = rows(train(make_run("fp32", **{"train.tokens": 8 * 32 * 2})).run_dir)
+    b = rows(train(make_run("bf16", **{"train.tokens": 8 * 32 * 2, "train.cpu_bf16": True})).run_dir)
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["loss"] != rb["loss"]
+        assert abs(ra["loss"] - rb["loss"]) < 2e-2 * ra["loss"]
+
+
+def test_compile_on_the_cpu_needs_cpu_bf16(make_run):
+    from dsv3.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.cpu_bf16"):
+        train(make_run(**{"train.compile": True}))

@@ -141,6 +141,9 @@ def train(run: RunConfig, *, resume: bool = False,
         train_data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         step, tokens = int(state["step"]), int(state["tokens"])
+    if t.compile and device.type == "cpu" and not t.cpu_bf16:
+        raise ConfigError("run setting `train.compile` on the CPU needs `train.cpu_bf16 = true`: torch.compile's "
+                          "grouped GEMM (the routed experts) takes bf16 only")
     forward = torch.compile(model) if t.compile else model
     loss_fn = torch.compile(compute_loss) if t.compile else compute_loss  # fused float32 CE over the logits
 
@@ -165,7 +168,7 @@ def train(run: RunConfig, *, resume: bool = False,
 
     def run_eval() -> EvalResult:
         res = evaluate(forward, val_data.iter_in_order(mb, t.eval_batches), token_bytes, device=device,
-                       autocast=t.autocast, doc_mask=d.doc_mask)
+                       autocast=t.autocast, doc_mask=d.doc_mask, cpu_autocast=t.cpu_bf16)
         row = {"step": step, "tokens": tokens, "val_loss": res.loss, "val_bpb": res.bpb,
                "val_mtp": sum(res.mtp) / len(res.mtp) if res.mtp else None, "val_tokens": res.tokens}
         emit(row, "val")
@@ -198,7 +201,8 @@ def train(run: RunConfig, *, resume: bool = False,
             batch = train_data.next_batch(B)
             out = train_step(model, opt, batch.tokens, batch.doc_ids if d.doc_mask else None, objective,
                              micro_batch_size=mb, lr=lr, mtp_lambda=lam, gamma=gamma, grad_clip=t.grad_clip,
-                             device=device, autocast=t.autocast, forward=forward, loss_fn=loss_fn)
+                             device=device, autocast=t.autocast, forward=forward, loss_fn=loss_fn,
+                             cpu_autocast=t.cpu_bf16)
             loads, grad_norm = out.loads, out.grad_norm
             step += 1
             tokens += B * S
@@ -276,13 +280,13 @@ def train_step(
     objective: ObjectiveConfig, *, micro_batch_size: int, lr: float, mtp_lambda: float, gamma: float,
     grad_clip: float = 1.0, device: torch.device | str = "cpu", autocast: bool = True,
     forward: Callable[..., Any] | None = None, mtp: bool | None = None,
-    loss_fn: Callable[..., LossParts] = compute_loss,
+    loss_fn: Callable[..., LossParts] = compute_loss, cpu_autocast: bool = False,
 ) -> StepOutput:
     """One optimiser step on `tokens` [B, S+1] (B a multiple of micro_batch_size): per micro-batch forward,
     loss / n_micro, backward (so the gradient is the batch mean); clip; AdamW at `lr`; then the aux-free bias
     update (when the objective has it) from the dispatch counts of ALL micro-batches. `forward` is the model
     or its torch.compile'd wrapper, `loss_fn` compute_loss or its compiled form; `mtp=False` skips the MTP
-    modules (benchmarks against MTP-less peers)."""
+    modules (benchmarks against MTP-less peers). `autocast`: bf16 autocast on CUDA; `cpu_autocast`: on the CPU."""
     device = torch.device(device)
     forward = model if forward is None else forward
     mb = micro_batch_size
@@ -292,7 +296,7 @@ def train_step(
     for i in range(n_micro):
         x = tokens[i * mb:(i + 1) * mb].to(device, non_blocking=True)
         doc = None if doc_ids is None else doc_ids[i * mb:(i + 1) * mb].to(device, non_blocking=True)
-        with autocast_context(device, autocast):
+        with autocast_context(device, autocast, cpu_autocast):
             out = forward(x[:, :-1], doc_ids=doc, mtp=mtp)
             parts = loss_fn(out, x, objective, mtp_lambda)
         (parts.loss / n_micro).backward()  # the step's gradient is the mean over its micro-batches

@@ -76,8 +76,9 @@ class TrainSection:
     checkpoint_interval: int = 500  # steps between checkpoints (also at the end and on SIGINT/SIGTERM)
     keep_last: int = 3  # checkpoints kept; 0 = all
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    autocast: bool = True  # bf16 autocast on GPU (never on CPU)
-    compile: bool = False  # torch.compile the model
+    autocast: bool = True  # bf16 autocast on GPU (float32 master weights)
+    cpu_bf16: bool = False  # bf16 autocast on the CPU too (for CPUs with native bf16; float32 otherwise)
+    compile: bool = False  # torch.compile the model and the loss (on the CPU: needs cpu_bf16)
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
 
