@@ -91,6 +91,17 @@ def test_validation_order_is_fixed():
     assert len(list(ds.iter_in_order(max_batches=2))) == 2 and ds.state_dict()["position"] == 0
 
 
+def test_sampled_validation_order_covers_every_sequence_once():
+    stream = np.arange(1 + 10 * 4, dtype=np.uint32)
+    ds = TokenDataset(stream, 4, 3, shuffle=False)
+    firsts = [torch.cat([b.tokens for b in ds.iter_in_order(sample_seed=s)])[:, 0].tolist() for s in (1, 1, 2)]
+    assert sorted(firsts[0]) == list(range(0, 40, 4))  # every sequence once
+    assert firsts[0] == firsts[1] != firsts[2]  # the seed decides the order
+    assert firsts[0] != list(range(0, 40, 4))
+    [b] = ds.iter_in_order(batch_size=2, max_batches=1, sample_seed=1)
+    assert b.tokens[:, 0].tolist() == firsts[0][:2] and ds.state_dict()["position"] == 0
+
+
 def test_dataset_errors():
     with pytest.raises(ValueError, match="fewer than seq_len"):
         TokenDataset(np.arange(5, dtype=np.uint32), 8, 1)

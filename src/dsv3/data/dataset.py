@@ -240,14 +240,19 @@ class TokenDataset:
     def __next__(self) -> Batch:
         return self.next_batch()
 
-    def iter_in_order(self, batch_size: int | None = None, max_batches: int | None = None) -> Iterator[Batch]:
-        """Every sequence once, in stream order (the last batch may be smaller); for validation."""
+    def iter_in_order(
+        self, batch_size: int | None = None, max_batches: int | None = None, sample_seed: int | None = None
+    ) -> Iterator[Batch]:
+        """Every sequence once, in stream order (the last batch may be smaller); for validation. With
+        `sample_seed`, in a random order drawn from it instead, so that the first `max_batches` batches are a
+        sample of the whole corpus rather than of the documents that come first."""
         b = batch_size or self.batch_size
-        starts = range(0, self.n_sequences, b)
-        for n, i in enumerate(starts):
+        seqs = (np.arange(self.n_sequences) if sample_seed is None
+                else np.random.default_rng(sample_seed).permutation(self.n_sequences))
+        for n, i in enumerate(range(0, self.n_sequences, b)):
             if max_batches is not None and n >= max_batches:
                 return
-            yield self.sequences(np.arange(i, min(i + b, self.n_sequences)))
+            yield self.sequences(seqs[i:i + b])
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,

@@ -31,6 +31,9 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--seq-len", type=int, default=256, help="tokens per evaluated sequence (default 256)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
+    e.add_argument("--sample", type=int, default=None, metavar="SEED",
+                   help="take the sequences in a random order drawn from SEED: with --max-batches, a sample of "
+                        "the whole corpus instead of its first documents")
     e.add_argument("--doc-mask", action="store_true", help="attention within each document only")
     _device_args(e)
     e.set_defaults(func=cmd_eval)
@@ -120,7 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ValueError(f"--data {' '.join(args.data)} (split {args.split}): {e}") from None
     t0 = time.perf_counter()
-    res = evaluate(model, data.iter_in_order(args.batch_size, args.max_batches), tok.token_bytes(),
+    res = evaluate(model, data.iter_in_order(args.batch_size, args.max_batches, args.sample), tok.token_bytes(),
                    device=device, doc_mask=args.doc_mask)
     mtp = f", MTP loss {sum(res.mtp) / len(res.mtp):.4f}" if res.mtp else ""
     print(f"{args.model}: loss {res.loss:.4f} nats/token, {res.bpb:.4f} bits/byte{mtp} "

@@ -167,8 +167,9 @@ def train(run: RunConfig, *, resume: bool = False,
                     writer.add_scalar(f"{prefix}/{k}", v, row["step"])
 
     def run_eval() -> EvalResult:
-        res = evaluate(forward, val_data.iter_in_order(mb, t.eval_batches), token_bytes, device=device,
-                       autocast=t.autocast, doc_mask=d.doc_mask, cpu_autocast=t.cpu_bf16)
+        # a fixed sample across the whole split (not its first documents), the same at every evaluation
+        res = evaluate(forward, val_data.iter_in_order(mb, t.eval_batches, sample_seed=t.seed), token_bytes,
+                       device=device, autocast=t.autocast, doc_mask=d.doc_mask, cpu_autocast=t.cpu_bf16)
         row = {"step": step, "tokens": tokens, "val_loss": res.loss, "val_bpb": res.bpb,
                "val_mtp": sum(res.mtp) / len(res.mtp) if res.mtp else None, "val_tokens": res.tokens}
         emit(row, "val")
