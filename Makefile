@@ -15,7 +15,7 @@ $(BIN)/dsv3: pyproject.toml
 	@touch $@
 
 # `make demo`: a BPE tokenizer -> pre-training of the `tiny` preset on the Python standard library with the
-# paper's recipe (runs/demo.toml) -> evaluation -> completions of a Python function. About 5 minutes on 2 free
+# paper's recipe (runs/demo.toml) -> evaluation -> completions of a Python function. About 7.5 minutes on 2 free
 # CPU cores; train.max_minutes keeps the whole demo under 10 on a busy machine. OMP_WAIT_POLICY=PASSIVE:
 # on 2 cores shared with other work, OpenMP threads spinning at barriers stall each other (steps measured
 # 4x slower); sleeping threads do not.
