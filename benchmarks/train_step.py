@@ -152,7 +152,7 @@ def main() -> None:
         if master and args.compile and gpu:
             compiled = torch.compile(model, mode=args.compile_mode)
             record(f"{label} + compile, MTP off", "dsv3_compile", ours(model, compiled, False, True), mtp=False)
-        elif args.compile and not args.cpu_bf16:
+        elif args.compile and not gpu and not args.cpu_bf16:
             print("--compile on the CPU needs --cpu-bf16 (torch.compile's grouped GEMM takes bf16 only)")
         if not gpu and args.cpu_bf16:
             record("dsv3 (fp32 master, bf16 autocast), MTP off", "bf16ac_dsv3",

@@ -16,6 +16,7 @@ from dsv3.train.optim import (
     clip_grad_norm,
     init_model,
     init_std,
+    load_optimizer_state,
     param_groups,
     set_lr,
 )
@@ -181,6 +182,32 @@ def test_clip_grad_norm_follows_the_groups_fused_flag_after_a_state_load():
     assert getattr(o1, "grad_scale", None) is None
     assert math.sqrt(sum((p.grad.double() ** 2).sum().item() for p in m1.parameters())) == pytest.approx(1.0, rel=1e-5)
     o1.step()
+
+
+def test_load_optimizer_state_keeps_this_optimisers_fused_choice():
+    # a CPU run's state (fused=None) resumed by a fused AdamW (the loop on CUDA; CPU fused stands in here): the
+    # groups take this optimiser's flag before torch places the step counters, and the fused step then runs
+    # with the clipping handed over as grad_scale, as an uninterrupted fused run would
+    def make(fused):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 4)
+        return m, torch.optim.AdamW(m.parameters(), lr=0.1, fused=fused)
+
+    m0, o0 = make(None)
+    for p in m0.parameters():
+        p.grad = torch.randn_like(p) * 10
+    o0.step()
+    m1, o1 = make(True)
+    m1.load_state_dict(m0.state_dict())
+    load_optimizer_state(o1, o0.state_dict())
+    assert all(g["fused"] for g in o1.param_groups)
+    assert o0.state_dict()["param_groups"][0]["fused"] is None  # the saved state itself is left alone
+    for p in m1.parameters():
+        p.grad = torch.randn_like(p) * 10
+    clip_grad_norm(m1, 1.0, o1)
+    assert o1.grad_scale is not None
+    o1.step()
+    assert all(o1.state[p]["step"].item() == 2 for p in m1.parameters())
 
 
 def test_init_std_scales_with_width(tiny_cfg):

@@ -183,7 +183,8 @@ class TokenDataset:
     in that order and the tail that does not fill a batch is left for the next epoch's shuffle. The whole
     state is (epoch, position in the epoch's order, seed), so `state_dict()`/`load_state_dict()` resume
     bit-identically, also when the batch size changes between calls (batch-size ramp).
-    `iter_in_order()` serves validation: every sequence once, in order, without touching the state.
+    `iter_in_order()` serves validation: every sequence once, in stream order or a seeded random one, without
+    touching the state.
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, *,

@@ -61,7 +61,8 @@ _CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPB
 # latent key head of 576 values. The fused kernels (only the memory-efficient one takes that width) give each
 # block a tile of 32 queries, so a decode step runs a few blocks per sequence: 66 us a layer at 1K context on
 # an H200 with one SM busy (`bench`, batch 1). Two batched GEMMs around a float32 softmax spread the keys over
-# the whole GPU instead, as long as the [B, queries, keys] scores stay small (1 GiB of float32 at most).
+# the whole GPU instead, as long as the [B, queries, keys] scores stay small (2^28 float32 values, 1 GiB; the
+# mask, softmax and cast take about twice that again while they run).
 _FEW_QUERIES = 1024
 _MAX_SCORES = 2**28
 

@@ -27,7 +27,8 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="files, folders, globs, .jsonl (field 'text'), or 'stdlib'")
     e.add_argument("--split", choices=("all", "val", "train"), default="all",
                    help="all documents, or one side of the by-hash split training uses (default all)")
-    e.add_argument("--val-fraction", type=float, default=0.02, help="for --split (default 0.02, as training)")
+    e.add_argument("--val-fraction", type=float, default=0.02,
+                   help="for --split: the run's data.val_fraction (default 0.02, training's default)")
     e.add_argument("--seq-len", type=int, default=256, help="tokens per evaluated sequence (default 256)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")

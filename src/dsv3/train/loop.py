@@ -38,7 +38,7 @@ from dsv3.model import DeepSeekV3
 from dsv3.train.balance import LoadAccumulator, max_vio, routers, update_bias
 from dsv3.train.evaluate import EvalResult, autocast_context, evaluate
 from dsv3.train.objective import LossParts, ObjectiveConfig, compute_loss
-from dsv3.train.optim import build_optimizer, clip_grad_norm, init_model, set_lr
+from dsv3.train.optim import build_optimizer, clip_grad_norm, init_model, load_optimizer_state, set_lr
 from dsv3.train.run import RunConfig
 from dsv3.train.schedule import ScheduleConfig, batch_size, gamma_at, lr_at, mtp_lambda_at, total_steps
 from dsv3.train.state import (
@@ -91,6 +91,9 @@ def train(run: RunConfig, *, resume: bool = False,
     run_dir.mkdir(parents=True, exist_ok=True)
     run.save(run_dir / "train.toml")
     device = resolve_device(t.device)
+    if t.compile and device.type == "cpu" and not t.cpu_bf16:
+        raise ConfigError("run setting `train.compile` on the CPU needs `train.cpu_bf16 = true`: torch.compile's "
+                          "grouped GEMM (the routed experts) takes bf16 only")
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
@@ -135,15 +138,10 @@ def train(run: RunConfig, *, resume: bool = False,
                           bf16_moments=t.bf16_moments, fused=device.type == "cuda" or None)
     step, tokens = 0, 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        for g in opt.param_groups:  # the saved groups carry the saving device's kernel choice, not this one's
-            g["fused"] = opt.defaults.get("fused")
+        load_optimizer_state(opt, state["optimizer"])
         train_data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         step, tokens = int(state["step"]), int(state["tokens"])
-    if t.compile and device.type == "cpu" and not t.cpu_bf16:
-        raise ConfigError("run setting `train.compile` on the CPU needs `train.cpu_bf16 = true`: torch.compile's "
-                          "grouped GEMM (the routed experts) takes bf16 only")
     forward = torch.compile(model) if t.compile else model
     loss_fn = torch.compile(compute_loss) if t.compile else compute_loss  # fused float32 CE over the logits
 

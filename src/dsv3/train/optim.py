@@ -122,6 +122,15 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, keeping this optimiser's kernel choice (`fused`): the saved groups
+    carry the saving run's (a CPU run saves fused=None), and torch places each parameter's `step` counter by the
+    loaded group's flag, so a CPU run resumed on CUDA must be told before loading, not after."""
+    if "fused" in optimizer.defaults:
+        state = {**state, "param_groups": [{**g, "fused": optimizer.defaults["fused"]} for g in state["param_groups"]]}
+    optimizer.load_state_dict(state)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's learning rate (the schedule's value for this step)."""
     for group in optimizer.param_groups:
