@@ -20,6 +20,21 @@ def test_train_eval_sample(make_run, loop_corpus, tmp_path, capsys):
                  "--seq-len", "32", "--max-batches", "2"]) == 0
     out = capsys.readouterr().out
     assert "nats/token" in out and "bits/byte" in out and "over 512 tokens" in out
+    first = out
+
+    def loss(text: str) -> float:
+        return float(text.split("loss ")[1].split(" ")[0])
+
+    # --sample: the same number of sequences drawn across the split, so another set and another loss; all of
+    # them (no --max-batches) in any order give the same loss as in stream order
+    eval_args = ["eval", "--model", latest, "--data", loop_corpus, "--split", "val", "--val-fraction", "0.2",
+                 "--seq-len", "32"]
+    assert main([*eval_args, "--max-batches", "2", "--sample", "3"]) == 0
+    sampled = capsys.readouterr().out
+    assert "over 512 tokens" in sampled and loss(sampled) != loss(first)
+    assert main(eval_args) == 0 and main([*eval_args, "--sample", "3"]) == 0
+    whole, whole_sampled = capsys.readouterr().out.strip().split("\n")
+    assert loss(whole) == pytest.approx(loss(whole_sampled), rel=1e-6)
 
     assert main(["sample", "--model", latest, "--prompt", "def f(x):", "-n", "2", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
