@@ -161,33 +161,12 @@ def test_fused_adamw_clips_inside_its_step_as_clip_grad_norm_does(dtype):
     assert (params["unclipped"].float() - params["clip_"].float()).abs().max().item() > 2 * tol  # clipping mattered
 
 
-def test_clip_grad_norm_follows_the_groups_fused_flag_after_a_state_load():
-    # a state saved by a non-fused AdamW (a CPU run) loaded into a fused one (resumed on CUDA): load_state_dict
-    # restores the groups' fused=None, so the step is not fused and must get clipped gradients, not grad_scale
-    def make(fused):
-        torch.manual_seed(0)
-        m = torch.nn.Linear(4, 4)
-        return m, torch.optim.AdamW(m.parameters(), lr=0.1, fused=fused)
-
-    m0, o0 = make(None)
-    for p in m0.parameters():
-        p.grad = torch.randn_like(p) * 10
-    o0.step()
-    m1, o1 = make(True)
-    o1.load_state_dict(o0.state_dict())
-    assert o1.defaults["fused"] and not o1.param_groups[0]["fused"]
-    for p in m1.parameters():
-        p.grad = torch.randn_like(p) * 10
-    clip_grad_norm(m1, 1.0, o1)
-    assert getattr(o1, "grad_scale", None) is None
-    assert math.sqrt(sum((p.grad.double() ** 2).sum().item() for p in m1.parameters())) == pytest.approx(1.0, rel=1e-5)
-    o1.step()
-
-
-def test_load_optimizer_state_keeps_this_optimisers_fused_choice():
-    # a CPU run's state (fused=None) resumed by a fused AdamW (the loop on CUDA; CPU fused stands in here): the
-    # groups take this optimiser's flag before torch places the step counters, and the fused step then runs
-    # with the clipping handed over as grad_scale, as an uninterrupted fused run would
+@pytest.mark.parametrize("loader", ["load_state_dict", "load_optimizer_state"])
+def test_resuming_a_non_fused_state_with_a_fused_adamw(loader):
+    # A CPU run's state (fused=None) resumed by a fused AdamW (the loop on CUDA; CPU fused stands in here).
+    # Plain load_state_dict restores the groups' fused=None: the step is then not fused and clip_grad_norm must
+    # clip in place, not hand over grad_scale. load_optimizer_state (what the loop uses) gives the groups this
+    # optimiser's flag before torch places the step counters, and the fused step gets grad_scale.
     def make(fused):
         torch.manual_seed(0)
         m = torch.nn.Linear(4, 4)
@@ -199,13 +178,20 @@ def test_load_optimizer_state_keeps_this_optimisers_fused_choice():
     o0.step()
     m1, o1 = make(True)
     m1.load_state_dict(m0.state_dict())
-    load_optimizer_state(o1, o0.state_dict())
-    assert all(g["fused"] for g in o1.param_groups)
-    assert o0.state_dict()["param_groups"][0]["fused"] is None  # the saved state itself is left alone
+    if loader == "load_state_dict":
+        o1.load_state_dict(o0.state_dict())
+    else:
+        load_optimizer_state(o1, o0.state_dict())
+        assert o0.state_dict()["param_groups"][0]["fused"] is None  # the saved state itself is left alone
+    fused = loader == "load_optimizer_state"
+    assert o1.defaults["fused"] and all(bool(g["fused"]) == fused for g in o1.param_groups)
     for p in m1.parameters():
         p.grad = torch.randn_like(p) * 10
     clip_grad_norm(m1, 1.0, o1)
-    assert o1.grad_scale is not None
+    assert (getattr(o1, "grad_scale", None) is not None) == fused
+    if not fused:
+        norm = math.sqrt(sum((p.grad.double() ** 2).sum().item() for p in m1.parameters()))
+        assert norm == pytest.approx(1.0, rel=1e-5)
     o1.step()
     assert all(o1.state[p]["step"].item() == 2 for p in m1.parameters())
 
