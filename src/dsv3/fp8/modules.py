@@ -27,12 +27,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv3.fp8.gemm import fp8_linear
 from dsv3.fp8.quant import dequantize_blockwise, quantize_blockwise
-from dsv3.model.moe import Experts, RouterOutput, combine
+from dsv3.model.moe import Experts, RouterOutput, combine, swiglu
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
@@ -175,8 +174,7 @@ class FP8Experts(_KeepDtypes, Experts):
         T, K = r.topk_idx.shape
         gate_up, down = self.weights(x.dtype, r.topk_idx.flatten())  # [P, 2I, d], [P, d, I]
         h = torch.bmm(x.repeat_interleave(K, dim=0).unsqueeze(1), gate_up.transpose(1, 2))  # [P, 1, 2I]
-        gate, up = h.chunk(2, dim=-1)
-        y = torch.bmm(F.silu(gate) * up, down.transpose(1, 2))  # [P, 1, d]
+        y = torch.bmm(swiglu(h), down.transpose(1, 2))  # [P, 1, d]
         return combine(y.view(T, K, -1), r.weights, x.dtype)
 
 

@@ -51,15 +51,9 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # noqa: ANN001, ANN205 - autograd.Function signature
         (back,) = ctx.saved_tensors
-        K = ctx.K
         g_rows = g.index_select(0, back)
-        if K > 1:  # unrolled over the static K, as the forward's combine: one pointwise kernel once compiled
-            g_rows = g_rows.view(-1, K, g.shape[-1])
-            acc = torch.promote_types(g.dtype, torch.float32)
-            total = g_rows[:, 0].to(acc)
-            for k in range(1, K):
-                total = total + g_rows[:, k].to(acc)
-            g_rows = total.to(g.dtype)
+        if ctx.K > 1:
+            g_rows = combine(g_rows.view(-1, ctx.K, g.shape[-1]), None, g.dtype)
         return g_rows, None, None, None
 
 
@@ -166,21 +160,32 @@ class Experts(nn.Module):
         offs = r.load.cumsum(0).to(torch.int32)  # segment ends, as grouped_mm wants them
         xs = _Gather.apply(x, order // K, inverse, K)  # each token's K copies, in expert order
         h = _grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offs)
-        gate, up = h.chunk(2, dim=-1)
-        ys = _grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offs)
+        ys = _grouped_mm(swiglu(h), down_proj.transpose(1, 2), offs=offs)
         # unsort with one gather (an index_copy scatter ran ~3x slower on an H200; its backward is the gather
         # by `order`)
         return combine(_Gather.apply(ys, inverse, order, 1).view(T, K, -1), r.weights, x.dtype)
 
 
-def combine(y: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """sum_k weights[:, k] * y[:, k] for each token's K expert outputs y [T, K, d], in float32 (float64 for
-    float64 models), returned in `dtype`. Unrolled over the static K so torch.compile emits one pointwise
-    kernel with coalesced row reads; a [T, K, d] reduction over K compiled to a 4x slower kernel."""
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for the stacked experts' gate_up output h [..., 2I] (gate columns first)."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def combine(y: torch.Tensor, weights: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """sum_k weights[:, k] * y[:, k] (a plain sum when `weights` is None) for each token's K rows y [T, K, d],
+    in float32 (float64 for float64 models), returned in `dtype`. Unrolled over the static K so torch.compile
+    emits one pointwise kernel with coalesced row reads; a [T, K, d] reduction over K compiled to a 4x slower
+    kernel. Serves the gated combine of the expert outputs and the dispatch's backward."""
     acc = torch.promote_types(y.dtype, torch.float32)
-    out = y[:, 0].to(acc) * weights[:, :1]
+
+    def term(k: int) -> torch.Tensor:
+        row = y[:, k].to(acc)
+        return row if weights is None else row * weights[:, k : k + 1]
+
+    out = term(0)
     for k in range(1, y.shape[1]):
-        out = out + y[:, k].to(acc) * weights[:, k : k + 1]
+        out = out + term(k)
     return out.to(dtype)
 
 
