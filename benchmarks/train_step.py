@@ -107,20 +107,27 @@ def main() -> None:
         rows.append({"impl": label, "ms/step": f"{t * 1e3:.1f}", "tokens/s": f"{tps:,.0f}", "MFU": f"{mfu:.1%}"})
         result[key] = {"tokens_per_s": tps, "mfu": mfu, "ms_per_step": t * 1e3}
 
+    def timed(label: str, key: str, fn) -> float | None:  # noqa: ANN001
+        """fn's median step time, or None with the failure recorded: one failing configuration must not lose
+        the others' figures."""
+        try:
+            return time_fn(fn, device, warmup=args.warmup, iters=args.iters)
+        except Exception as e:  # noqa: BLE001
+            error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            print(f"{label}: failed: {error}", flush=True)
+            rows.append({"impl": label, "ms/step": "failed"})
+            result[key] = {"error": error}
+            return None
+
     def record(label: str, key: str, fn, mtp: bool) -> None:
         if not gpu:  # a shared 2-core CPU drifts: interleave the configurations so drift hits all alike
             pending.append((label, key, fn, mtp))
             return
-        try:
-            t = time_fn(fn, device, warmup=args.warmup, iters=args.iters)
-        except Exception as e:  # one failing configuration must not lose the others' figures
-            print(f"{label}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
-            rows.append({"impl": label, "ms/step": "failed"})
-            result[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-            return
-        if args.profile:  # after the timing: the profiled calls are extra training steps of the same model
-            profile_kernels(fn, device, label, n=2)
-        finish(label, key, t, mtp)
+        t = timed(label, key, fn)
+        if t is not None:
+            if args.profile:  # after the timing: the profiled calls are extra training steps of the same model
+                profile_kernels(fn, device, label, n=2)
+            finish(label, key, t, mtp)
 
     compiled_loss = torch.compile(compute_loss, mode=args.compile_mode) if args.compile else compute_loss
 
@@ -203,15 +210,9 @@ def main() -> None:
                 times = time_interleaved({key: fn for _, key, fn, _ in pending}, device, args.warmup, args.iters)
             except Exception as e:  # noqa: BLE001 - find the failing configuration, keep the others' figures
                 print(f"interleaved timing failed ({type(e).__name__}: {e}); timing one at a time", flush=True)
-                times = {}
-                for label, key, fn, _ in pending:
-                    try:
-                        times[key] = time_fn(fn, device, warmup=args.warmup, iters=args.iters)
-                    except Exception as e2:  # noqa: BLE001
-                        rows.append({"impl": label, "ms/step": "failed"})
-                        result[key] = {"error": f"{type(e2).__name__}: {str(e2).splitlines()[0][:300]}"}
+                times = {key: timed(label, key, fn) for label, key, fn, _ in pending}
             for label, key, _, mtp in pending:
-                if key in times:
+                if times[key] is not None:
                     finish(label, key, times[key], mtp)
     tps = {k: v.get("tokens_per_s", 0.0) for k, v in result.items()}
     best = max((v for k, v in tps.items() if k.startswith("dsv3") and k != "dsv3_mtp"), default=0.0)
