@@ -21,6 +21,7 @@ the GPU, against a measured float32 matmul rate on the CPU. Prints a table, then
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import warnings
 
@@ -149,34 +150,40 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as ckpt:
         save_model(model, ckpt)  # the peer's weights: the same model, before any of our steps change it
-        # fp32 master weights; bf16 autocast on the GPU (the loop's recipe)
-        label = "dsv3 (fp32 master, bf16 autocast)" if gpu else "dsv3 (fp32)"
-        master = not (gpu and args.pure_bf16 and args.skip_master)
-        if master:
-            record(f"{label}, MTP off", "dsv3", ours(model, model, False, True), mtp=False)
-        if master and not args.no_mtp_row:
-            record(f"{label}, MTP on", "dsv3_mtp", ours(model, model, True, True), mtp=True)
-        if master and args.compile and gpu:
-            compiled = torch.compile(model, mode=args.compile_mode)
-            record(f"{label} + compile, MTP off", "dsv3_compile", ours(model, compiled, False, True), mtp=False)
-        elif args.compile and not gpu and not args.cpu_bf16:
-            print("--compile on the CPU needs --cpu-bf16 (torch.compile's grouped GEMM takes bf16 only)")
-        if not gpu and args.cpu_bf16:
-            record("dsv3 (fp32 master, bf16 autocast), MTP off", "bf16ac_dsv3",
-                   ours(model, model, False, True, cpu_autocast=True), mtp=False)
-            if args.compile:
+
+        def time_ours(model: DeepSeekV3) -> None:  # a scope of its own: its models, optimisers and graphs die with it
+            # fp32 master weights; bf16 autocast on the GPU (the loop's recipe)
+            label = "dsv3 (fp32 master, bf16 autocast)" if gpu else "dsv3 (fp32)"
+            master = not (gpu and args.pure_bf16 and args.skip_master)
+            if master:
+                record(f"{label}, MTP off", "dsv3", ours(model, model, False, True), mtp=False)
+            if master and not args.no_mtp_row:
+                record(f"{label}, MTP on", "dsv3_mtp", ours(model, model, True, True), mtp=True)
+            if master and args.compile and gpu:
                 compiled = torch.compile(model, mode=args.compile_mode)
-                record("dsv3 (fp32 master, bf16 autocast) + compile, MTP off", "bf16ac_dsv3_compile",
-                       ours(model, compiled, False, True, cpu_autocast=True), mtp=False)
-        if gpu and args.pure_bf16:
-            m16 = model.to(torch.bfloat16)
-            record("dsv3 (pure bf16), MTP off", "dsv3_bf16", ours(m16, m16, False, False), mtp=False)
-            if args.compile:
-                c16 = torch.compile(m16, mode=args.compile_mode)
-                record("dsv3 (pure bf16) + compile, MTP off", "dsv3_bf16_compile", ours(m16, c16, False, False),
-                       mtp=False)
+                record(f"{label} + compile, MTP off", "dsv3_compile", ours(model, compiled, False, True), mtp=False)
+            elif args.compile and not gpu and not args.cpu_bf16:
+                print("--compile on the CPU needs --cpu-bf16 (torch.compile's grouped GEMM takes bf16 only)")
+            if not gpu and args.cpu_bf16:
+                record("dsv3 (fp32 master, bf16 autocast), MTP off", "bf16ac_dsv3",
+                       ours(model, model, False, True, cpu_autocast=True), mtp=False)
+                if args.compile:
+                    compiled = torch.compile(model, mode=args.compile_mode)
+                    record("dsv3 (fp32 master, bf16 autocast) + compile, MTP off", "bf16ac_dsv3_compile",
+                           ours(model, compiled, False, True, cpu_autocast=True), mtp=False)
+            if gpu and args.pure_bf16:
+                m16 = model.to(torch.bfloat16)
+                record("dsv3 (pure bf16), MTP off", "dsv3_bf16", ours(m16, m16, False, False), mtp=False)
+                if args.compile:
+                    c16 = torch.compile(m16, mode=args.compile_mode)
+                    record("dsv3 (pure bf16) + compile, MTP off", "dsv3_bf16_compile", ours(m16, c16, False, False),
+                           mtp=False)
+
+        time_ours(model)
         del model
-        if gpu:
+        if gpu:  # free our models' memory and CUDA-graph pools before the peer's step allocates its own
+            torch._dynamo.reset()
+            gc.collect()
             torch.cuda.empty_cache()
 
         if not args.no_peer:

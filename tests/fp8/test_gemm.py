@@ -130,7 +130,7 @@ def test_cuda_scaled_mm_matches_emulation_cpu_path_and_float64(shape):
     q, s = quantize_blockwise(w)
     xb = x.to(torch.bfloat16)
     assert gemm.scaled_mm_supported(xb.cuda(), q)
-    got = fp8_linear(xb.cuda(), q.cuda(), s.cuda()).cpu().double()
+    got = gemm.scaled_mm_blockwise(xb.cuda(), q.cuda(), s.cuda()).cpu().double()  # the kernel at every M
     # 1. the same quantised operands in float64: cuBLAS adds only float32 accumulation (promoted every 128 of
     # K) and the bfloat16 output rounding, 2^-9 relative (HARDWARE.md measured 1.7e-3 relative overall)
     xq, xs = quantize_activation_1x128(xb)
@@ -156,7 +156,7 @@ def test_cuda_scaled_mm_matches_emulation_cpu_path_and_float64(shape):
 @cuda
 def test_cuda_shapes_cublas_refuses_fall_back_to_dequantise():
     for n, k in [(128, 384), (80, 200)]:
-        x, w = operands(8, n, k)
+        x, w = operands(gemm.GEMV_MAX_ROWS + 1, n, k)
         q, s = quantize_blockwise(w)
         xb = x.to(torch.bfloat16).cuda()
         assert not gemm.scaled_mm_supported(xb, q)

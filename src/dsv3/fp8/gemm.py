@@ -1,6 +1,8 @@
 """GEMMs with 128x128 block-scaled E4M3 weights: y = x W^T, W = q * scale_inv per block (SPEC 2, 6).
 
-Two kernels behind one call, `fp8_linear`:
+Three kernels behind one call, `fp8_linear`:
+- CUDA, at most GEMV_MAX_ROWS rows (decode): `dsv3.model.gemv` streams the E4M3 weight once, applying the
+  block scales to each 128-deep float32 partial sum; the activation stays unquantised. Any K.
 - CUDA, bfloat16 activations, K a multiple of 512 (`scaled_mm_shape_ok`): cuBLAS's blockwise-scaled FP8
   GEMM through `torch._scaled_mm`. x is quantised online per token per 128 channels
   (`quantize_activation_1x128`), the weight keeps its checkpoint scales; cuBLAS applies both scales to each
@@ -21,8 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.fp8.quant import dequantize_blockwise, quantize_activation_1x128
+from dsv3.model.gemv import gemv, gemv_supported
 
 BLOCK = 128
+GEMV_MAX_ROWS = 8  # decode batches: below a GEMM tile, where cuBLAS would pad M and quantise x first
 
 
 def scaled_mm_shape_ok(n: int, k: int) -> bool:
@@ -62,8 +66,11 @@ def scaled_mm_blockwise(x: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tenso
 
 def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ W^T with W [N, K] = q * scale_inv block-wise; the result has x's dtype and device."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] <= GEMV_MAX_ROWS and gemv_supported(x):
+        return gemv(rows, q, scale_inv=scale_inv).view(*x.shape[:-1], q.shape[0])
     if scaled_mm_supported(x, q):
-        return scaled_mm_blockwise(x.reshape(-1, x.shape[-1]), q, scale_inv).view(*x.shape[:-1], q.shape[0])
+        return scaled_mm_blockwise(rows, q, scale_inv).view(*x.shape[:-1], q.shape[0])
     return F.linear(x, dequantize_blockwise(q, scale_inv, x.dtype))
 
 

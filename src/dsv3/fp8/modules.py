@@ -8,12 +8,12 @@ weights kept as the FP8 checkpoint stores them, E4M3 with float32 128x128 block 
   `gate_up_proj_scale_inv` [E, 2 ceil(I/128), ceil(d/128)] (the gate's block rows, then the up
   projection's: each half keeps its own checkpoint grid, which the concatenation would not have when I is
   not a multiple of 128), `down_proj` [E, d, I] with `down_proj_scale_inv` [E, ceil(d/128), ceil(I/128)].
-  A forward with at least as many (token, expert) pairs as experts dequantises all experts to the
-  activation dtype and runs the model's own grouped GEMMs. Fewer pairs on CUDA (decode: 8 pairs per token
-  against V3's 256 experts) dequantise only the experts the pairs use, one copy per pair, and multiply pair
-  by pair (`per_pair`). On the CPU the grouped path always runs, so a kept model's CPU logits stay identical
-  to the dequantised load's. (F.scaled_grouped_mm in torch 2.11 takes rowwise or MX scales, not
-  DeepSeek's 128x128 blocks.)
+  A forward with at least 4E (token, expert) pairs dequantises all E experts to the activation dtype and
+  runs the model's own grouped GEMMs. Fewer pairs on CUDA (decode: 8 pairs per token, so batches up to 127
+  tokens with V3's 256 experts) take the model's `few_pairs` path, whose kernel (`dsv3.model.gemv`) streams the
+  E4M3 bytes of each pair's expert once and applies the block scales itself. On the CPU the grouped path
+  always runs, so a kept model's CPU logits stay identical to the dequantised load's. (F.scaled_grouped_mm in
+  torch 2.11 takes rowwise or MX scales, not DeepSeek's 128x128 blocks.)
 - `dense_weight(dtype)` gives the dequantised matrix to code that multiplies by a weight directly (MLA's
   absorbed decode path reads kv_b_proj's W_UK and W_UV); `to_fp8_` keeps that one cached, dequantised
   once after loading (1/64 of V3's weights).
@@ -31,7 +31,7 @@ from torch import nn
 
 from dsv3.fp8.gemm import fp8_linear
 from dsv3.fp8.quant import dequantize_blockwise, quantize_blockwise
-from dsv3.model.moe import Experts, RouterOutput, combine, swiglu
+from dsv3.model.moe import Experts
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
@@ -139,18 +139,9 @@ class FP8Experts(_KeepDtypes, Experts):
             new.down_proj_scale_inv.data.copy_(sd)
         return new
 
-    def weights(self, dtype: torch.dtype, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantise every expert (or the experts `idx` [P], one per entry) to `dtype`: gate_up [E or P, 2I, d],
-        down [E or P, d, I]."""
-
-        def take(t: torch.Tensor) -> torch.Tensor:
-            if idx is None:
-                return t
-            if t.dtype == FP8:  # gather the codes as bytes: index kernels cover every device's uint8
-                return t.view(torch.uint8).index_select(0, idx).view(FP8)
-            return t.index_select(0, idx)
-
-        q, s = take(self.gate_up_proj), take(self.gate_up_proj_scale_inv)
+    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert dequantised to `dtype`: gate_up [E, 2I, d], down [E, d, I]."""
+        q, s = self.gate_up_proj, self.gate_up_proj_scale_inv
         if self.inter % BLOCK == 0:  # the halves' block grids line up: one pass over the stack
             gate_up = dequantize_blockwise(q, s, dtype)
         else:
@@ -159,23 +150,15 @@ class FP8Experts(_KeepDtypes, Experts):
                 dequantize_blockwise(q[:, : self.inter], s[:, :rows], dtype),
                 dequantize_blockwise(q[:, self.inter :], s[:, rows:], dtype),
             ], dim=1)
-        return gate_up, dequantize_blockwise(take(self.down_proj), take(self.down_proj_scale_inv), dtype)
+        return gate_up, dequantize_blockwise(self.down_proj, self.down_proj_scale_inv, dtype)
 
-    def forward(self, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
-        T, K = r.topk_idx.shape
-        if x.is_cuda and T * K < self.gate_up_proj.shape[0]:
-            return self.per_pair(x, r)
-        return super().forward(x, r)
+    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        return self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj, self.down_proj_scale_inv
 
-    def per_pair(self, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
-        """The routed output for few tokens: each (token, expert) pair p = t*K + k multiplies x[t] by its own
-        dequantised copy of expert topk_idx[t, k] (batched GEMMs over the pairs), then `combine`. Reads
-        T*K experts' E4M3 bytes instead of all E."""
-        T, K = r.topk_idx.shape
-        gate_up, down = self.weights(x.dtype, r.topk_idx.flatten())  # [P, 2I, d], [P, d, I]
-        h = torch.bmm(x.repeat_interleave(K, dim=0).unsqueeze(1), gate_up.transpose(1, 2))  # [P, 1, 2I]
-        y = torch.bmm(swiglu(h), down.transpose(1, 2))  # [P, 1, d]
-        return combine(y.view(T, K, -1), r.weights, x.dtype)
+    def max_streamed_pairs(self) -> int:
+        # the grouped path dequantises all E experts (read 1 byte, write and re-read 2 per weight): streaming
+        # up to 4E pairs' E4M3 bytes moves less
+        return 4 * self.gate_up_proj.shape[0]
 
 
 def _absorbed(name: str) -> bool:

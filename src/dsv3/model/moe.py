@@ -2,7 +2,8 @@
 
 The router computes in float32 (SPEC 1.4): sigmoid affinities, a selection-only bias, group-limited top-k
 with -inf masking, gates = unbiased affinities normalised and scaled. Routed experts are stacked weights
-run by grouped GEMM over tokens sorted by expert: no Python loop over experts, no host sync.
+run by grouped GEMM over tokens sorted by expert: no Python loop over experts, no host sync. Fewer
+(token, expert) pairs than experts (decode) stream each pair's expert through `dsv3.model.gemv` instead.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.model.gemv import gemv, gemv_supported
 from dsv3.model.layers import MLP
 
 _grouped_mm_kernel = getattr(F, "grouped_mm", None) or torch._grouped_mm
@@ -150,11 +152,22 @@ class Experts(nn.Module):
         """(gate_up_proj, down_proj) as the grouped GEMMs read them; dsv3.fp8's FP8Experts dequantises here."""
         return self.gate_up_proj, self.down_proj
 
+    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(gate_up_proj, its scale_inv, down_proj, its scale_inv) as `gemv` streams them; no scales here."""
+        return self.gate_up_proj, None, self.down_proj, None
+
+    def max_streamed_pairs(self) -> int:
+        """Below this many (token, expert) pairs `few_pairs` runs: fewer pairs than experts, so streaming an
+        expert per pair reads at most the bytes of the experts the grouped GEMMs could touch."""
+        return self.gate_up_proj.shape[0]
+
     def forward(self, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
         """sum_k g_k * expert_{idx_k}(x) for x [T, d]: sort the T*K (token, expert) pairs by expert, run two
         grouped GEMMs over the contiguous per-expert segments, unsort, and weight-sum the K outputs."""
-        gate_up_proj, down_proj = self.weights(x.dtype)
         T, K = r.topk_idx.shape
+        if T * K < self.max_streamed_pairs() and gemv_supported(x):
+            return self.few_pairs(x, r)
+        gate_up_proj, down_proj = self.weights(x.dtype)
         order = r.topk_idx.flatten().argsort(stable=True)  # pair p = t*K + k, sorted by expert
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * K, device=order.device))
         offs = r.load.cumsum(0).to(torch.int32)  # segment ends, as grouped_mm wants them
@@ -164,6 +177,15 @@ class Experts(nn.Module):
         # unsort with one gather (an index_copy scatter ran ~3x slower on an H200; its backward is the gather
         # by `order`)
         return combine(_Gather.apply(ys, inverse, order, 1).view(T, K, -1), r.weights, x.dtype)
+
+    def few_pairs(self, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+        """The same sum for few pairs (CUDA, no autograd): each pair's expert streamed once by `gemv`, gate_up
+        on the token's row, down on the SwiGLU of that output computed as it is read; no sort, no padding."""
+        T, K = r.topk_idx.shape
+        gate_up, gate_up_s, down, down_s = self.gemv_operands()
+        idx = r.topk_idx.flatten()
+        h = gemv(x, gate_up, idx, gate_up_s, rows_per_x=K, split=gate_up.shape[1] // 2)  # [T*K, 2I]
+        return combine(gemv(h, down, idx, down_s, swiglu=True).view(T, K, -1), r.weights, x.dtype)
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
