@@ -78,6 +78,9 @@ def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="swiglu"):
         gemv(torch.randn(3, 32, device="cuda"), w, torch.zeros(3, dtype=torch.long, device="cuda"), swiglu=True)
     assert not gemv_supported(torch.randn(2, 32, device="cuda", requires_grad=True))
+    assert not gemv_supported(torch.randn(2, 32, device="cuda"), w.requires_grad_())  # a weight being trained
+    with torch.no_grad():
+        assert gemv_supported(torch.randn(2, 32, device="cuda", requires_grad=True), w)
 
 
 def test_experts_take_it_for_fewer_pairs_than_experts(monkeypatch):

@@ -47,6 +47,13 @@ def test_validate_names_the_field():
     run = RunConfig.load(None, ["--model.n_group", "3"])
     with pytest.raises(ConfigError, match="n_routed_experts"):
         run.validate()
+    run = RunConfig.load(None, ["--train.compile_mode", "fastest"])
+    with pytest.raises(ConfigError, match="train.compile_mode.*one of default, reduce-overhead"):
+        run.validate()
+    run = RunConfig.load(None, ["--train.compile_mode", "reduce-overhead", "--train.batch_size", "16"])
+    with pytest.raises(ConfigError, match="batch_size == micro_batch_size .got 16 and 8.*169545"):
+        run.validate()
+    RunConfig.load(None, ["--train.compile_mode", "reduce-overhead", "--train.batch_size", "8"]).validate()
 
 
 def test_parse_overrides_reads_toml_values():

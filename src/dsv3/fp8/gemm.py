@@ -67,7 +67,7 @@ def scaled_mm_blockwise(x: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tenso
 def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ W^T with W [N, K] = q * scale_inv block-wise; the result has x's dtype and device."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] <= GEMV_MAX_ROWS and gemv_supported(x):
+    if rows.shape[0] <= GEMV_MAX_ROWS and gemv_supported(x, q):
         return gemv(rows, q, scale_inv=scale_inv).view(*x.shape[:-1], q.shape[0])
     if scaled_mm_supported(x, q):
         return scaled_mm_blockwise(rows, q, scale_inv).view(*x.shape[:-1], q.shape[0])

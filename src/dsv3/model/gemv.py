@@ -26,11 +26,12 @@ except ImportError:  # CPU-only installs: the callers' general paths run
 BLOCK = 128  # FP8 scale block, and the kernel's K step
 
 
-def gemv_supported(x: torch.Tensor) -> bool:
-    """Whether `gemv` runs for activations x: CUDA with Triton, a 16- or 32-bit float dtype, no autograd."""
+def gemv_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether `gemv` runs for activations x and these weights: CUDA with Triton, a 16- or 32-bit float x,
+    and nothing autograd would need a gradient for (the kernel has no backward)."""
     return (
         triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)))
     )
 
 

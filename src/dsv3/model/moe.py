@@ -165,7 +165,7 @@ class Experts(nn.Module):
         """sum_k g_k * expert_{idx_k}(x) for x [T, d]: sort the T*K (token, expert) pairs by expert, run two
         grouped GEMMs over the contiguous per-expert segments, unsort, and weight-sum the K outputs."""
         T, K = r.topk_idx.shape
-        if T * K < self.max_streamed_pairs() and gemv_supported(x):
+        if T * K < self.max_streamed_pairs() and gemv_supported(x, self.gate_up_proj, self.down_proj):
             return self.few_pairs(x, r)
         gate_up_proj, down_proj = self.weights(x.dtype)
         order = r.topk_idx.flatten().argsort(stable=True)  # pair p = t*K + k, sorted by expert

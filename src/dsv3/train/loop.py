@@ -142,8 +142,8 @@ def train(run: RunConfig, *, resume: bool = False,
         train_data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         step, tokens = int(state["step"]), int(state["tokens"])
-    forward = torch.compile(model) if t.compile else model
-    loss_fn = torch.compile(compute_loss) if t.compile else compute_loss  # fused float32 CE over the logits
+    forward = torch.compile(model, mode=t.compile_mode) if t.compile else model
+    loss_fn = torch.compile(compute_loss, mode=t.compile_mode) if t.compile else compute_loss  # fused float32 CE
 
     # ---- logging -----------------------------------------------------------------------------------
     metrics_path = run_dir / METRICS

@@ -51,6 +51,9 @@ class DataSection:
     cache_dir: str = ""  # token cache; default $DSV3_CACHE/tokens (~/.cache/dsv3/tokens)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
 @dataclass
 class TrainSection:
     tokens: int = 2_000_000  # the run's length: schedules are fractions of it
@@ -79,6 +82,9 @@ class TrainSection:
     autocast: bool = True  # bf16 autocast on GPU (float32 master weights)
     cpu_bf16: bool = False  # bf16 autocast on the CPU too (for CPUs with native bf16; float32 otherwise)
     compile: bool = False  # torch.compile the model and the loss (on the CPU: needs cpu_bf16)
+    # with compile: "reduce-overhead" replays CUDA graphs (GPU; needs batch_size == micro_batch_size:
+    # with gradient accumulation it fails, pytorch/pytorch#169545), "max-autotune" tunes the GEMMs too
+    compile_mode: str = "default"
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
 
@@ -166,6 +172,10 @@ class RunConfig:
         need(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         need(t.batch_size >= t.micro_batch_size and t.batch_size % t.micro_batch_size == 0, "train.batch_size",
              f"must be a positive multiple of micro_batch_size={t.micro_batch_size}")
+        need(t.compile_mode in COMPILE_MODES, "train.compile_mode", f"must be one of {', '.join(COMPILE_MODES)}")
+        need(t.compile_mode != "reduce-overhead" or t.batch_size == t.micro_batch_size, "train.compile_mode",
+             f"reduce-overhead needs batch_size == micro_batch_size (got {t.batch_size} and {t.micro_batch_size}): "
+             "its CUDA graphs fail with gradient accumulation (pytorch/pytorch#169545)")
         need(t.lr >= 0, "train.lr", "must be >= 0")
         need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0: no clipping)")
         need(t.balance in BALANCE_MODES, "train.balance", f"must be one of {', '.join(BALANCE_MODES)}")
