@@ -23,7 +23,7 @@ def within_output_rounding(got: torch.Tensor, ref: torch.Tensor, absum: torch.Te
     return bool(((got.double().cpu() - ref).abs() <= ulp * ref.abs() + 2.0**-14 * absum + 1e-30).all())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_stacked_rows_and_swiglu_match_float64(dtype):
     g = torch.Generator().manual_seed(0)
     E, N, K, T, topk = 6, 200, 333, 3, 2  # N and K off every tile size
@@ -70,13 +70,29 @@ def test_e4m3_block_scales_match_float64_including_split_grids():
     wrong = torch.einsum("pnk,pk->pn", dequantize_blockwise(q, s[:, :4], torch.float64)[idx], rows)  # one grid
     assert not torch.allclose(wrong, ref)  # the case tells the two grids apart
 
+    # the down projection [E, d, I] with E4M3 weights, ragged K = I = 200, SwiGLU on the loaded gate_up output;
+    # index tensor and scales handed over as non-contiguous views
+    qd, sd = quantize_blockwise(torch.randn(E, d, inter, generator=g))
+    wd = dequantize_blockwise(qd, sd, torch.float64)
+    h = torch.randn(len(idx), 2 * inter, generator=g).to(torch.bfloat16)
+    idx2 = torch.stack([idx, idx], 1)[:, 0]  # stride 2
+    got = gemv(h.cuda(), qd.cuda(), idx2.cuda(), sd.cuda().transpose(1, 2).contiguous().transpose(1, 2), swiglu=True)
+    a = F.silu(h[:, :inter].double()) * h[:, inter:].double()
+    ref = torch.einsum("pnk,pk->pn", wd[idx], a)
+    absum = torch.einsum("pnk,pk->pn", wd[idx].abs(), a.abs())
+    assert within_output_rounding(got, ref, absum, torch.bfloat16)
+
 
 def test_bad_shapes_are_refused():
     w = torch.randn(2, 16, 32, device="cuda")
-    with pytest.raises(ValueError, match="do not fit"):
-        gemv(torch.randn(3, 31, device="cuda"), w, torch.zeros(3, dtype=torch.long, device="cuda"))
-    with pytest.raises(ValueError, match="swiglu"):
-        gemv(torch.randn(3, 32, device="cuda"), w, torch.zeros(3, dtype=torch.long, device="cuda"), swiglu=True)
+    zeros = torch.zeros(3, dtype=torch.long, device="cuda")
+    for x, kw in [(torch.randn(3, 31), {}), (torch.randn(3, 32), {"swiglu": True}), (torch.randn(2, 32), {}),
+                  (torch.randn(1, 3, 32), {}), (torch.randn(2, 32), {"rows_per_x": 2})]:
+        with pytest.raises(ValueError, match="do not fit"):
+            gemv(x.cuda(), w, zeros, **kw)
+    q = w.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="block grid"):
+        gemv(torch.randn(3, 32, device="cuda"), q, zeros, torch.ones(2, 2, 1, device="cuda"))
     assert not gemv_supported(torch.randn(2, 32, device="cuda", requires_grad=True))
     assert not gemv_supported(torch.randn(2, 32, device="cuda"), w.requires_grad_())  # a weight being trained
     with torch.no_grad():
@@ -108,12 +124,17 @@ def test_experts_take_it_for_fewer_pairs_than_experts(monkeypatch):
     assert calls == [1, 2]
 
 
-def test_fp8_linear_streams_few_rows_and_gemms_more():
+def test_fp8_linear_streams_few_rows_and_gemms_more(monkeypatch):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(576, 768, generator=g)  # K = 768: not a multiple of 512, so cuBLAS's FP8 GEMM refuses it
     q, s = quantize_blockwise(w)
     wd = dequantize_blockwise(q, s, torch.float64)
+    rows = []
+    monkeypatch.setattr(gemm, "gemv", lambda x, *a, **kw: rows.append(x.shape[0]) or gemv(x, *a, **kw))
     for m in (1, gemm.GEMV_MAX_ROWS):
-        x = torch.randn(m, 768, generator=g).to(torch.bfloat16)
-        got = gemm.fp8_linear(x.cuda(), q.cuda(), s.cuda())
-        assert within_output_rounding(got, x.double() @ wd.T, x.double().abs() @ wd.abs().T, torch.bfloat16)
+        x = torch.randn(2, m, 768, generator=g).to(torch.bfloat16)  # leading dims are flattened into rows
+        got = gemm.fp8_linear(x[0].cuda(), q.cuda(), s.cuda())
+        assert within_output_rounding(got, x[0].double() @ wd.T, x[0].double().abs() @ wd.abs().T, torch.bfloat16)
+    gemm.fp8_linear(torch.randn(gemm.GEMV_MAX_ROWS + 1, 768, device="cuda", dtype=torch.bfloat16), q.cuda(),
+                    s.cuda())
+    assert rows == [1, gemm.GEMV_MAX_ROWS]

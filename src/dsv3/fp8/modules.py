@@ -3,7 +3,8 @@ weights kept as the FP8 checkpoint stores them, E4M3 with float32 128x128 block 
 
 - `FP8Linear` replaces a bias-free nn.Linear: `weight` E4M3 [out, in] and `weight_scale_inv` float32
   [ceil(out/128), ceil(in/128)], the checkpoint's own names, so the HF name table maps them unchanged.
-  Its forward is `fp8_linear` (cuBLAS blockwise FP8 GEMM on CUDA, dequantise + matmul elsewhere).
+  Its forward is `fp8_linear` (on CUDA the few-row kernel for <= 8 rows, else cuBLAS's blockwise FP8 GEMM;
+  dequantise + matmul elsewhere).
 - `FP8Experts` replaces the stacked routed experts: `gate_up_proj` E4M3 [E, 2I, d] with
   `gate_up_proj_scale_inv` [E, 2 ceil(I/128), ceil(d/128)] (the gate's block rows, then the up
   projection's: each half keeps its own checkpoint grid, which the concatenation would not have when I is

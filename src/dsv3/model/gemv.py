@@ -28,11 +28,13 @@ BLOCK = 128  # FP8 scale block, and the kernel's K step
 
 def gemv_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether `gemv` runs for activations x and these weights: CUDA with Triton, a 16- or 32-bit float x,
-    and nothing autograd would need a gradient for (the kernel has no backward)."""
-    return (
-        triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)))
-    )
+    E4M3 weights only where Triton has the type (compute capability 8.9+: Ada, Hopper), and nothing autograd
+    would need a gradient for (the kernel has no backward)."""
+    if triton is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    if any(w.dtype == torch.float8_e4m3fn for w in weights) and torch.cuda.get_device_capability(x.device) < (8, 9):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)))
 
 
 if triton is not None:
@@ -96,12 +98,17 @@ def gemv(
         P = x.shape[0]
         w3, s3 = w.unsqueeze(0), None if scale_inv is None else scale_inv.unsqueeze(0)
     else:
-        P, w3, s3 = idx.numel(), w, scale_inv
+        P, w3, s3, idx = idx.numel(), w, scale_inv, idx.reshape(-1).contiguous()
     _, N, K = w3.shape
-    if x.shape[-1] != (2 * K if swiglu else K) or w3.stride(-1) != 1:
-        raise ValueError(f"gemv: activations {tuple(x.shape)} do not fit the weight {tuple(w.shape)}"
-                         f"{' (swiglu takes 2K columns)' if swiglu else ''}, or its rows are not contiguous")
+    if x.dim() != 2 or x.shape[1] != (2 * K if swiglu else K) or x.shape[0] * rows_per_x != P:
+        raise ValueError(f"gemv: activations {tuple(x.shape)} do not fit the weight {tuple(w.shape)} for {P} rows "
+                         f"(x is [P / rows_per_x, {'2K' if swiglu else 'K'}])")
+    grid_rows = -(-N // BLOCK) if split is None else 2 * -(-split // BLOCK)
+    if s3 is not None and tuple(s3.shape[1:]) != (grid_rows, -(-K // BLOCK)):
+        raise ValueError(f"gemv: scale_inv {tuple(scale_inv.shape)} is not the 128x128 block grid of {tuple(w.shape)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
+    w3 = w3 if w3.stride(-1) == 1 else w3.contiguous()
+    s3 = None if s3 is None else s3.contiguous()
     y = torch.empty(P, N, dtype=x.dtype, device=x.device)
     if P == 0:
         return y
