@@ -1,0 +1,105 @@
+"""Decode's few-row GEMMs on the GPU: dsv3.model.gemv against cuBLAS / grouped_mm and the bandwidth floor.
+
+    python -m benchmarks.gemv
+
+Shapes of the `bench` preset at batch 1: each dense linear [N, K] times one row (bf16 cuBLAS vs gemv, and
+gemv with E4M3 weights + 128x128 scales), and one token's 8 routed pairs of 64 experts (gate_up [1152, 1536],
+down [1536, 576] with SwiGLU applied on load) against the two grouped_mm calls the grouped path makes. Each
+kernel is captured 50 times in a CUDA graph and replayed (what decode does), so the time is the GPU's, not
+the launcher's. floor = weight bytes / the measured device-to-device copy bandwidth. Prints a table, then one
+JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import device_name, emit_json, print_table
+from dsv3.model.gemv import gemv
+
+LINEARS = [(768, 1536), (3072, 768), (576, 1536), (1536, 2048), (1152, 1536), (1536, 576), (32768, 1536)]
+
+
+def replay_us(fn, n: int = 50) -> float:  # noqa: ANN001
+    """Mean GPU time of fn in microseconds, from a CUDA graph of n calls replayed twice."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    g.replay()
+    g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (2 * n)
+
+
+def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written)."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    return nbytes / (replay_us(lambda: b.copy_(a), n=10) * 1e-6)
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    fp8 = torch.float8_e4m3fn
+    rows = []
+
+    def add(name: str, nbytes: int, **times: float) -> None:
+        row = {"case": name, "MB": f"{nbytes / 1e6:.1f}", "floor us": f"{nbytes / bw * 1e6:.1f}"}
+        row.update({k: f"{v:.1f}" for k, v in times.items()})
+        rows.append(row)
+
+    for n, k in LINEARS:
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        q = torch.randn(n, k, device=dev).to(fp8)
+        s = torch.rand(-(-n // 128), -(-k // 128), device=dev)
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        add(f"linear {n}x{k}", n * k * 2, **{"cuBLAS bf16 us": replay_us(lambda: F.linear(x, w)),
+                                              "gemv bf16 us": replay_us(lambda: gemv(x, w)),
+                                              "gemv e4m3 us": replay_us(lambda: gemv(x, q, scale_inv=s))})
+
+    E, topk, d, inter = 64, 8, 1536, 576
+    idx = torch.randperm(E, device=dev)[:topk]
+    x = torch.randn(1, d, device=dev, dtype=torch.bfloat16)
+    h = torch.randn(topk, 2 * inter, device=dev, dtype=torch.bfloat16)
+    offs = torch.zeros(E, dtype=torch.int32, device=dev)
+    offs[idx] = 1
+    offs = offs.cumsum(0).to(torch.int32)
+    grouped = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    xs = x.expand(topk, d).contiguous()
+    gate_up = torch.randn(E, 2 * inter, d, device=dev, dtype=torch.bfloat16)
+    down = torch.randn(E, d, inter, device=dev, dtype=torch.bfloat16)
+    gate_up8, down8 = gate_up.to(fp8), down.to(fp8)
+    s_gu = torch.rand(E, 2 * -(-inter // 128), d // 128, device=dev)
+    s_dn = torch.rand(E, d // 128, -(-inter // 128), device=dev)
+    a = F.silu(h[:, :inter]) * h[:, inter:]
+    add("experts gate_up, 8 pairs", topk * 2 * inter * d * 2,
+        **{"cuBLAS bf16 us": replay_us(lambda: grouped(xs, gate_up.transpose(1, 2), offs=offs)),
+           "gemv bf16 us": replay_us(lambda: gemv(x, gate_up, idx, rows_per_x=topk)),
+           "gemv e4m3 us": replay_us(lambda: gemv(x, gate_up8, idx, s_gu, rows_per_x=topk, split=inter))})
+    add("experts down (+SwiGLU), 8 pairs", topk * inter * d * 2,
+        **{"cuBLAS bf16 us": replay_us(lambda: grouped(a, down.transpose(1, 2), offs=offs)),
+           "gemv bf16 us": replay_us(lambda: gemv(h, down, idx, swiglu=True)),
+           "gemv e4m3 us": replay_us(lambda: gemv(h, down8, idx, s_dn, swiglu=True))})
+
+    print(f"few-row GEMMs, {device_name(dev)}, copy bandwidth {bw / 1e12:.2f} TB/s; floor = bf16 weight bytes / "
+          "bandwidth (E4M3: half); experts: cuBLAS column = grouped_mm (grouped path, SwiGLU not included)")
+    print_table(rows, ["case", "MB", "floor us", "cuBLAS bf16 us", "gemv bf16 us", "gemv e4m3 us"])
+    emit_json({"bench": "gemv", "device": device_name(dev), "copy_bandwidth": bw, "torch": torch.__version__,
+               "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
