@@ -66,9 +66,11 @@ def main() -> None:
         q = torch.randn(n, k, device=dev).to(fp8)
         s = torch.rand(-(-n // 128), -(-k // 128), device=dev)
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
-        add(f"linear {n}x{k}", n * k * 2, **{"cuBLAS bf16 us": replay_us(lambda: F.linear(x, w)),
-                                              "gemv bf16 us": replay_us(lambda: gemv(x, w)),
-                                              "gemv e4m3 us": replay_us(lambda: gemv(x, q, scale_inv=s))})
+        add(f"linear {n}x{k}", n * k * 2, **{
+            "cuBLAS bf16 us": replay_us(lambda x=x, w=w: F.linear(x, w)),
+            "gemv bf16 us": replay_us(lambda x=x, w=w: gemv(x, w)),
+            "gemv e4m3 us": replay_us(lambda x=x, q=q, s=s: gemv(x, q, scale_inv=s)),
+        })
 
     E, topk, d, inter = 64, 8, 1536, 576
     idx = torch.randperm(E, device=dev)[:topk]
