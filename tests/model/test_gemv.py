@@ -83,6 +83,13 @@ def test_e4m3_block_scales_match_float64_including_split_grids():
     assert within_output_rounding(got, ref, absum, torch.bfloat16)
 
 
+def test_e4m3_weights_need_sm89(monkeypatch):
+    x, q = torch.randn(2, 32, device="cuda"), torch.zeros(16, 32, device="cuda").to(torch.float8_e4m3fn)
+    assert gemv_supported(x, q)  # the H200
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    assert not gemv_supported(x, q) and gemv_supported(x, q.to(torch.bfloat16))
+
+
 def test_bad_shapes_are_refused():
     w = torch.randn(2, 16, 32, device="cuda")
     zeros = torch.zeros(3, dtype=torch.long, device="cuda")

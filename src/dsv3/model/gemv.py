@@ -26,13 +26,20 @@ except ImportError:  # CPU-only installs: the callers' general paths run
 BLOCK = 128  # FP8 scale block, and the kernel's K step
 
 
+@torch.compiler.assume_constant_result
+def _has_e4m3(device: torch.device) -> bool:
+    """Triton's fp8e4nv needs compute capability 8.9+ (Ada, Hopper). A constant of the device: torch.compile
+    folds it instead of tracing the CUDA query."""
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def gemv_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether `gemv` runs for activations x and these weights: CUDA with Triton, a 16- or 32-bit float x,
     E4M3 weights only where Triton has the type (compute capability 8.9+: Ada, Hopper), and nothing autograd
     would need a gradient for (the kernel has no backward)."""
     if triton is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
-    if any(w.dtype == torch.float8_e4m3fn for w in weights) and torch.cuda.get_device_capability(x.device) < (8, 9):
+    if any(w.dtype == torch.float8_e4m3fn for w in weights) and not _has_e4m3(x.device):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)))
 
