@@ -72,10 +72,17 @@ def random_model(
     cfg: ModelConfig, dtype: torch.dtype = torch.float32, std: float = 0.1, seed: int = 0,
     bias_std: float = 0.1,
 ) -> DeepSeekV3:
-    """DeepSeekV3(cfg) with N(0, std) weights (0.1: logits of order 1, not tiny) and random router biases."""
+    """DeepSeekV3(cfg) with N(0, std) weights (0.1: logits of order 1, not tiny), RMSNorm weights drawn from
+    U(0.5, 1.5) (all ones would hide a norm that skips its weight, or two norms swapped), and random router
+    biases."""
     torch.manual_seed(seed)
     model = DeepSeekV3(cfg)
     model.init_weights(std)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
     randomize_bias_(model, bias_std, seed)
     return model.to(dtype).eval()
 
