@@ -128,8 +128,10 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         cfg = self.cfg
-        # float32: the sigmoid scores decide routing, and bf16 rounding flips near-ties between experts
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        # at least float32: the sigmoid scores decide routing, and bf16 rounding flips near-ties between experts
+        # (float64 models stay float64, so float64 references hold the router to float64 rounding too)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        scores = F.linear(x.to(acc), self.weight.to(acc)).sigmoid()
         weights, idx = route(
             scores, self.e_score_correction_bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
             cfg.norm_topk_prob, cfg.routed_scaling_factor,
