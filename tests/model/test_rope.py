@@ -124,3 +124,53 @@ def test_apply_rope_broadcasts_over_heads_and_is_relative():
         torch.testing.assert_close(d, dots[0], rtol=1e-12, atol=1e-12)  # float64 rotations
     # and rotation preserves norms
     torch.testing.assert_close(rot(q, 9).norm(dim=-1), q.norm(dim=-1), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("mscale", "mscale_all_dim"), [(1.0, 0.0), (1.0, 0.5)], ids=["mscale1-all0", "mscale1-all0.5"]
+)
+def test_rotary_embedding_applies_yarn_magnitude_like_transformers(make_cfg, mscale, mscale_all_dim):
+    # mscale != mscale_all_dim: the cos/sin magnitude is not 1, so a forward that drops it is caught here
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+        DeepseekV3RotaryEmbedding,
+        apply_rotary_pos_emb_interleave,
+    )
+
+    rs = {**YARN, "mscale": mscale, "mscale_all_dim": mscale_all_dim}
+    cfg = make_cfg(rope_scaling=rs, qk_rope_head_dim=16, rope_theta=10000.0)
+    s = float(rs["factor"])
+    # float64 hand formula of YaRN's magnitude: (0.1 m ln s + 1) / (0.1 m_all ln s + 1)
+    mag = (0.1 * mscale * math.log(s) + 1) / (0.1 * mscale_all_dim * math.log(s) + 1)
+    assert mag > 1.05  # 1.1386 and 1.0653 for s = 4: far from 1
+
+    rot = RotaryEmbedding(cfg)
+    pos = torch.tensor([[0, 1, 5, 63, 200, 511]])
+    cos, sin = rot(pos)
+
+    # hand reference: float64 angles from the (separately checked) frequencies, scaled by the hand magnitude
+    freqs, _ = rope_frequencies(cfg)
+    angle = pos.double()[..., None] * freqs
+    torch.testing.assert_close(cos.double(), mag * angle.cos(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(sin.double(), mag * angle.sin(), rtol=0, atol=1e-5)
+    assert cos[0, 0].double().sub(mag).abs().max() < 1e-6  # position 0: cos is exactly the magnitude
+
+    # transformers' DeepSeek-V3 rotary embedding (cos/sin as cat(f, f), float32)
+    hcfg = DeepseekV3Config(**cfg.to_dict())
+    hrot = DeepseekV3RotaryEmbedding(hcfg)
+    hcos, hsin = hrot(torch.zeros(1, dtype=torch.float32), pos)
+    d2 = cfg.qk_rope_head_dim // 2
+    torch.testing.assert_close(cos, hcos[..., :d2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(sin, hsin[..., :d2], rtol=0, atol=1e-5)
+
+    # and the rotated q/k: transformers returns the rotated pairs de-interleaved ([x0 parts | x1 parts])
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 6, 3, 16, generator=g)  # [B, S, H, d_R]
+    k = torch.randn(1, 6, 16, generator=g)  # [B, S, d_R], shared by the heads
+    hq, hk = apply_rotary_pos_emb_interleave(q, k[:, :, None], hcos, hsin, unsqueeze_dim=2)
+    for ours, ref in ((apply_rope(q, cos, sin), hq), (apply_rope(k, cos, sin), hk[:, :, 0])):
+        torch.testing.assert_close(ours[..., 0::2], ref[..., :d2], rtol=0, atol=1e-4)
+        torch.testing.assert_close(ours[..., 1::2], ref[..., d2:], rtol=0, atol=1e-4)
+    # the rotation scales every pair's norm by the magnitude
+    torch.testing.assert_close(
+        apply_rope(q, cos, sin).double().norm(dim=-1), mag * q.double().norm(dim=-1), rtol=1e-5, atol=0
+    )

@@ -38,21 +38,66 @@ def test_bits_per_byte_by_hand():
     assert math.isclose(res.mtp[0], sum(nll[t] for t in [2, 1, 3, 0]) / 4, rel_tol=1e-6)
 
 
-def test_sample_greedy_and_seeded(loop_tok_dir):
+def test_sample_greedy_and_seeded(loop_tok_dir, monkeypatch):
+    import copy
+
     from dsv3.data.tokenizer import Tokenizer
     from dsv3.model import DeepSeekV3
     from tests.train.conftest import tiny_config
 
     tok = Tokenizer.from_pretrained(loop_tok_dir)  # 300 ids; the model has 320 rows, 20 of them padding
+    n = len(tok)
+    assert n == 300
     torch.manual_seed(0)
     model = DeepSeekV3(tiny_config(vocab_size=320))
     model.init_weights(0.2)
-    with torch.no_grad():  # make a padding row the favourite: sampling must still never produce it
-        model.lm_head.weight[310] = model.norm.weight.detach() * 5
+    with torch.no_grad():  # make the padding rows the favourites: sampling must still never produce them
+        g = torch.Generator().manual_seed(0)
+        model.lm_head.weight[n:] = torch.randn(320 - n, model.lm_head.weight.shape[1], generator=g) * 2
+    ref_model = copy.deepcopy(model).double().eval()  # the reference: the same weights, float64 forward
     prompt = "def f(x):"
-    a = sample(model, tok, prompt, max_new_tokens=5)
-    logits = model(torch.tensor([tok.encode(prompt)]), mtp=False).logits[0, -1]
-    first = tok.decode([int(logits[: len(tok)].argmax())])
-    assert a.startswith(first) and a == sample(model, tok, prompt, max_new_tokens=5)
-    b = sample(model, tok, prompt, max_new_tokens=5, temperature=1.0, top_k=10, seed=3)
-    assert b == sample(model, tok, prompt, max_new_tokens=5, temperature=1.0, top_k=10, seed=3)
+    prompt_ids = tok.encode(prompt)
+
+    def ref_logits(prefix: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return ref_model(torch.tensor([prompt_ids + prefix]), mtp=False).logits[0, -1]
+
+    # the setup has teeth: unmasked, a padding row would win the first step
+    assert int(ref_logits([]).argmax()) >= n
+
+    decoded: list[list[int]] = []  # every id list that sample() hands to the tokenizer
+    real_decode = tok.decode
+
+    def spy(ids):
+        ids = [int(i) for i in ids]
+        decoded.append(ids)
+        return real_decode(ids)
+
+    monkeypatch.setattr(tok, "decode", spy)
+
+    # greedy: every step is the float64 argmax over the tokenizer's ids (1e-4: float32 vs float64 ties)
+    a = sample(model, tok, prompt, max_new_tokens=6)
+    greedy = decoded[-1]
+    assert a == real_decode(greedy) and 0 < len(greedy) <= 6
+    for t, nxt in enumerate(greedy):
+        ref = ref_logits(greedy[:t])
+        assert nxt < n, f"greedy step {t} produced padding id {nxt}"
+        assert int(ref.argmax()) >= n  # ... and at every later step
+        assert ref[nxt] >= ref[:n].max() - 1e-4, f"greedy step {t}: {nxt} is not the argmax"
+    assert a == sample(model, tok, prompt, max_new_tokens=6)
+
+    # top-k sampling: every sampled id is a real token among the k best of the reference logits at its step
+    k, seen = 10, 0
+    for seed in range(4):
+        b = sample(model, tok, prompt, max_new_tokens=8, temperature=1.0, top_k=k, seed=seed)
+        ids = decoded[-1]
+        assert b == real_decode(ids) and len(ids) <= 8
+        for t, nxt in enumerate(ids):
+            assert nxt < n, f"seed {seed} step {t} produced padding id {nxt}"
+            ref = ref_logits(ids[:t])[:n]
+            kth = ref.topk(k).values[-1]
+            assert ref[nxt] >= kth - 1e-4, f"seed {seed} step {t}: {nxt} is outside the top {k}"
+            seen += 1
+        assert b == sample(model, tok, prompt, max_new_tokens=8, temperature=1.0, top_k=k, seed=seed)
+    assert seen >= 16  # enough sampled steps that ignoring top_k would show
+    assert all(i < n for ids in decoded for i in ids)
