@@ -73,11 +73,14 @@ def test_compile_needs_a_bf16_model(model_dir: Path) -> None:
 
 def test_chat_keeps_the_conversation(model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     prompts: list[list[int]] = []
+    replies: list[str] = []
     original = Engine.generate
 
     def spy(self, prompt, params=None, stream=False):
         prompts.append(list(prompt))
-        return original(self, prompt, params, stream)
+        deltas = list(original(self, prompt, params, stream))  # chat streams: the text it prints
+        replies.append("".join(d.text for d in deltas))
+        return iter(deltas)
 
     lines = iter(["hello there", "", "and again"])
 
@@ -96,8 +99,13 @@ def test_chat_keeps_the_conversation(model_dir: Path, monkeypatch: pytest.Monkey
     assert len(prompts) == 2  # the empty line asked nothing
     first, second = (tok.decode(p) for p in prompts)
     assert "hello there" in first and "and again" not in first
-    assert second.startswith(first)  # the second turn carries the first exchange, reply included
-    assert "and again" in second
+    assert second.startswith(first)  # the second turn carries the first exchange
+    assert replies[0].strip() and replies[0] in second[len(first):]  # the first reply included, not dropped
+    # exactly the template over the conversation so far: question, that reply, the new question
+    assert prompts[1] == tok.apply_chat_template(
+        [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": replies[0]},
+         {"role": "user", "content": "and again"}], add_generation_prompt=True, tokenize=True)
+    assert capsys.readouterr().out.startswith(replies[0])  # the reply kept is the one the user saw
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,7 +1,10 @@
-"""The engine against independent references: full-recompute greedy decoding, one request at a time, and the
-stop rules applied by hand to a reference output."""
+"""The engine against independent references: full-recompute greedy decoding, one request at a time, the
+stop rules applied by hand to a reference output, and exact distributions of sampled tokens."""
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ import torch
 from dsv3.infer import Engine, SamplingParams, generate
 from dsv3.infer.block_manager import CacheExhausted
 from tests.infer.conftest import CharTokenizer
+from tests.infer.test_sampling import _reference
 
 
 def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
@@ -19,6 +23,13 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
             x = torch.tensor([tokens], device=model.embed_tokens.weight.device)
             tokens.append(int(model(x, mtp=False).logits[0, -1].argmax()))
     return tokens[len(prompt):]
+
+
+def tv_bound(exact: torch.Tensor, n: int, fail: float = 1e-6) -> float:
+    """A total-variation bound between n samples' frequencies and their exact distribution that a correct
+    sampler exceeds with probability < `fail`: E[TV] <= 1/2 sum sqrt(p(1-p)/n) (Jensen), and one sample moves
+    TV by at most 1/n, so P(TV > E[TV] + e) <= exp(-2 n e^2) (McDiarmid)."""
+    return float(0.5 * (exact * (1 - exact) / n).sqrt().sum()) + math.sqrt(math.log(1 / fail) / (2 * n))
 
 
 def _prompts(vocab: int, lengths: tuple[int, ...], seed: int = 0) -> list[list[int]]:
@@ -56,6 +67,31 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(model64) -> None:
     assert [r.token_ids for r in engine.generate(prompts, params)] == alone
     reseeded = [SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=40, seed=s) for s in (1, 2, 3)]
     assert [r.token_ids for r in engine.generate(prompts, reseeded)] != alone
+
+
+def test_sampling_follows_each_requests_temperature_top_k_top_p(make_cfg, make_model) -> None:
+    """Interleaved seeded requests of two kinds, T=0.3 with top_k=2 and T=0.8 with top_p=0.7, on a vocabulary
+    of 8. Their first two tokens (a prefill draw, then a decode draw) must stay inside each kind's allowed set,
+    and their joint frequencies must match the exact P(t1, t2) = r(t1 | prompt) r(t2 | prompt, t1), r being
+    softmax(logits / T) restricted and renormalised, from full forwards in float64. Sampling at T=1 alone
+    already moves kind 1's P(t1 = argmax) from 0.85 to 0.63, far past the bound (~0.11)."""
+    model = make_model(make_cfg(vocab_size=8, num_nextn_predict_layers=0), std=0.3)
+    V, prompt, n = 8, [1, 2, 3], 1200
+    kinds = [SamplingParams(max_tokens=2, temperature=0.3, top_k=2),
+             SamplingParams(max_tokens=2, temperature=0.8, top_p=0.7)]
+    with torch.inference_mode():
+        first = model(torch.tensor([prompt]), mtp=False).logits[0, -1].double()
+        second = model(torch.tensor([[*prompt, t] for t in range(V)]), mtp=False).logits[:, -1].double()
+    engine = Engine(model, None, block_size=4, cache_tokens=8 * 2 * n, max_num_seqs=2 * n,
+                    max_num_batched_tokens=len(prompt) * 2 * n)
+    params = [dataclasses.replace(kind, seed=i) for i in range(n) for kind in kinds]
+    out = torch.tensor([r.token_ids for r in engine.generate([prompt] * (2 * n), params)]).view(n, 2, 2)
+    for j, kind in enumerate(kinds):
+        exact = _reference(first, kind).unsqueeze(1) * torch.stack([_reference(row, kind) for row in second])
+        counts = torch.bincount(out[:, j, 0] * V + out[:, j, 1], minlength=V * V).view(V, V)
+        assert counts[exact == 0].sum() == 0, kind  # no token outside top-k / the nucleus, at either step
+        tv = 0.5 * (counts / n - exact).abs().sum()
+        assert tv < tv_bound(exact, n), (kind, tv)
 
 
 def test_stop_rules_against_reference_output(model64) -> None:
