@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from dsv3.cli import main
 from dsv3.config import preset
@@ -45,7 +48,14 @@ def test_flops_hand_count():
     )
     skipped = (cfg.n_routed_experts - cfg.num_experts_per_tok) * 3 * cfg.hidden_size * cfg.moe_intermediate_size
     matmul = matrices - cfg.n_moe_layers * skipped
-    attn = 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers
+    # attention: what PyTorch's own FLOP counter charges one query's SDPA over 100 keys, per layer
+    q = torch.zeros(1, cfg.num_attention_heads, 1, cfg.qk_head_dim)
+    k = torch.zeros(1, cfg.num_attention_heads, 100, cfg.qk_head_dim)
+    v = torch.zeros(1, cfg.num_attention_heads, 100, cfg.v_head_dim)
+    with FlopCounterMode(display=False) as counter:
+        F.scaled_dot_product_attention(q, k, v)
+    attn = counter.get_total_flops() // 100 * cfg.num_hidden_layers
+    assert attn == 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers
     assert forward_flops_per_token(cfg, 100) == 2 * matmul + attn * 100
     assert forward_flops_per_token(cfg, 100, causal_mean=True) == int(2 * matmul + attn * 50.5)
 
