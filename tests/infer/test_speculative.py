@@ -157,6 +157,21 @@ def test_sampled_mtp_speculation_preserves_the_distribution(make_cfg, make_model
     assert tv < tv_bound(exact, n), tv
 
 
+def test_mtp_drafts_accepted_whole_keep_the_distribution(make_cfg, make_model) -> None:
+    """Both output norms zeroed: the model and its MTP module give uniform p = q, so every draft is accepted
+    and the emitted tokens are exactly the drafts. They must still be uniform over the V^2 pairs (t2, t3): a
+    drafter that takes any draft's argmax instead of sampling it (22% acceptance dilutes that for draft 2 in the
+    test above) concentrates t2 or t3 on one token."""
+    model = make_model(make_cfg(vocab_size=8), std=0.3)
+    with torch.no_grad():
+        model.norm.weight.zero_()
+        model.mtp[0].shared_head.norm.weight.zero_()
+    prompt, n = [1, 2, 3], 2000
+    exact = torch.full((8, 8), 1 / 64, dtype=torch.float64)
+    tv = 0.5 * (_speculative_samples(model, prompt, n, mtp=2) - exact).abs().sum()
+    assert tv < tv_bound(exact, n), tv
+
+
 def test_uniforms_are_per_request() -> None:
     """A request's random stream does not depend on its batch neighbours (seeds are batch-independent)."""
     a = [torch.Generator().manual_seed(s) for s in (1, 2)]
