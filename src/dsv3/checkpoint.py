@@ -156,6 +156,9 @@ def save_model(
         raise ValueError("the model holds FP8 weights (loaded with fp8='keep'): save it with fp8=True")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from other users and jobs
     try:
         cfg = model.cfg.to_dict()
         cfg["torch_dtype"] = _dtype_name(model.embed_tokens.weight.dtype)
@@ -198,6 +201,7 @@ def save_model(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        fsync_dir(tmp)  # the files' names (the shard renames included), before the directory is published
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -206,14 +210,57 @@ def save_model(
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Move directory src to dst; an existing dst is swapped out first and deleted only afterwards."""
+    """Move directory src to dst; an existing dst is swapped out first (to `.NAME.old-PID`, which a crash
+    before the second rename leaves for `restore_replaced` to put back) and deleted only afterwards."""
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, old)
     os.replace(src, dst)
+    fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_replaced(parent: Path) -> None:
+    """Undo a `_replace_dir` cut short between its two renames: `.NAME.old-PID` goes back to NAME when NAME
+    is missing (with NAME present, the swap completed and the old copy is garbage)."""
+    for p in Path(parent).iterdir():
+        m = re.fullmatch(r"\.(.+)\.old-\d+", p.name)
+        if m and p.is_dir() and not (p.parent / m[1]).exists():
+            os.replace(p, p.parent / m[1])
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the directory's entries (renames, new files) durable; a no-op where directories cannot be
+    opened for fsync (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Replace the text file at `path` in one rename after an fsync: a crash or a full disk leaves the old
+    contents or the new, never an empty or half file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 # ---- loading --------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import signal
 import threading
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dsv3.checkpoint import load_model
+from dsv3.checkpoint import load_model, write_atomic
 from dsv3.config import ConfigError, ModelConfig
 from dsv3.data.corpus import iter_documents, limit_bytes, split_documents
 from dsv3.data.dataset import TokenDataset, tokenize_corpus
@@ -367,14 +366,19 @@ def _arch(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the rows of steps <= `step` (atomically): a resumed run rewrites what came after."""
+    """Keep the rows of steps <= `step` (atomically): a resumed run rewrites what came after. A row the crash
+    cut short (a partial last line: full disk, kill, power loss) is dropped, not a reason to refuse resuming."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text("utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), "utf-8")
-    os.replace(tmp, path)
+    keep = []
+    for line in path.read_text("utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row["step"] <= step:
+            keep.append(line)
+    write_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def say(msg: str, show: bool) -> None:

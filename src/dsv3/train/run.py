@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsv3.checkpoint import write_atomic
 from dsv3.config import ConfigError, ModelConfig, preset
 from dsv3.train.objective import BALANCE_MODES
 
@@ -214,7 +215,8 @@ class RunConfig:
         return "\n".join(lines) + "\n"
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_toml(), "utf-8")
+        """Write the settings to `path` atomically: a resumed run rewrites them, and they are its only copy."""
+        write_atomic(path, self.to_toml())
 
 
 def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:

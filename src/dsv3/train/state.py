@@ -6,7 +6,10 @@ run needs beside it: the tokenizer (tokenizer.json, tokenizer_config.json), so `
 states, step and tokens, the schedule the bias update follows). All of it is written by `save_model`'s one
 atomic mechanism (a temporary directory renamed into place), so a crash leaves no half checkpoint, and then
 `latest`, a relative symlink, is swapped to it with os.replace (atomic too): `latest` always names a complete
-checkpoint. Only then are checkpoints beyond the last `keep_last` deleted.
+checkpoint. Only then are checkpoints beyond the last `keep_last` deleted, each renamed out of the `step-N`
+namespace first so that an interrupted deletion never leaves a half checkpoint under a checkpoint's name.
+Directory entries are fsynced before anything older is deleted. Where symlinks are not allowed, `latest` is
+not made (with a warning) and resuming takes the newest complete `step-N`.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dsv3.checkpoint import save_model
+from dsv3.checkpoint import fsync_dir, restore_replaced, save_model
 from dsv3.data.tokenizer import Tokenizer
 from dsv3.model import DeepSeekV3
 
@@ -31,19 +35,25 @@ STATE_FORMAT = 1
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
+def _complete(p: Path) -> bool:
+    return (p / TRAINER_STATE).is_file() and (p / "model.safetensors.index.json").is_file()
+
+
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     """The run's complete checkpoints `step-N`, oldest first."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m[1]), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    found = [(int(m[1]), p) for p in root.iterdir()
+             if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir() and _complete(p)]
     return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """RUN/checkpoints/latest when it names a checkpoint, else the newest step-N (None if there is none)."""
+    """RUN/checkpoints/latest when it is our link to a complete checkpoint, else the newest complete step-N
+    (None if there is none). A `latest` that is a real directory (a copy) is not trusted: it may be stale."""
     link = Path(run_dir) / CHECKPOINTS / LATEST
-    if (link / TRAINER_STATE).is_file():
+    if link.is_symlink() and _complete(link):
         return link
     dirs = checkpoint_dirs(run_dir)
     return dirs[-1] if dirs else None
@@ -78,20 +88,31 @@ def save_checkpoint(
 
     save_model(model, path, extra_files=extra)
     point_latest(root, path.name)
+    fsync_dir(root)  # the new checkpoint and the link are durable before any older checkpoint goes
     if keep_last:
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
             if old.name != path.name:
-                shutil.rmtree(old, ignore_errors=True)
+                doomed = old.with_name(f".{old.name}.del-{os.getpid()}")
+                os.replace(old, doomed)  # out of the step-N namespace in one rename, then deleted at leisure
+                shutil.rmtree(doomed, ignore_errors=True)
     return path
 
 
 def point_latest(root: Path, name: str) -> None:
-    """Make root/latest a relative symlink to root/name, replacing the old one in one atomic rename."""
+    """Make root/latest a relative symlink to root/name, replacing the old one in one atomic rename. Where that
+    fails (no symlinks on this filesystem, or `latest` replaced by a real directory) training goes on with a
+    warning: resuming then finds the newest complete step-N by name."""
     tmp = root / f".{LATEST}.tmp-{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(name, tmp, target_is_directory=True)
-    os.replace(tmp, root / LATEST)
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(name, tmp, target_is_directory=True)
+        os.replace(tmp, root / LATEST)
+    except OSError as e:
+        if tmp.is_symlink():
+            tmp.unlink()
+        warnings.warn(f"could not point {root / LATEST} at {name} ({e}); the newest checkpoint is {root / name}",
+                      RuntimeWarning, stacklevel=3)
 
 
 def load_trainer_state(ckpt: str | Path) -> dict[str, Any]:
@@ -105,13 +126,15 @@ def load_trainer_state(ckpt: str | Path) -> dict[str, Any]:
 
 
 def remove_partial(run_dir: str | Path) -> None:
-    """Delete what an interrupted save leaves behind: save_model's `.step-N.tmp-*` / `.step-N.old-*`
-    directories and a stray `.latest.tmp-*` link. Complete checkpoints are never touched."""
+    """Clean up after an interrupted save: a checkpoint swapped out by save_model's replace (`.step-N.old-*`)
+    goes back to `step-N` when the swap did not finish, then temporaries (`.step-N.tmp-*`, leftover `.old-*`,
+    pruned `.step-N.del-*`, a stray `.latest.tmp-*` link) are deleted. Complete checkpoints are never touched."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return
+    restore_replaced(root)
     for p in root.iterdir():
-        if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+        if p.name.startswith(".") and any(s in p.name for s in (".tmp-", ".old-", ".del-")):
             if p.is_symlink() or p.is_file():
                 p.unlink()
             else:
