@@ -51,6 +51,15 @@ def time_interleaved(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second by a large device-to-device copy (median of 20)."""
+    n = 2**30 if device.type == "cuda" else 2**26
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, warmup=3, iters=20)
+    return 2 * n / t
+
+
 def cpu_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
     """Measured matmul rate of this CPU in `dtype` (there is no datasheet peak to count against)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)

@@ -59,7 +59,15 @@ if not __package__:  # run as a script (python benchmarks/decode.py): the reposi
     _root = Path(__file__).resolve().parents[1]
     sys.path[:0] = [str(_root), str(_root / "src")]
 
-from benchmarks.common import device_name, emit_json, print_table, profile_kernels, sync, time_fn  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    copy_bandwidth,
+    device_name,
+    emit_json,
+    print_table,
+    profile_kernels,
+    sync,
+    time_fn,
+)
 from dsv3.config import ModelConfig, preset  # noqa: E402
 from dsv3.infer import Engine, SamplingParams  # noqa: E402
 from dsv3.info import count_params  # noqa: E402
@@ -77,15 +85,6 @@ def log(msg: str) -> None:
 
 
 # -- roofline ---------------------------------------------------------------------------------------------
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes read + written per second by a large device-to-device copy (median of 20)."""
-    n = 2**30 if device.type == "cuda" else 2**26
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device, warmup=3, iters=20)
-    return 2 * n / t
-
-
 def experts_touched(cfg: ModelConfig, batch: int) -> float:
     """Expected distinct routed experts a batch of `batch` tokens reaches in one MoE layer (uniform routing)."""
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok

@@ -17,7 +17,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import device_name, emit_json, print_table
+from benchmarks.common import copy_bandwidth, device_name, emit_json, print_table
 from dsv3.model.gemv import gemv
 
 LINEARS = [(768, 1536), (3072, 768), (576, 1536), (1536, 2048), (1152, 1536), (1536, 576), (32768, 1536)]
@@ -40,13 +40,6 @@ def replay_us(fn, n: int = 50) -> float:  # noqa: ANN001
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / (2 * n)
-
-
-def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth in bytes/s (bytes read + written)."""
-    a = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    return nbytes / (replay_us(lambda: b.copy_(a), n=10) * 1e-6)
 
 
 def main() -> None:
