@@ -1,6 +1,6 @@
 """DeepSeekMoE (paper §2.1.2, eqs. 12-16): shared experts plus fine-grained routed experts.
 
-The router computes in float32 (SPEC 1.4): sigmoid affinities, a selection-only bias, group-limited top-k
+The router computes in at least float32 (SPEC 1.4): sigmoid affinities, a selection-only bias, group-limited top-k
 with -inf masking, gates = unbiased affinities normalised and scaled. Routed experts are stacked weights
 run by grouped GEMM over tokens sorted by expert: no Python loop over experts, no host sync. Fewer
 (token, expert) pairs than experts (decode) stream each pair's expert through `dsv3.model.gemv` instead.
