@@ -6,13 +6,15 @@ Shapes of the `bench` preset at batch 1: each dense linear [N, K] times one row 
 gemv with E4M3 weights + 128x128 scales), and one token's 8 routed pairs of 64 experts (gate_up [1152, 1536],
 down [1536, 576] with SwiGLU applied on load) against the two grouped_mm calls the grouped path makes. Each
 kernel is captured 50 times in a CUDA graph and replayed (what decode does), so the time is the GPU's, not
-the launcher's. floor = weight bytes / the measured device-to-device copy bandwidth. Prints a table, then one
-JSON line.
+the launcher's; the calls cycle through enough copies of the weights (experts: through all 64) that each one
+reads them from HBM, as decode does, not from the L2 cache. floor = weight bytes / the measured
+device-to-device copy bandwidth. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +25,19 @@ from dsv3.model.gemv import gemv
 LINEARS = [(768, 1536), (3072, 768), (576, 1536), (1536, 2048), (1152, 1536), (1536, 576), (32768, 1536)]
 
 
-def replay_us(fn, n: int = 50) -> float:  # noqa: ANN001
-    """Mean GPU time of fn in microseconds, from a CUDA graph of n calls replayed twice."""
-    fn()
+COLD_BYTES = 256e6  # each timed call reads weights the previous ~256 MB of calls did not (L2: 60 MB)
+
+
+def replay_us(fn, copies: int = 1, n: int = 50) -> float:  # noqa: ANN001
+    """Mean GPU time of one call in microseconds, from a CUDA graph of n calls replayed twice. Call i runs
+    fn(i % copies) on its own copy of the weights, so with enough copies every call streams them from HBM
+    (as decode does: each weight once per step) instead of from the L2 cache."""
+    fn(0)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
+        for i in range(n):
+            fn(i % copies)
     g.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -40,6 +47,10 @@ def replay_us(fn, n: int = 50) -> float:  # noqa: ANN001
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / (2 * n)
+
+
+def n_copies(nbytes: float) -> int:
+    return max(1, min(50, math.ceil(COLD_BYTES / nbytes)))
 
 
 def main() -> None:
@@ -55,23 +66,28 @@ def main() -> None:
         rows.append(row)
 
     for n, k in LINEARS:
-        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
-        q = torch.randn(n, k, device=dev).to(fp8)
+        c = n_copies(n * k * 2)
+        w = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(c)]
+        q = [x.to(fp8) for x in w]
         s = torch.rand(-(-n // 128), -(-k // 128), device=dev)
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         add(f"linear {n}x{k}", n * k * 2, **{
-            "cuBLAS bf16 us": replay_us(lambda x=x, w=w: F.linear(x, w)),
-            "gemv bf16 us": replay_us(lambda x=x, w=w: gemv(x, w)),
-            "gemv e4m3 us": replay_us(lambda x=x, q=q, s=s: gemv(x, q, scale_inv=s)),
+            "cuBLAS bf16 us": replay_us(lambda i, x=x, w=w: F.linear(x, w[i]), c),
+            "gemv bf16 us": replay_us(lambda i, x=x, w=w: gemv(x, w[i]), c),
+            "gemv e4m3 us": replay_us(lambda i, x=x, q=q, s=s: gemv(x, q[i], scale_inv=s), c),
         })
+        del w, q
 
+    # one token's 8 pairs; call i takes experts 8i..8i+7 (mod 64), so 8 calls sweep all 226 MB of a stack
     E, topk, d, inter = 64, 8, 1536, 576
-    idx = torch.randperm(E, device=dev)[:topk]
+    idx = [torch.arange(i * topk, (i + 1) * topk, device=dev) % E for i in range(E // topk)]
     x = torch.randn(1, d, device=dev, dtype=torch.bfloat16)
     h = torch.randn(topk, 2 * inter, device=dev, dtype=torch.bfloat16)
-    offs = torch.zeros(E, dtype=torch.int32, device=dev)
-    offs[idx] = 1
-    offs = offs.cumsum(0).to(torch.int32)
+    offs = []
+    for ix in idx:
+        o = torch.zeros(E, dtype=torch.int32, device=dev)
+        o[ix] = 1
+        offs.append(o.cumsum(0).to(torch.int32))
     grouped = getattr(F, "grouped_mm", None) or torch._grouped_mm
     xs = x.expand(topk, d).contiguous()
     gate_up = torch.randn(E, 2 * inter, d, device=dev, dtype=torch.bfloat16)
@@ -80,14 +96,15 @@ def main() -> None:
     s_gu = torch.rand(E, 2 * -(-inter // 128), d // 128, device=dev)
     s_dn = torch.rand(E, d // 128, -(-inter // 128), device=dev)
     a = F.silu(h[:, :inter]) * h[:, inter:]
+    c = len(idx)
     add("experts gate_up, 8 pairs", topk * 2 * inter * d * 2,
-        **{"cuBLAS bf16 us": replay_us(lambda: grouped(xs, gate_up.transpose(1, 2), offs=offs)),
-           "gemv bf16 us": replay_us(lambda: gemv(x, gate_up, idx, rows_per_x=topk)),
-           "gemv e4m3 us": replay_us(lambda: gemv(x, gate_up8, idx, s_gu, rows_per_x=topk, split=inter))})
+        **{"cuBLAS bf16 us": replay_us(lambda i: grouped(xs, gate_up.transpose(1, 2), offs=offs[i]), c),
+           "gemv bf16 us": replay_us(lambda i: gemv(x, gate_up, idx[i], rows_per_x=topk), c),
+           "gemv e4m3 us": replay_us(lambda i: gemv(x, gate_up8, idx[i], s_gu, rows_per_x=topk, split=inter), c)})
     add("experts down (+SwiGLU), 8 pairs", topk * inter * d * 2,
-        **{"cuBLAS bf16 us": replay_us(lambda: grouped(a, down.transpose(1, 2), offs=offs)),
-           "gemv bf16 us": replay_us(lambda: gemv(h, down, idx, swiglu=True)),
-           "gemv e4m3 us": replay_us(lambda: gemv(h, down8, idx, s_dn, swiglu=True))})
+        **{"cuBLAS bf16 us": replay_us(lambda i: grouped(a, down.transpose(1, 2), offs=offs[i]), c),
+           "gemv bf16 us": replay_us(lambda i: gemv(h, down, idx[i], swiglu=True), c),
+           "gemv e4m3 us": replay_us(lambda i: gemv(h, down8, idx[i], s_dn, swiglu=True), c)})
 
     print(f"few-row GEMMs, {device_name(dev)}, copy bandwidth {bw / 1e12:.2f} TB/s; floor = bf16 weight bytes / "
           "bandwidth (E4M3: half); experts: cuBLAS column = grouped_mm (grouped path, SwiGLU not included)")

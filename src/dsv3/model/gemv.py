@@ -52,6 +52,7 @@ if triton is not None:
         N, K, ROWS_PER_X, SPLIT, SPLIT_BLOCKS,
         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ym,
         HAS_IDX: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
+        ACC2D: tl.constexpr,
     ):
         p = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -68,7 +69,13 @@ if triton is not None:
             if HAS_IDX:
                 s_base += e * stride_se
             s_rows = s_base + s_row * stride_sn
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # ACC2D: elementwise products summed over K, one cross-lane sum at the end. A sum per 128-deep step
+        # left the kernel latency-bound: 1.5-2x slower for the linears, 1.2-1.4x for gate_up (weights read
+        # from HBM, benchmarks/gemv.py). The SwiGLU-on-load variant keeps it: ~2x slower with ACC2D in a sweep.
+        if ACC2D:
+            acc = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, 128):
             offs_k = k0 + tl.arange(0, 128)
             k_ok = offs_k < K
@@ -79,11 +86,20 @@ if triton is not None:
             else:
                 a = tl.load(x_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            part = tl.sum(w * a[None, :], axis=1)
-            if HAS_SCALE:
-                part = part * tl.load(s_rows + k0 // 128, mask=n_ok, other=0.0)
-            acc += part
-        tl.store(y_ptr + p.to(tl.int64) * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+            if ACC2D:
+                if HAS_SCALE:
+                    w = w * tl.load(s_rows + k0 // 128, mask=n_ok, other=0.0)[:, None]
+                acc += w * a[None, :]
+            else:
+                part = tl.sum(w * a[None, :], axis=1)
+                if HAS_SCALE:
+                    part = part * tl.load(s_rows + k0 // 128, mask=n_ok, other=0.0)
+                acc += part
+        if ACC2D:
+            y = tl.sum(acc, axis=1)
+        else:
+            y = acc
+        tl.store(y_ptr + p.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 def gemv(
@@ -127,6 +143,6 @@ def gemv(
         x.stride(0), w3.stride(0), w3.stride(1),
         s3.stride(0) if s3 is not None else 0, s3.stride(1) if s3 is not None else 0, y.stride(0),
         HAS_IDX=idx is not None, HAS_SCALE=s3 is not None, SWIGLU=swiglu, BLOCK_N=block_n,
-        num_warps=4,
+        ACC2D=not swiglu, num_warps=4 if swiglu else 8,  # the fastest of a sweep on the H200 (benchmarks/gemv.py)
     )
     return y
