@@ -365,10 +365,16 @@ def test_cuda_fp8_model_against_dequantised_and_float64(tmp_path, monkeypatch):
     assert ((got - deq).norm() / deq.norm()).item() < math.sqrt(n) * 2**-4
     # against float64: weights and activations rounded to E4M3, errors in quadrature
     assert ((got - want).norm() / want.norm()).item() < math.sqrt(2 * n) * 2**-4
-    # and the engine serves it (absorbed decode on the cached dense kv_b_proj, CUDA graphs if on)
+    # and the engine serves it (absorbed decode on the cached dense kv_b_proj): its first token is the forward's
+    # argmax, and CUDA-graph decode (the E4M3 weights and scales read by the replay) gives the eager tokens
     params = SamplingParams(max_tokens=8, temperature=0.0)
-    out = Engine(kept, max_model_len=128).generate([x[0, :9].tolist()], params)
-    assert len(out[0].token_ids) == 8
+    prompt = x[0, :9].tolist()
+    graphs = Engine(kept, max_model_len=128, cuda_graphs=True)
+    out = graphs.generate([prompt], params)[0].token_ids
+    assert graphs.runner._graphs and all(g.graph is not None for g in graphs.runner._graphs.values())
+    assert out == Engine(kept, max_model_len=128, cuda_graphs=False).generate([prompt], params)[0].token_ids
+    with torch.no_grad():
+        assert out[0] == kept(x[:1, :9].cuda()).logits[0, -1].argmax().item() and len(out) == 8
 
 
 @pytest.mark.gpu
