@@ -134,17 +134,22 @@ def test_clip_grad_norm_returns_the_pre_clip_norm():
     assert torch.allclose(a.weight.grad, torch.tensor([[0.3, 0.0]]))  # below the threshold: untouched
 
 
+@pytest.mark.parametrize("impl", ["torch fused", "dsv3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_adamw_clips_inside_its_step_as_clip_grad_norm_does(dtype):
-    # The fused path only computes the norm and hands 1/c to the optimiser's kernel as `grad_scale`. Adam is
-    # blind to one step's gradient scale, so two steps: a clipped one (norm ~30), then one below the threshold.
+def test_fused_adamw_clips_inside_its_step_as_clip_grad_norm_does(dtype, impl):
+    # The fused path only computes the norm and hands 1/c to the optimiser's step as `grad_scale` (torch's fused
+    # AdamW, and ours on any device). Adam is blind to one step's gradient scale, so two steps: a clipped one
+    # (norm ~30), then one below the threshold.
     g = torch.Generator().manual_seed(0)
     w0 = [torch.randn(5, 7, generator=g).to(dtype), torch.randn(7, generator=g).to(dtype)]
     grads = [[(torch.randn(w.shape, generator=g) * s).to(dtype) for w in w0] for s in (5.0, 0.1)]
     params = {}
     for mode in ("clip_", "fused", "unclipped"):
         model = torch.nn.ParameterList([torch.nn.Parameter(w.clone()) for w in w0])
-        opt = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+        if impl == "dsv3":
+            opt = AdamW(model.parameters(), lr=0.1, betas=(0.9, 0.95), weight_decay=0.1, moment_dtype=None)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
         for step_grads in grads:
             for p, gr in zip(model, step_grads, strict=True):
                 p.grad = gr.clone()
@@ -242,3 +247,43 @@ def test_tiny_model_loss_decreases_on_a_fixed_batch(tiny_model, bf16_moments):
         ntp.append(parts.ntp.item())
     assert ntp[0] == pytest.approx(math.log(tiny_model.cfg.vocab_size), rel=0.1)  # uniform at init
     assert ntp[-1] < 0.5 * ntp[0], ntp
+
+
+def test_a_torch_adamw_state_resumes_in_ours():
+    # Runs saved before the GPU loop moved from torch's fused AdamW to ours: the same state keys; the step
+    # counters (on the device in a fused checkpoint) come back as CPU scalars, and the run continues as torch's
+    # own AdamW would have continued it.
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(6, 3)
+    grads = [[torch.randn_like(p) for p in ref.parameters()] for _ in range(4)]
+    ours = copy.deepcopy(ref)
+    t_opt = torch.optim.AdamW(ref.parameters(), lr=0.01, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def step(model, opt, gs):  # noqa: ANN001, ANN202
+        for p, g in zip(model.parameters(), gs, strict=True):
+            p.grad = g.clone()
+        opt.step()
+
+    for gs in grads[:2]:
+        step(ref, t_opt, gs)
+    ours.load_state_dict(ref.state_dict())
+    o_opt = AdamW(ours.parameters(), lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, moment_dtype=None)
+    o_opt.load_state_dict(copy.deepcopy(t_opt.state_dict()))
+    assert all(st["step"].device.type == "cpu" and st["step"].item() == 2 for st in o_opt.state.values())
+    for gs in grads[2:]:
+        step(ref, t_opt, gs)
+        step(ours, o_opt, gs)
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-7)
+
+
+def test_a_copied_adamw_keeps_its_moment_dtype_and_steps():
+    # torch pickles an optimiser's defaults, state and groups only; ours also needs moment_dtype and its caches
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = AdamW([w], lr=0.1, moment_dtype=torch.float32)
+    twin = copy.deepcopy(opt)
+    assert twin.moment_dtype == torch.float32 and twin.grad_scale is None
+    w2 = twin.param_groups[0]["params"][0]
+    w2.grad = torch.ones(3)
+    twin.step()
+    assert twin.state[w2]["exp_avg"].dtype == torch.float32 and torch.all(w2 < 1)
