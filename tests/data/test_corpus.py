@@ -50,6 +50,12 @@ def test_documents_of_a_file(tmp_path):
         list(read_documents(write(tmp_path / "bad.jsonl", '{"text": "ok"}\n{oops\n')))
     with pytest.raises(ValueError, match=r"nofield.jsonl:1: .*'text'"):
         list(read_documents(write(tmp_path / "nofield.jsonl", '{"content": "x"}\n')))
+    bom = write(tmp_path / "bom.jsonl", '\ufeff{"text": "a"}\n{"text": "b"}\n'.encode())  # a BOM is no JSON
+    assert list(read_documents(bom)) == ["a", "b"]
+    with pytest.raises(ValueError, match=r"lone.jsonl:2: .*surrogate"):  # valid JSON, not encodable text
+        list(read_documents(write(tmp_path / "lone.jsonl", '{"text": "a"}\n{"text": "x\\ud83d"}\n')))
+    with pytest.raises(ValueError, match=r"latin.jsonl:2: not UTF-8"):
+        list(read_documents(write(tmp_path / "latin.jsonl", '{"text": "a"}\n{"text": "caf\xe9"}\n'.encode("latin-1"))))
 
 
 def test_stdlib_corpus():

@@ -23,19 +23,41 @@ class FixedLogits(nn.Module):
 
 
 def test_bits_per_byte_by_hand():
-    tokens = torch.tensor([[0, 3, 2, 1], [1, 1, 3, 0]])  # targets: 3 2 1 | 1 3 0
+    tokens = torch.tensor([[3, 0, 2, 1], [1, 1, 3, 0]])  # targets: 0 2 1 | 1 3 0
     token_bytes = np.array([0, 1, 2, 4])  # id 0 is a special token: no bytes, but its loss counts
     z = math.log(sum(math.exp(i) for i in range(4)))
     nll = {i: z - i for i in range(4)}  # -log softmax
-    targets = [3, 2, 1, 1, 3, 0]
+    targets = [0, 2, 1, 1, 3, 0]
     nats = sum(nll[t] for t in targets)
-    nbytes = sum(int(token_bytes[t]) for t in targets)  # 4 + 2 + 1 + 1 + 4 + 0 = 12
+    nbytes = sum(int(token_bytes[t]) for t in targets)  # 0 + 2 + 1 + 1 + 4 + 0 = 8 (the inputs hold 12)
     res = evaluate(FixedLogits(), [Batch(tokens, None)], token_bytes)
-    assert res.tokens == 6 and res.bytes == nbytes == 12
+    assert res.tokens == 6 and res.bytes == nbytes == 8
     assert math.isclose(res.loss, nats / 6, rel_tol=1e-6)
-    assert math.isclose(res.bpb, nats / (math.log(2) * 12), rel_tol=1e-6)
+    assert math.isclose(res.bpb, nats / (math.log(2) * 8), rel_tol=1e-6)
     # MTP depth 1 at input position i predicts targets[i + 1]: targets 2 1 | 3 0
     assert math.isclose(res.mtp[0], sum(nll[t] for t in [2, 1, 3, 0]) / 4, rel_tol=1e-6)
+
+
+class DocLogits(nn.Module):
+    """Logits [d, 0, 0, 0] at a token of document d when given doc_ids (masking on), [0, 0, 0, 0] without."""
+
+    def forward(self, tokens, doc_ids=None):
+        B, S = tokens.shape
+        logits = torch.zeros(B, S, 4)
+        if doc_ids is not None:
+            logits[..., 0] = doc_ids.float()
+        return DeepSeekV3Output(logits=logits, hidden=torch.zeros(B, S, 1), mtp_logits=[])
+
+
+def test_doc_mask_reaches_the_model():
+    tokens = torch.tensor([[0, 0, 0, 0]])  # every target is id 0
+    doc_ids = torch.tensor([[0, 0, 1]])  # document of each input token
+    batch = [Batch(tokens, doc_ids)]
+    nb = np.ones(4, dtype=np.int64)
+    # -log softmax([d, 0, 0, 0])[0] = log(e^d + 3) - d
+    want = sum(math.log(math.exp(d) + 3) - d for d in (0, 0, 1)) / 3
+    assert math.isclose(evaluate(DocLogits(), batch, nb, doc_mask=True).loss, want, rel_tol=1e-6)
+    assert math.isclose(evaluate(DocLogits(), batch, nb).loss, math.log(4), rel_tol=1e-6)  # masking off
 
 
 def test_sample_greedy_and_seeded(loop_tok_dir, monkeypatch):

@@ -1,15 +1,16 @@
 """Corpora: documents from files, folders, globs and `.jsonl`; the default is the Python standard library.
 
 A source is a file, a folder (all files below it, recursively, except hidden ones and `__pycache__`), or a
-glob (`**` allowed). A `.jsonl` file holds one document per line in its `text` field; any other file is one
-document. Files that are not UTF-8 text (undecodable, or holding NUL bytes) are skipped, so a folder may mix
-text and binaries. The embedded corpus, `"stdlib"` or no source at all, is the `.py` source of the running
-interpreter's standard library: real code that every machine has (about 12 MB in CPython 3.11). It leaves
-out `site-packages`/`dist-packages` (installed packages differ per machine, so the corpus would too) and test
-directories (`test`, `tests`, `idle_test`: large, mostly fixtures and odd encodings rather than typical code).
+glob (`**` allowed). A `.jsonl` file holds one document per line in its `text` field (it must be UTF-8 JSON: a
+bad line is an error naming the file and line); any other file is one document. Other files that are not UTF-8
+text (undecodable, or holding NUL bytes) are skipped, so a folder may mix text and binaries. The embedded
+corpus, `"stdlib"` or no source at all, is the `.py` source of the running interpreter's standard library:
+real code that every machine has (about 12 MB in CPython 3.11). It leaves out `site-packages`/`dist-packages`
+(installed packages differ per machine, so the corpus would too) and test directories (`test`, `tests`,
+`idle_test`: large, mostly fixtures and odd encodings rather than typical code).
 
-Train/validation split by a hash of each document's text, so it does not depend on file order, and a
-document (or any copy of it) stays on its side when the corpus grows.
+Train/validation split by a hash of each document's text, so it does not depend on file order, and a document
+(or any copy of it) stays on its side when the corpus grows.
 """
 
 from __future__ import annotations
@@ -71,8 +72,12 @@ def resolve_files(sources: Sources = None) -> list[Path]:
 def read_documents(path: Path) -> Iterator[str]:
     """The non-empty documents of one file: each `text` field of a `.jsonl`, else the whole file."""
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:  # decoded line by line, so an error can name its line
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # (-sig: a byte-order mark is no JSON)
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start} of the line)") from None
                 if not line.strip():
                     continue
                 try:
@@ -82,6 +87,10 @@ def read_documents(path: Path) -> Iterator[str]:
                 text = record.get("text") if isinstance(record, dict) else None
                 if not isinstance(text, str):
                     raise ValueError(f"{path}:{n}: expected a JSON object with a string field 'text'")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:  # JSON allows a lone "\ud83d"; UTF-8 (and every tokenizer) does not
+                    raise ValueError(f"{path}:{n}: the text holds an unpaired surrogate escape") from None
                 if text:
                     yield text
         return

@@ -38,16 +38,17 @@ from dsv3.data.fim import fim_split, psm
 from dsv3.data.tokenizer import Tokenizer
 
 SPLITS = ("train", "val")
-CACHE_FORMAT = 1  # bump when the on-disk layout or the tokenisation rules change
+CACHE_FORMAT = 2  # bump when the on-disk layout or the tokenisation rules change (2: special=False)
 
 
 def encode_documents(texts: Sequence[str], tok: Tokenizer, *, fim_rate: float = 0.0, seed: int = 0,
                      bos: bool = True) -> list[list[int]]:
     """Each document as `[BOS] body [EOS]`, body in PSM form with probability `fim_rate` (per document,
-    deterministic given seed and text). All parts are encoded in one batched call."""
+    deterministic given seed and text). All parts are encoded in one batched call, special-token strings in
+    the text as plain text (`Tokenizer.encode_batch(special=False)`): only the layout places BOS, EOS, FIM."""
     plans = [fim_split(t, seed, fim_rate) if fim_rate > 0 else None for t in texts]
     pieces = [p for t, plan in zip(texts, plans, strict=True) for p in (plan or (t,))]
-    enc = iter(tok.encode_batch(pieces, bos=False))
+    enc = iter(tok.encode_batch(pieces, bos=False, special=False))
     head = [tok.bos_id] if bos else []
     return [head + (psm(next(enc), next(enc), next(enc), tok) if plan else next(enc)) + [tok.eos_id]
             for plan in plans]
@@ -104,7 +105,7 @@ def tokenize_corpus(tok: Tokenizer, sources: Sources = None, *, cache_dir: str |
     files = resolve_files(sources)
     settings = {"format": CACHE_FORMAT, "tokenizer": tok.fingerprint, "corpus": corpus_fingerprint(files),
                 "fim_rate": fim_rate, "fim_seed": seed, "fim_splits": ["train"], "val_fraction": val_fraction,
-                "bos": bos}
+                "bos": bos, "ids": [tok.bos_id, tok.eos_id, tok.fim_begin, tok.fim_hole, tok.fim_end]}
     key = doc_hash(json.dumps(settings, sort_keys=True)).hex()
     root = Path(cache_dir or default_cache_dir()) / key
     if _valid(root, settings):
@@ -154,6 +155,9 @@ def tokenize_corpus(tok: Tokenizer, sources: Sources = None, *, cache_dir: str |
     except BaseException:  # interrupted or failed: leave no partial directory behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if _valid(root, settings):  # another process finished the same cache meanwhile: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        return {s: TokenCache.open(root, s) for s in SPLITS}
     shutil.rmtree(root, ignore_errors=True)  # an incomplete or stale directory under the same key
     try:
         os.replace(tmp, root)
@@ -163,9 +167,15 @@ def tokenize_corpus(tok: Tokenizer, sources: Sources = None, *, cache_dir: str |
 
 
 def _valid(root: Path, settings: dict[str, Any]) -> bool:
+    """The cache at root was built with these settings and its files have the sizes its meta.json records
+    (a file cut short, say by a power loss after the rename, is rebuilt rather than trusted)."""
     try:
-        return json.loads((root / "meta.json").read_text())["settings"] == settings
-    except (OSError, ValueError, KeyError):
+        meta = json.loads((root / "meta.json").read_text())
+        return meta["settings"] == settings and all(
+            (root / f"{s}.tokens.u32").stat().st_size == 4 * meta["splits"][s]["n_tokens"]
+            and (root / f"{s}.docs.i64").stat().st_size == 8 * (meta["splits"][s]["n_docs"] + 1)
+            for s in SPLITS)
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 

@@ -178,10 +178,23 @@ class Tokenizer:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if bos else ids
 
-    def encode_batch(self, texts: Sequence[str], bos: bool = True) -> list[list[int]]:
-        """`encode` over many texts at once, in parallel threads inside `tokenizers`."""
-        encs = self.tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
+    def encode_batch(self, texts: Sequence[str], bos: bool = True, special: bool = True) -> list[list[int]]:
+        """`encode` over many texts at once, in parallel threads inside `tokenizers`.
+
+        special=False encodes the strings of added tokens (`<｜end▁of▁sentence｜>`, the FIM and chat markers)
+        inside a text as text, not as those tokens: a corpus document that quotes an EOS must not end there,
+        and its bytes must count in bits per byte (added tokens stand for none).
+        """
+        tk = self.tokenizer if special else self._plain
+        encs = tk.encode_batch_fast(list(texts), add_special_tokens=False)
         return [[self.bos_id, *e.ids] if bos else e.ids for e in encs]
+
+    @cached_property
+    def _plain(self) -> tokenizers.Tokenizer:
+        """This tokenizer without its added tokens (the byte-level BPE alone): no string maps to them."""
+        spec = json.loads(self.tokenizer.to_str())
+        spec["added_tokens"] = []
+        return tokenizers.Tokenizer.from_str(json.dumps(spec))
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special tokens are kept, so `decode(encode(t, bos=False)) == t` for any text."""
