@@ -130,3 +130,18 @@ def test_bad_sampling_values_are_clear_errors(model_dir: Path, flag: str, value:
 def test_prompt_longer_than_context_is_a_clear_error(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="context holds 512"):
         run("generate", "--model", str(model_dir), "--prompt", "zq" * 600, "--device", "cpu")
+
+
+def test_null_sampling_defaults_in_generation_config_mean_unset(model_dir: Path, tmp_path: Path) -> None:
+    # released checkpoints may write "top_p": null; that means "not set", not a TypeError
+    import json
+    import shutil
+
+    from dsv3.infer.cli import sampling_params
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    (d / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": None, "top_k": None}))
+    args = argparse.Namespace(max_tokens=8, temperature=None, top_p=None, top_k=None, seed=None, stop=[])
+    p = sampling_params(args, d)
+    assert (p.temperature, p.top_p, p.top_k) == (0.6, 1.0, 0)

@@ -118,6 +118,66 @@ def test_stop_rules_against_reference_output(model64) -> None:
     assert (r.text, r.finish_reason) == (text[: text.find(stop)], "stop")
 
 
+class OracleDrafter:
+    """Drafts the next k tokens of a known greedy continuation: every draft is accepted, so one step appends
+    up to k + 1 tokens (random MTP weights would accept none)."""
+
+    def __init__(self, full: list[int], k: int):
+        self.full, self.k = full, k
+
+    def after_prefill(self, *args: object) -> None:
+        pass
+
+    def after_verify(self, *args: object) -> None:
+        pass
+
+    def propose(self, runner, seqs):  # noqa: ANN001, ANN201
+        rows = [(self.full[len(s.tokens): len(s.tokens) + self.k] + [0] * self.k)[: self.k] for s in seqs]
+        return torch.tensor(rows), None
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_stops_inside_accepted_drafts_cut_where_plain_decoding_stops(model64, k) -> None:
+    prompt = _prompts(model64.cfg.vocab_size, (6,), seed=3)[0]
+    ref = greedy_reference(model64, prompt, 24)
+    text = CharTokenizer().decode(ref)
+    for kw in (dict(stop=[text[6:8]]), dict(stop=[text[2:3]]), dict(stop_token_ids=[ref[7]]), dict(max_tokens=5)):
+        params = SamplingParams(temperature=0, **{"max_tokens": 24, **kw})
+        plain = Engine(model64, CharTokenizer(), block_size=4).generate(prompt, params)[0]
+        engine = Engine(model64, CharTokenizer(), block_size=4, drafter=OracleDrafter(prompt + ref, k))
+        deltas = list(engine.generate(prompt, params, stream=True))
+        spec = deltas[-1].result
+        assert (spec.token_ids, spec.text, spec.finish_reason) == (plain.token_ids, plain.text, plain.finish_reason)
+        assert [t for d in deltas for t in d.token_ids] == spec.token_ids  # streamed ids cut too
+        assert spec.accepted == len(spec.token_ids) - spec.num_steps - 1  # what the steps emitted, no more
+        assert engine.blocks.num_free == engine.blocks.num_blocks - 1
+
+
+def test_a_stream_ends_when_another_call_finishes_or_aborts_its_request(model64) -> None:
+    engine = Engine(model64, None, block_size=4)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    alone = engine.generate([1, 2, 3], params)[0]
+    a = engine.generate([1, 2, 3], params, stream=True)
+    first = next(a)
+    engine.generate([4, 5, 6], SamplingParams(max_tokens=20, ignore_eos=True))  # runs a's request to its end
+    rest = list(a)  # used to spin forever: a's steps found no work
+    assert rest[-1].result is not None and rest[-1].result.token_ids == alone.token_ids
+    assert first.token_ids + [t for d in rest for t in d.token_ids] == alone.token_ids
+    b = engine.generate([1, 2, 3], SamplingParams(max_tokens=20, ignore_eos=True), stream=True)
+    next(b)
+    engine.abort(max(engine._seqs))
+    assert [(d.finish_reason, d.result) for d in b] == [("abort", None)]
+    assert not engine._seqs and engine.blocks.num_free == engine.blocks.num_blocks - 1
+
+
+def test_a_refused_batch_queues_none_of_its_prompts(model64) -> None:
+    engine = Engine(model64, None, block_size=4, cache_tokens=16)
+    with pytest.raises(CacheExhausted):
+        engine.generate([[1, 2, 3], [4, 5, 6]], [SamplingParams(max_tokens=4), SamplingParams(max_tokens=40)])
+    assert not engine.has_unfinished() and not engine._seqs
+    assert len(engine.generate([7, 8], SamplingParams(max_tokens=2))) == 1
+
+
 def test_stream_deltas_add_up_and_never_pass_a_stop_string(model64) -> None:
     prompt = _prompts(model64.cfg.vocab_size, (5,), seed=4)[0]
     ref = greedy_reference(model64, prompt, 12)
@@ -162,3 +222,8 @@ def test_user_errors_are_clear(model64, tokenizer) -> None:
     with pytest.raises(CacheExhausted, match="raise cache_tokens"):
         Engine(model64, None, cache_tokens=8, block_size=4).generate([1, 2, 3], SamplingParams(max_tokens=10))
     assert not engine.has_unfinished()  # refused requests left nothing queued
+
+
+def test_max_model_len_beyond_the_positions_is_refused(model64) -> None:
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        Engine(model64, None, max_model_len=model64.cfg.max_position_embeddings + 1)

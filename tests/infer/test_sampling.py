@@ -14,6 +14,7 @@ from dsv3.infer.speculative import accept_drafts
     ("temperature", -0.1, "temperature"), ("temperature", float("nan"), "temperature"),
     ("top_p", 0.0, "top_p"), ("top_p", 1.5, "top_p"), ("top_k", -1, "top_k"), ("max_tokens", 0, "max_tokens"),
     ("stop", [""], "stop"), ("stop_token_ids", [-3], "stop_token_ids"), ("seed", 1.5, "seed"),
+    ("seed", 2**70, "seed"),  # would fail later, inside torch.Generator.manual_seed
 ])
 def test_bad_values_raise_naming_the_field(field, value, match) -> None:
     with pytest.raises(ValueError, match=match):
@@ -50,6 +51,23 @@ def test_probabilities_match_reference() -> None:
     for b, p in enumerate(params):
         for s in range(3):
             torch.testing.assert_close(got[b, s].double(), _reference(logits[b, s], p), rtol=0, atol=1e-6)
+
+
+def test_a_row_without_limits_keeps_its_whole_distribution_beside_limited_rows() -> None:
+    # a large vocabulary: float32 cumulative sums reach 1.0 before the tail, which top_p = 1 must still keep
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 129_280, generator=g) * 2
+    plain = SamplingParams(temperature=1.0)
+    got = probabilities(logits, [plain, SamplingParams(top_k=5)])[0]
+    torch.testing.assert_close(got, probabilities(logits[:1], [plain])[0], rtol=1e-5, atol=0)
+    assert bool((got > 0).all())
+
+
+def test_a_tiny_temperature_is_the_argmax_not_nan() -> None:
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0]])
+    probs = probabilities(logits, [SamplingParams(temperature=1e-40)])
+    assert probs.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+    assert sample(probs, torch.tensor([0.99], dtype=torch.float64)).tolist() == [1]
 
 
 def test_sample_follows_probs() -> None:

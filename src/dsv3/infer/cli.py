@@ -74,7 +74,9 @@ def sampling_params(args: argparse.Namespace, model_dir: Path) -> SamplingParams
 
     def pick(name: str, fallback: Any) -> Any:
         value = getattr(args, name)
-        return value if value is not None else defaults.get(name, fallback)
+        if value is None:
+            value = defaults.get(name)
+        return fallback if value is None else value  # ("top_p": null in a generation_config means unset)
 
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=float(pick("temperature", 1.0)),

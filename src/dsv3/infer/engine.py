@@ -58,7 +58,8 @@ class GenerationResult:
 
 @dataclass
 class GenerationDelta:
-    """What one request produced in one step (streaming). `result` is set on its last delta."""
+    """What one request produced in one step (streaming). `result` is set on its last delta (None when the
+    request was aborted while it ran: finish_reason "abort")."""
 
     index: int
     text: str
@@ -91,6 +92,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_id = getattr(tokenizer, "eos_id", None)
         self.max_model_len = max_model_len or cfg.max_position_embeddings
+        if not 1 < self.max_model_len <= cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} must be in [2, {cfg.max_position_embeddings}] "
+                             f"(the model's max_position_embeddings: RoPE is defined up to there)")
         if mtp < 0:
             raise ValueError(f"mtp (draft tokens per step) must be >= 0 (got {mtp})")
         self.drafter = drafter if drafter is not None else MTPDrafter(model, mtp) if mtp else None
@@ -170,9 +174,12 @@ class Engine:
             return []
         new = self._prefill(seqs) if is_prefill else self._decode(seqs)
         for seq, tokens in zip(seqs, new, strict=True):
+            before = len(seq.tokens)
             seq.append(tokens, self.max_model_len)
-            seq.num_cached = len(seq.tokens) - 1
             seq.update_text(self.tokenizer)
+            seq.num_cached = len(seq.tokens) - 1
+            if not is_prefill:  # tokens kept beyond one per step (a stop can cut accepted drafts off)
+                seq.accepted += min(len(tokens) - 1, len(seq.tokens) - before - 1)
             if seq.finish_reason is None:
                 self.scheduler.rollback(seq)
         self.scheduler.finish([s for s in seqs if s.finish_reason is not None])
@@ -193,8 +200,7 @@ class Engine:
         for seq, (a, x, *d) in zip(seqs, rows, strict=True):
             seq.steps += 1
             seq.drafted += k
-            seq.accepted += a
-            out.append(d[:a] + [x])
+            out.append(d[:a] + [x])  # (step() counts the accepted drafts that the output keeps)
         return out
 
     def _launch_decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -238,8 +244,15 @@ class Engine:
         if len(plist) != len(prompts):
             raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
         seqs = [self._sequence(p, sp) for p, sp in zip(prompts, plist, strict=True)]  # validate all first
-        for seq in seqs:
-            self._queue(seq)
+        queued: list[Sequence] = []
+        try:
+            for seq in seqs:
+                self._queue(seq)
+                queued.append(seq)
+        except BaseException:  # one prompt refused (the cache cannot hold it): none of the batch runs
+            for seq in queued:
+                self.abort(seq.seq_id)
+            raise
         deltas = self._run([s.seq_id for s in seqs])
         if stream:
             return deltas
@@ -256,9 +269,15 @@ class Engine:
         pending = set(ids)
         try:
             while pending:
-                for seq in self.step():
-                    if seq.seq_id not in index:
-                        continue
+                stepped = self.step()
+                # ours among them, and ours that another caller's steps finished or that were aborted meanwhile
+                mine = [s for s in stepped if s.seq_id in pending]
+                mine += [self._seqs[sid] for sid in pending - {s.seq_id for s in mine}
+                         if sid in self._seqs and self._seqs[sid].finished]
+                for sid in [sid for sid in pending if sid not in self._seqs]:
+                    pending.discard(sid)
+                    yield GenerationDelta(index[sid], "", [], "abort", None)
+                for seq in mine:
                     text, tokens = seq.take_delta()
                     if seq.finished:
                         pending.discard(seq.seq_id)
@@ -267,6 +286,8 @@ class Engine:
                         yield GenerationDelta(index[seq.seq_id], text, tokens, seq.finish_reason, result)
                     elif text or tokens:
                         yield GenerationDelta(index[seq.seq_id], text, tokens)
+                if not stepped and pending and not self.has_unfinished():
+                    raise RuntimeError(f"requests {sorted(pending)} are neither finished nor scheduled")
         finally:
             for sid in pending:
                 self.abort(sid)

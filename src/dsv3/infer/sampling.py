@@ -52,8 +52,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] (got {self.top_p!r})")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError(f"top_k must be an integer >= 0, 0 meaning no limit (got {self.top_k!r})")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer or None (got {self.seed!r})")
+        if self.seed is not None and not (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64):
+            raise ValueError(f"seed must be a 64-bit integer or None (got {self.seed!r})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings (got {self.stop!r})")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
@@ -90,7 +90,7 @@ def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     x = logits.reshape(B, -1, V).float()
     dev = x.device
     temp = to_device(torch.tensor([p.temperature or 1.0 for p in params]), dev).view(B, 1, 1)
-    x = x / temp
+    x = (x - x.amax(-1, keepdim=True)) / temp  # shifted first: a tiny temperature gives -inf, never inf - inf
     if any(p.top_k or p.top_p < 1 for p in params):
         kmax = max(p.top_k or V for p in params)
         rows = to_device(torch.tensor([[p.top_k or V, p.top_p] for p in params]), dev)  # float32, exact k
@@ -102,7 +102,8 @@ def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
         keep = torch.arange(xs.shape[-1], device=dev) < top_k
         ps = xs.masked_fill(~keep, float("-inf")).softmax(-1)
         # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
-        keep = keep & ((ps.cumsum(-1) - ps) < top_p)
+        # (top_p = 1 keeps all: float32 rounding can put the mass before a tail token at 1.0)
+        keep = keep & (((ps.cumsum(-1) - ps) < top_p) | (top_p >= 1))
         x = torch.full_like(x, float("-inf")).scatter_(-1, order, xs.masked_fill(~keep, float("-inf")))
     probs = x.softmax(-1)
     if any(p.greedy for p in params):  # decided on the host: no device sync

@@ -56,6 +56,7 @@ class Sequence:
         # text: `text` is everything decodable so far (cut at a stop string); `_sent_*` what a stream has seen
         self.text = ""
         self._text_tokens = 0  # output tokens that count towards the text (a final stop token does not)
+        self._decoded = 0  # output tokens whose text the last update_text checked for stop strings
         self._sent_text = 0
         self._sent_tokens = 0
 
@@ -82,15 +83,30 @@ class Sequence:
                 break
 
     def update_text(self, tokenizer: TokenizerLike | None) -> None:
-        """Decode the output and apply stop strings; sets finish_reason 'stop' when one appears."""
+        """Decode the output and apply stop strings; sets finish_reason 'stop' when one appears. When the step
+        added several tokens (accepted drafts) and a stop string shows, the output is cut after the first
+        token that completes it, where one-token-a-step decoding would have stopped."""
         if tokenizer is None:
             return
-        text = tokenizer.decode(self.output[: self._text_tokens])
-        hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
-        if hits:
-            text = text[: min(hits)]
+        n = self._text_tokens
+        text = tokenizer.decode(self.output[:n])
+        cut = self._stop_at(text)
+        if cut is not None:
+            for m in range(self._decoded + 1, n):  # the shortest output that already shows a stop string
+                shorter = tokenizer.decode(self.output[:m])
+                if (at := self._stop_at(shorter)) is not None:
+                    n, text, cut = m, shorter, at
+                    break
+            del self.tokens[self.num_prompt + n:]
+            self._text_tokens = n
+            text = text[:cut]
             self.finish_reason = "stop"
+        self._decoded = n
         self.text = text
+
+    def _stop_at(self, text: str) -> int | None:
+        hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
+        return min(hits) if hits else None
 
     def take_delta(self) -> tuple[str, list[int]]:
         """Text and tokens not yet streamed, held back where more tokens could still change them."""
