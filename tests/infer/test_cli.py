@@ -127,9 +127,32 @@ def test_bad_sampling_values_are_clear_errors(model_dir: Path, flag: str, value:
         run("generate", "--model", str(model_dir), "--prompt", "x", flag, value, "--device", "cpu")
 
 
-def test_prompt_longer_than_context_is_a_clear_error(model_dir: Path) -> None:
+def test_prompt_longer_than_context_is_a_clear_error(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dsv3.checkpoint
+
+    def no_weights(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the check comes before the weights load
+        raise AssertionError("weights loaded before the prompt was checked")
+
+    monkeypatch.setattr(dsv3.checkpoint, "load_model", no_weights)
     with pytest.raises(ValueError, match="context holds 512"):
         run("generate", "--model", str(model_dir), "--prompt", "zq" * 600, "--device", "cpu")
+
+
+def test_chat_without_a_template_is_refused_before_the_weights_load(model_dir: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import shutil
+
+    import dsv3.checkpoint
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(dsv3.checkpoint, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(ValueError, match="chat_template"):
+        run("chat", "--model", str(d), "--device", "cpu")
 
 
 def test_null_sampling_defaults_in_generation_config_mean_unset(model_dir: Path, tmp_path: Path) -> None:

@@ -227,3 +227,5 @@ def test_user_errors_are_clear(model64, tokenizer) -> None:
 def test_max_model_len_beyond_the_positions_is_refused(model64) -> None:
     with pytest.raises(ValueError, match="max_position_embeddings"):
         Engine(model64, None, max_model_len=model64.cfg.max_position_embeddings + 1)
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):  # they would be ignored silently
+        Engine(model64, None).generate([1, 2], SamplingParams(stop=["x"]))

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dsv3.infer.engine import Engine, GenerationResult
+from dsv3.infer.engine import Engine, GenerationResult, check_prompt_length
 from dsv3.infer.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -101,10 +101,17 @@ def load(args: argparse.Namespace) -> tuple[Engine, Any, SamplingParams]:
     from dsv3.checkpoint import load_model
     from dsv3.data.tokenizer import Tokenizer
 
+    tokenizer = Tokenizer.from_pretrained(path)
+    if getattr(args, "prompt", None) is not None:  # generate: the Engine's context is the model's positions
+        max_len = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
+        if max_len:
+            check_prompt_length(len(tokenizer.encode(args.prompt)), max_len)
+    elif not tokenizer.config.get("chat_template"):  # chat
+        raise ValueError(f"{path}/tokenizer_config.json has no chat_template: `dsv3 chat` needs one (use "
+                         f"`dsv3 generate` for plain completion)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     default = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 matmuls are slow on CPUs
     dtype = DTYPES[args.dtype] if args.dtype else default
-    tokenizer = Tokenizer.from_pretrained(path)
     model = load_model(path, device=device, dtype=dtype, fp8=args.fp8_weights)
     return Engine(model, tokenizer, mtp=args.mtp, compile=args.compile), tokenizer, params
 

@@ -127,9 +127,10 @@ class Engine:
             ids = [int(t) for t in prompt]
         if not ids:
             raise ValueError("the prompt is empty: give at least one token (V3 prompts start with BOS)")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
-                             f"(max_model_len): shorten it to at most {self.max_model_len - 1} tokens")
+        check_prompt_length(len(ids), self.max_model_len)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer to decode the output: give the engine one, or stop "
+                             "on token ids (stop_token_ids)")
         vocab = self.model.cfg.vocab_size
         if not all(0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab}) (vocab_size)")
@@ -291,6 +292,13 @@ class Engine:
         finally:
             for sid in pending:
                 self.abort(sid)
+
+
+def check_prompt_length(n: int, max_model_len: int) -> None:
+    """ValueError unless a prompt of n tokens leaves room for a generated token in the context."""
+    if n >= max_model_len:
+        raise ValueError(f"the prompt has {n} tokens but the context holds {max_model_len} "
+                         f"(max_model_len): shorten it to at most {max_model_len - 1} tokens")
 
 
 def generate(

@@ -2,7 +2,9 @@
 
 Every random choice is made by inverse-CDF sampling from uniforms drawn with the request's own
 `torch.Generator`: a request draws the same number of uniforms per step whatever else is in the batch, so a
-seeded request gives the same tokens alone or batched, and all the tensor math is batched over rows. Greedy
+seeded request gives the same tokens alone or batched (with MTP speculation, only while the cache never has to
+preempt it: its recomputing prefill draws 1 uniform where a decode step draws 2k + 1, so the draws shift; the
+distribution is the same either way), and all the tensor math is batched over rows. Greedy
 (temperature 0) rows get a one-hot distribution, so greedy decoding and the speculative acceptance rule
 (dsv3/infer/speculative.py) run through the same code as sampling, with no special case (the engine only
 short-cuts batches whose rows are all greedy, where that code reduces to the argmax).
