@@ -133,9 +133,12 @@ def test_mtp_depth2_layout_on_disk(make_cfg, make_model, tmp_path):
 def test_bf16_load_keeps_router_bias_float32_exact(make_cfg, make_model, tmp_path):
     model = make_model(make_cfg(), bias_std=1e-3)
     save_model(model, tmp_path / "ck")
-    disk = read_checkpoint(tmp_path / "ck")
-    assert disk["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    save_model(load_model(tmp_path / "ck", dtype=torch.bfloat16), tmp_path / "ck16")  # a bf16 model saves it
+    for ck in ("ck", "ck16"):
+        assert read_checkpoint(tmp_path / ck)["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     loaded = load_model(tmp_path / "ck", dtype=torch.bfloat16)
+    # RoPE's frequencies stay float32 too (a bf16 table is ~1 radian off at position 4K); not in the state dict
+    assert loaded.rotary.inv_freq.dtype == torch.float32 and torch.equal(loaded.rotary.inv_freq, model.rotary.inv_freq)
     a, b = model.state_dict(), loaded.state_dict()
     for k in a:
         if k.endswith("e_score_correction_bias"):
@@ -376,6 +379,35 @@ def test_crash_during_first_save_leaves_nothing(make_cfg, make_model, tmp_path, 
     with pytest.raises(OSError):
         save_model(make_model(make_cfg()), tmp_path / "ck", max_shard_bytes=50_000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_between_the_renames_puts_the_old_checkpoint_back(make_cfg, make_model, tmp_path, monkeypatch):
+    cfg = make_cfg()
+    old = make_model(cfg, seed=1)
+    ck = tmp_path / "ck"
+    save_model(old, ck)
+    real, calls = dsv3.checkpoint.os.replace, []
+
+    def replace(src, dst):  # noqa: ANN001, ANN202 - the second rename (new directory into place) is interrupted
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(dsv3.checkpoint.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(make_model(cfg, seed=2), ck)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+    loaded = load_model(ck, dtype=torch.float32)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in old.state_dict().items())
+
+
+def test_a_plain_save_of_an_fp8_loaded_model_is_not_marked_fp8(make_cfg, make_model, tmp_path):
+    save_model(make_model(make_cfg()), tmp_path / "fp8", fp8=True)
+    assert "quantization_config" in json.loads((tmp_path / "fp8" / "config.json").read_text())
+    save_model(load_model(tmp_path / "fp8", dtype=torch.float32), tmp_path / "plain")
+    assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
 
 
 def test_save_over_existing_checkpoint_replaces_it(make_cfg, make_model, tmp_path):

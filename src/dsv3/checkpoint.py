@@ -216,7 +216,12 @@ def _replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, old)
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except BaseException:  # (an exception, Ctrl-C) between the renames: the old checkpoint goes back
+        if old is not None and not dst.exists():
+            os.replace(old, dst)
+        raise
     fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
