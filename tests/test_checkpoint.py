@@ -231,6 +231,51 @@ def test_released_fp8_format_is_dequantised_blockwise(make_cfg, make_model, tmp_
     assert n_fp8 > 20
 
 
+def write_shards(path: Path, shards: dict[str, dict[str, torch.Tensor]], index_extra: dict | None = None) -> None:
+    """Rewrite checkpoint `path` as exactly these shard files, with an index that lists what each holds."""
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    weight_map = {}
+    for fname, part in shards.items():
+        st_save_file({k: v.contiguous() for k, v in part.items()}, str(path / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, fname))
+    weight_map.update(index_extra or {})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_the_index_decides_which_shard_holds_a_tensor(make_cfg, make_model, tmp_path):
+    cfg = make_cfg(**UNALIGNED)
+    ck = tmp_path / "ck"
+    save_model(make_model(cfg), ck, fp8=True)
+    tensors = read_checkpoint(ck)
+    want = {m: load_model(ck, dtype=torch.float32, fp8=m).state_dict() for m in ("dequantize", "keep")}
+    scales = {k: v for k, v in tensors.items() if k.endswith("_scale_inv")}
+    weights = {k: v for k, v in tensors.items() if k not in scales}
+    # every scale in a shard of its own, away from its weight (valid: the index says where each one is)
+    write_shards(ck, {"a.safetensors": weights, "b.safetensors": scales})
+    for mode, ref in want.items():
+        got = load_model(ck, dtype=torch.float32, fp8=mode).state_dict()
+        assert all(torch.equal(got[k].float(), v.float()) for k, v in ref.items()), mode
+    o_proj = "model.layers.0.self_attn.o_proj.weight"
+    # a second, different copy of a tensor in another indexed shard: refused, not whichever shard sorts last
+    rest = {k: v for k, v in tensors.items() if k != "model.norm.weight"}
+    z = {"model.norm.weight": tensors["model.norm.weight"], o_proj: torch.zeros_like(tensors[o_proj])}
+    write_shards(ck, {"a.safetensors": rest, "z.safetensors": z}, index_extra={o_proj: "a.safetensors"})
+    with pytest.raises(CheckpointError, match=r"o_proj.weight \(in z.safetensors; the index says a.safetensors"):
+        load_model(ck)
+    # the index names a tensor its shard does not hold
+    write_shards(ck, {"a.safetensors": tensors}, index_extra={"model.layers.0.extra.weight": "a.safetensors"})
+    with pytest.raises(CheckpointError, match=r"1 indexed-but-absent tensor\(s\):\n  model.layers.0.extra.weight \(a"):
+        load_model(ck)
+    # a block scale beside a weight that is not E4M3 (E5M2 codes read as E4M3 would be garbage)
+    e5 = dict(tensors)
+    e5[o_proj] = tensors[o_proj].float().to(torch.float8_e5m2)
+    write_shards(ck, {"a.safetensors": e5})
+    for mode in ("dequantize", "keep"):
+        with pytest.raises(CheckpointError, match=r"o_proj.weight: torch.float8_e5m2 with a .*E4M3"):
+            load_model(ck, fp8=mode)
+
+
 def test_fp8_save_writes_release_format_within_e4m3_error(make_cfg, make_model, tmp_path):
     cfg = make_cfg(**UNALIGNED)
     model = make_model(cfg)

@@ -14,6 +14,7 @@ themselves, and filled with the stored bytes. Saving is atomic: a temporary dire
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -270,6 +272,10 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 # ---- loading --------------------------------------------------------------------------------------
 
+def _shard_name(file: Path | None) -> str:
+    return "nothing" if file is None else file.name
+
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """Every tensor name in the checkpoint -> the shard file holding it (from the index, or the one file)."""
     index = path / "model.safetensors.index.json"
@@ -346,63 +352,85 @@ def load_model(
     params = model.state_dict(keep_vars=True)
     seen: set[str] = set()
     unexpected, mismatched = [], []
-    with torch.no_grad():
+    with contextlib.ExitStack() as shards, torch.no_grad():
+        opened: dict[Path, Any] = {}
+
+        def shard(file: Path) -> Any:  # noqa: ANN401 - a safetensors handle, opened once
+            if file not in opened:
+                opened[file] = shards.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+            return opened[file]
+
+        def scale_of(key: str) -> torch.Tensor | None:
+            """key's `_scale_inv`, from whichever shard the index names (DeepSeek's tools look it up so too)."""
+            file = weight_map.get(key + "_scale_inv")
+            if file is None or key + "_scale_inv" not in shard(file).keys():
+                mismatched.append(f"{key}: FP8 weight without {key}_scale_inv")
+                return None
+            return shard(file).get_tensor(key + "_scale_inv")
+
         for file in tqdm(files, desc="loading", disable=not progress, unit=" shards"):
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                keys = set(f.keys())
-                for key in sorted(keys):
-                    if key.endswith("_scale_inv"):
-                        if key.removesuffix("_scale_inv") not in keys:
-                            unexpected.append(key)
-                        continue
-                    if key in copies:
-                        continue
-                    if key not in layout:
-                        # transformers writes zero-width shared experts for n_shared_experts=0: nothing to load
-                        if 0 not in f.get_slice(key).get_shape():
-                            unexpected.append(key)
-                        continue
-                    ours, idx = layout[key]
-                    target = params[ours].data[idx]
-                    t = f.get_tensor(key)
-                    if target.dtype == torch.float8_e4m3fn:  # fp8="keep"
-                        if t.dtype == torch.float8_e4m3fn:
-                            if key + "_scale_inv" not in keys:
-                                mismatched.append(f"{key}: FP8 weight without {key}_scale_inv in the same shard")
-                                continue
-                            s = f.get_tensor(key + "_scale_inv")
-                        else:
-                            t, s = quantize_blockwise(t)
-                        s_ours, s_idx = layout[key + "_scale_inv"]
-                        s_target = params[s_ours].data[s_idx]
-                        if (t.shape, s.shape) != (target.shape, s_target.shape):
-                            mismatched.append(f"{key}: checkpoint {tuple(t.shape)} with scale_inv "
-                                              f"{tuple(s.shape)}, model {tuple(target.shape)} with "
-                                              f"{tuple(s_target.shape)}")
-                            continue
-                        target.copy_(t)
-                        s_target.copy_(s)
-                        seen.update((key, key + "_scale_inv"))
-                        continue
+            f = shard(file)
+            for key in sorted(f.keys()):
+                if weight_map.get(key) != file:  # a second copy, or a tensor the index does not list
+                    unexpected.append(f"{key} (in {file.name}; the index says {_shard_name(weight_map.get(key))})")
+                    continue
+                if key.endswith("_scale_inv"):
+                    if key.removesuffix("_scale_inv") not in weight_map:
+                        unexpected.append(key)
+                    continue
+                if key in copies:
+                    continue
+                if key not in layout:
+                    # transformers writes zero-width shared experts for n_shared_experts=0: nothing to load
+                    if 0 not in f.get_slice(key).get_shape():
+                        unexpected.append(key)
+                    continue
+                ours, idx = layout[key]
+                target = params[ours].data[idx]
+                t = f.get_tensor(key)
+                if t.dtype != torch.float8_e4m3fn and key + "_scale_inv" in weight_map:
+                    mismatched.append(f"{key}: {t.dtype} with a {key}_scale_inv (block-scaled weights are E4M3)")
+                    continue
+                if target.dtype == torch.float8_e4m3fn:  # fp8="keep"
                     if t.dtype == torch.float8_e4m3fn:
-                        if key + "_scale_inv" not in keys:
-                            mismatched.append(f"{key}: FP8 weight without {key}_scale_inv in the same shard")
+                        s = scale_of(key)
+                        if s is None:
                             continue
-                        try:
-                            t = dequantize_blockwise(t, f.get_tensor(key + "_scale_inv"), torch.float32)
-                        except ValueError as e:  # a mis-shaped scale_inv
-                            mismatched.append(f"{key}: {e}")
-                            continue
-                    if tuple(t.shape) != tuple(target.shape):
-                        mismatched.append(f"{key}: checkpoint {tuple(t.shape)}, model {tuple(target.shape)}")
+                    else:
+                        t, s = quantize_blockwise(t)
+                    s_ours, s_idx = layout[key + "_scale_inv"]
+                    s_target = params[s_ours].data[s_idx]
+                    if (t.shape, s.shape) != (target.shape, s_target.shape):
+                        mismatched.append(f"{key}: checkpoint {tuple(t.shape)} with scale_inv "
+                                          f"{tuple(s.shape)}, model {tuple(target.shape)} with "
+                                          f"{tuple(s_target.shape)}")
                         continue
                     target.copy_(t)
-                    seen.add(key)
+                    s_target.copy_(s)
+                    seen.update((key, key + "_scale_inv"))
+                    continue
+                if t.dtype == torch.float8_e4m3fn:
+                    s = scale_of(key)
+                    if s is None:
+                        continue
+                    try:
+                        t = dequantize_blockwise(t, s, torch.float32)
+                    except ValueError as e:  # a mis-shaped scale_inv
+                        mismatched.append(f"{key}: {e}")
+                        continue
+                if tuple(t.shape) != tuple(target.shape):
+                    mismatched.append(f"{key}: checkpoint {tuple(t.shape)}, model {tuple(target.shape)}")
+                    continue
+                target.copy_(t)
+                seen.add(key)
+        absent = sorted(f"{k} ({file.name})" for k, file in weight_map.items() if k not in shard(file).keys())
     bad = {m.split(":")[0] for m in mismatched}
-    missing = sorted(set(layout) - seen - bad - {k + "_scale_inv" for k in bad})
-    if missing or unexpected or mismatched:
+    listed = {a.split(" ")[0] for a in absent}
+    missing = sorted(set(layout) - seen - bad - {k + "_scale_inv" for k in bad} - listed)
+    if missing or unexpected or mismatched or absent:
         parts = []
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched),
+                             ("indexed-but-absent", absent)):
             if items:
                 shown = "\n  ".join(items[:50]) + (f"\n  ... and {len(items) - 50} more" if len(items) > 50 else "")
                 parts.append(f"{len(items)} {title} tensor(s):\n  {shown}")
