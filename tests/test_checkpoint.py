@@ -267,6 +267,11 @@ def test_the_index_decides_which_shard_holds_a_tensor(make_cfg, make_model, tmp_
     write_shards(ck, {"a.safetensors": tensors}, index_extra={"model.layers.0.extra.weight": "a.safetensors"})
     with pytest.raises(CheckpointError, match=r"1 indexed-but-absent tensor\(s\):\n  model.layers.0.extra.weight \(a"):
         load_model(ck)
+    # a scale without its weight
+    orphan = "model.layers.0.self_attn.gone.weight_scale_inv"
+    write_shards(ck, {"a.safetensors": {**tensors, orphan: torch.ones(1, 1)}})
+    with pytest.raises(CheckpointError, match=r"1 unexpected tensor\(s\):\n  model.layers.0.self_attn.gone"):
+        load_model(ck)
     # a block scale beside a weight that is not E4M3 (E5M2 codes read as E4M3 would be garbage)
     e5 = dict(tensors)
     e5[o_proj] = tensors[o_proj].float().to(torch.float8_e5m2)
