@@ -162,7 +162,8 @@ def run_dsv3(
             model_s = time_fn(runner.decode, dev, warmup=2, iters=max(args.steps // 4, 3))
             if profile:
                 profile_step(runner, dev)
-        nbytes = step_bytes(cfg, B, mean_ctx, fp8=args.fp8_weights == "keep")
+        nbytes = step_bytes(cfg, B, mean_ctx, bytes_per_value=engine.model.embed_tokens.weight.element_size(),
+                            fp8=args.fp8_weights == "keep")
         roof = nbytes["total"] / bw
         rows.append({
             "impl": name, "batch": B, "context": ctx,
@@ -233,8 +234,9 @@ def run_hf(peer, cfg: ModelConfig, args: argparse.Namespace, B: int, ctx: int, b
     n = len(stamps) - 1
     if n < 1:
         raise RuntimeError(f"generate produced {len(stamps)} tokens, expected {steps + 1}")
-    step_s = (stamps[-1] - stamps[0]) / n
-    nbytes = step_bytes(cfg, B, ctx + n / 2)
+    warm = min(2, n - 1)  # untimed steps at a new shape, as dsv3 gets (--warmup): allocator growth and the like
+    step_s = (stamps[-1] - stamps[warm]) / (n - warm)
+    nbytes = step_bytes(cfg, B, ctx + n / 2, bytes_per_value=next(peer.parameters()).element_size())
     roof = nbytes["total"] / bw
     name = "hf-static" if static else "hf"
     log(f"{name} B={B} ctx={ctx}: {B / step_s:,.1f} tok/s, {step_s * 1e3:.2f} ms/step, roofline {roof / step_s:.1%}"

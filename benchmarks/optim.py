@@ -6,9 +6,11 @@ fused and foreach AdamW, as a fraction of copy bandwidth.
 The parameters have the preset's shapes (2.32B for `bench`, its MTP block included), random gradients, two
 groups as in training (decay on matrices, none on norms). Bytes per element: read p, g, m, v and write p, m,
 v: 7 x 2 B in pure bf16 (the peer's setting), 7 x 4 B in float32 (`dsv3 train`'s default on the GPU), and
-4 x 4 + 3 x 2 B with float32 master weights and bf16 moments (the paper's, `train.bf16_moments`); torch has
-no bf16-moment AdamW for float32 parameters, so that row has dsv3 alone. floor = bytes / the measured
-device-to-device copy bandwidth. Each variant's step is timed interleaved with the others (median of 10).
+3 x 4 + 4 x 2 B with float32 master weights and bf16 moments (the paper's, `train.bf16_moments`); torch has
+no bf16-moment AdamW for float32 parameters, so that row has dsv3 alone. Every variant applies a clipping
+factor (`grad_scale`, as training does; foreach takes none); torch's fused kernel then also writes the
+unscaled gradients back, an eighth pass its "of copy BW" figure does not count. floor = bytes / the
+measured device-to-device copy bandwidth. Each variant's step is timed interleaved with the others (median of 10).
 Prints a table, then one JSON line.
 """
 
@@ -59,7 +61,7 @@ def main() -> None:
         # every variant updates the same tensors: the values drift, the bytes moved do not
         times = time_interleaved({name: o.step for name, o in opts.items()}, dev, warmup=2, iters=args.iters)
         m_bytes = (m_dtype or p_dtype).itemsize
-        nbytes = n * (4 * p_dtype.itemsize + 3 * m_bytes)
+        nbytes = n * (3 * p_dtype.itemsize + 4 * m_bytes)  # read p, g, m, v; write p, m, v
         for name, t in times.items():
             rows.append({"params": label, "impl": name, "GB": f"{nbytes / 1e9:.1f}", "ms": f"{t * 1e3:.2f}",
                          "floor ms": f"{nbytes / bw * 1e3:.2f}", "of copy BW": f"{nbytes / t / bw:.0%}"})
