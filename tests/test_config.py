@@ -162,3 +162,13 @@ def test_validation_error_names_the_field(overrides, field):
 def test_unknown_preset_is_an_error():
     with pytest.raises(ConfigError, match="tiny"):
         preset("7b")
+
+
+def test_a_config_without_any_rope_key_is_plain_rope():
+    # as transformers reads it; V3's YaRN is the dataclass default only for presets
+    d = tiny_config().to_dict()
+    d.pop("rope_scaling")
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.rope_scaling is None and cfg.softmax_scale == pytest.approx(cfg.qk_head_dim**-0.5, rel=1e-12)
+    hf = DeepseekV3Config(**{k: v for k, v in d.items() if k != "torch_dtype"})
+    assert hf.rope_parameters.get("rope_type", "default") == "default"

@@ -188,6 +188,8 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a `config.json` dict; unknown keys are ignored, both RoPE spellings accepted."""
         d = dict(d)
+        if "rope_scaling" not in d and "rope_parameters" not in d:  # plain RoPE, as transformers reads it (the
+            d["rope_scaling"] = None  # dataclass default is V3's YaRN, for presets)
         rp = d.pop("rope_parameters", None)
         if rp is not None and not d.get("rope_scaling"):
             rp = dict(rp)

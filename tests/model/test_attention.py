@@ -106,10 +106,10 @@ def test_absorbed_with_per_row_positions_matches_per_row_reference(make_cfg, mak
         assert_rel_close(got[b:b + 1], ref)
 
 
-# The router computes its scores in float32 even in a float64 model (SPEC 1.4), so MoE gates carry float32
-# rounding (~6e-8 relative) wherever the cached and full paths differ by a float64 ulp: 1e-6 for MoE models.
-# All-dense models are float64 end to end and get REL_TOL. A cache or mask error is >1e-3 either way.
-MOE_REL_TOL = 1e-6
+# Float64 models are float64 end to end (the router promotes to at least float32, RoPE's table follows the
+# model's dtype): the cached and full paths differ by float64 summation order only. A cache or mask error is
+# >1e-3.
+MOE_REL_TOL = 1e-11
 
 
 @pytest.mark.parametrize(
@@ -169,12 +169,35 @@ def test_cache_holds_exactly_the_latent_and_rotated_rope_key(make_cfg, make_mode
     k = kv[..., C:].unflatten(-1, (-1, 2))
     x0, x1, cos, sin = k[..., 0], k[..., 1], angle.cos(), angle.sin()
     k_ref = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2)  # adjacent pairs
-    # RoPE angles and rotation run in float32 (SPEC 1.2 kernel choice): ~1e-6 relative at 24 positions
-    assert_rel_close(cache.k_pe[0], k_ref, rel=1e-5)
+    assert model.rotary.inv_freq.dtype == torch.float64  # a float32 table would be ~1e-7 off here
+    assert_rel_close(cache.k_pe[0], k_ref, rel=1e-12)
 
 
 def test_cache_refuses_to_write_past_its_length(make_cfg):
     cfg = make_cfg()
-    cache = StaticLatentCache(cfg, 1, max_len=4)
+    cache = StaticLatentCache(cfg, 1, max_len=4, dtype=torch.float32)
     with pytest.raises(ValueError, match="4"):
         cache.update(0, torch.zeros(1, 2, cfg.kv_lora_rank), torch.zeros(1, 2, cfg.qk_rope_head_dim), 3)
+
+
+def test_a_single_query_ignores_keys_beyond_its_position(make_cfg, make_model):
+    # S == 1 is not "every key visible" when the cache holds keys past the query (a re-scored position)
+    cfg = make_cfg()
+    model = make_model(cfg, dtype=torch.float64)
+    attn, qn, qp, c, k = _mla_inputs(model, 12)
+    ref = attention_reference(attn, cfg, qn[:, 5:6], qp[:, 5:6], c, k, 5)
+    with torch.no_grad():
+        assert_rel_close(attn.absorbed(qn[:, 5:6], qp[:, 5:6], c, k, 5), ref)
+        assert_rel_close(attn.expanded(qn[:, 5:6], qp[:, 5:6], c, k, 5), ref)
+
+
+def test_a_cache_takes_the_models_dtype_and_mtp_is_refused_with_it(make_cfg, make_model, tokens):
+    cfg = make_cfg()
+    model = make_model(cfg, dtype=torch.bfloat16)
+    cache = StaticLatentCache(cfg, tokens.shape[0], max_len=tokens.shape[1])  # no dtype: the latents'
+    with torch.no_grad():
+        model(tokens[:, :5], cache=cache, start_pos=0, mtp=False)
+        model(tokens[:, 5:6], cache=cache, start_pos=5, mtp=False)  # float32 latents failed in SDPA here
+        assert cache.c_kv.dtype == torch.bfloat16
+        with pytest.raises(ValueError, match="MTP blocks are not cached"):
+            model(tokens[:, 6:7], cache=cache, start_pos=6, mtp=True)

@@ -295,3 +295,34 @@ def test_moe_is_shared_plus_gated_routed_experts(make_cfg, n_shared):
         assert moe.shared_experts is None
     # the router's float32 scores give gates within ~1e-7 of the float64 reference
     assert (y.reshape(10, -1) - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+
+
+def test_route_without_norm_topk_prob_scales_raw_affinities():
+    w, idx = route(torch.tensor([[0.9, 0.1, 0.5, 0.7]]), torch.zeros(4), n_group=1, topk_group=1, top_k=2,
+                   norm_topk_prob=False, routed_scaling_factor=2.5)
+    assert _as_dict(idx[0].tolist(), w[0]) == pytest.approx({0: 0.9 * 2.5, 3: 0.7 * 2.5}, abs=1e-6)
+
+
+def test_router_matches_transformers_without_norm_topk_prob(make_cfg):
+    cfg = make_cfg(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4, norm_topk_prob=False)
+    torch.manual_seed(0)
+    ours = Router(cfg)
+    torch.nn.init.normal_(ours.weight, std=0.3)
+    randomize_bias_(ours, 0.1)
+    hf = DeepseekV3TopkRouter(DeepseekV3Config(**cfg.to_dict()))
+    hf.load_state_dict(ours.state_dict())
+    x = torch.randn(20, cfg.hidden_size)
+    r = ours(x)
+    _, hw, hi = hf(x)
+    for t in range(20):
+        assert _as_dict(r.topk_idx[t].tolist(), r.weights[t]) == pytest.approx(_as_dict(hi[t].tolist(), hw[t]),
+                                                                               abs=1e-6)
+
+
+def test_route_groups_of_one_expert():
+    # a group of one expert scores that expert (the top-2 sum of one element); SPEC's rule then keeps the best
+    g = torch.Generator().manual_seed(0)
+    scores, bias = torch.rand(50, 8, generator=g), torch.randn(8, generator=g) * 0.2
+    _, idx = route(scores, bias, n_group=8, topk_group=3, top_k=3, routed_scaling_factor=2.5)
+    ref = route_reference(scores, bias, 8, 3, 3, 2.5)
+    assert all(set(idx[t].tolist()) == set(ref[t]) for t in range(50))

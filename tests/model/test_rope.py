@@ -174,3 +174,18 @@ def test_rotary_embedding_applies_yarn_magnitude_like_transformers(make_cfg, msc
     torch.testing.assert_close(
         apply_rope(q, cos, sin).double().norm(dim=-1), mag * q.double().norm(dim=-1), rtol=1e-5, atol=0
     )
+
+
+def test_softmax_scale_uses_mscale_all_dim_not_mscale(make_cfg):
+    cfg = make_cfg(rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": 0.5})
+    m = 0.1 * 0.5 * math.log(YARN["factor"]) + 1
+    assert cfg.softmax_scale == pytest.approx(cfg.qk_head_dim**-0.5 * m * m, rel=1e-12)
+
+
+def test_the_table_is_float32_or_wider_whatever_the_model_dtype(make_cfg):
+    freqs, _ = rope_frequencies(make_cfg())
+    r = RotaryEmbedding(make_cfg())
+    r.to(torch.bfloat16)
+    assert r.inv_freq.dtype == torch.float32 and torch.equal(r.inv_freq, freqs.float())
+    r.double()  # recomputed in float64, not the float32 values widened
+    assert r.inv_freq.dtype == torch.float64 and torch.equal(r.inv_freq, freqs)

@@ -13,21 +13,31 @@ from dsv3.model.attention import CachedLatents
 
 
 class StaticLatentCache:
-    """Latents for `batch` sequences of up to `max_len` tokens, for the main layers and the MTP blocks."""
+    """Latents for `batch` sequences of up to `max_len` tokens, for the main layers and the MTP blocks; in
+    `dtype` on `device`, by default those of the first latents written (the model's)."""
 
     def __init__(
         self, cfg: ModelConfig, batch: int, max_len: int,
-        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ):
+        self.cfg, self.batch, self.max_len = cfg, batch, max_len
+        self.c_kv: torch.Tensor | None = None
+        self.k_pe: torch.Tensor | None = None
+        if dtype is not None or device is not None:
+            self._allocate(device, dtype or torch.get_default_dtype())
+
+    def _allocate(self, device: torch.device | str | None, dtype: torch.dtype) -> None:
+        cfg = self.cfg
         n = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-        self.max_len = max_len
-        self.c_kv = torch.zeros(n, batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
-        self.k_pe = torch.zeros(n, batch, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+        self.c_kv = torch.zeros(n, self.batch, self.max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
+        self.k_pe = torch.zeros(n, self.batch, self.max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
 
     def update(
         self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos: int
     ) -> CachedLatents | None:
         """Write positions start_pos.. of every row; a first chunk (start_pos 0) attends over itself."""
+        if self.c_kv is None:
+            self._allocate(c_kv.device, c_kv.dtype)
         end = start_pos + c_kv.shape[1]
         if end > self.max_len:
             raise ValueError(f"cache holds {self.max_len} positions; asked to write up to {end}")

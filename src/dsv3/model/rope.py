@@ -47,8 +47,8 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("inv_freq", torch.empty(cfg.qk_rope_head_dim // 2, dtype=torch.float32),
-                             persistent=False)
+        dtype = torch.promote_types(torch.get_default_dtype(), torch.float32)  # (build_empty sets the default)
+        self.register_buffer("inv_freq", torch.empty(cfg.qk_rope_head_dim // 2, dtype=dtype), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -58,10 +58,12 @@ class RotaryEmbedding(torch.nn.Module):
             self.inv_freq.copy_(freqs.to(device=self.inv_freq.device, dtype=self.inv_freq.dtype))
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
-        # model.to(bf16) casts every floating buffer: recompute the table in at least float32 instead
+        # model.to(dtype) casts every floating buffer: recompute the table in at least float32 instead (a
+        # cast would round it to bf16, or leave a float64 model with float32-rounded frequencies)
+        before = self.inv_freq.dtype
         super()._apply(fn, recurse)
         dtype = torch.promote_types(self.inv_freq.dtype, torch.float32)
-        if self.inv_freq.dtype != dtype:
+        if self.inv_freq.dtype != dtype or dtype != before:
             self.inv_freq = torch.empty(self.inv_freq.shape, dtype=dtype, device=self.inv_freq.device)
             if self.inv_freq.device.type != "meta":
                 self.reset_parameters()

@@ -140,6 +140,9 @@ class DeepSeekV3(nn.Module):
         out = DeepSeekV3Output(logits=self.lm_head(h), hidden=h, router=routers)
         if mtp is None:
             mtp = cache is None and len(self.mtp) > 0
+        if mtp and cache is not None:  # the blocks would attend within this chunk only, and store nothing
+            raise ValueError("mtp=True with a cache: the MTP blocks are not cached here; call model.mtp[k] with "
+                             "the cache (as dsv3.infer's drafter does), or run the full forward without one")
         if mtp:
             prev = h
             for k, module in enumerate(self.mtp, start=1):
