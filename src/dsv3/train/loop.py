@@ -311,7 +311,7 @@ def train_step(
     try:
         opt.step()
     finally:
-        opt.grad_scale = None  # the clipping factor clip_grad_norm handed a fused AdamW holds for one step only
+        opt.grad_scale = None  # the clipping factor clip_grad_norm handed the optimiser holds for one step only
     opt.zero_grad(set_to_none=True)
     loads = acc.take()
     if objective.bias_update and loads is not None:
