@@ -403,3 +403,13 @@ def test_cuda_few_tokens_stream_the_fp8_experts(tmp_path, monkeypatch):
         # bf16 output and (grouped path) bf16 intermediate activations: ~2^-8 relative
         assert ((got - want).norm() / want.norm()).item() < 1e-2
     assert calls == [1, 10]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_dense_copy_has_the_linears_dtype_and_is_served(dtype):
+    # the absorbed decode path multiplies by kv_b_proj's matrix every step: the cached copy must be the one used
+    lin = torch.nn.Linear(256, 130, bias=False).to(dtype)
+    q8 = FP8Linear.from_linear(lin, keep_dense=True)
+    assert q8.dense is not None and q8.dense.dtype == dtype
+    assert q8.dense_weight(dtype) is q8.dense
+    torch.testing.assert_close(q8.dense, dequantize_blockwise(q8.weight, q8.weight_scale_inv, dtype), rtol=0, atol=0)
