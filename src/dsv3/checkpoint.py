@@ -353,24 +353,26 @@ def load_model(
     seen: set[str] = set()
     unexpected, mismatched = [], []
     with contextlib.ExitStack() as shards, torch.no_grad():
-        opened: dict[Path, Any] = {}
+        opened: dict[Path, tuple[Any, set[str]]] = {}
 
-        def shard(file: Path) -> Any:  # noqa: ANN401 - a safetensors handle, opened once
+        def shard(file: Path) -> tuple[Any, set[str]]:
+            """A safetensors handle and its tensor names, opened once."""
             if file not in opened:
-                opened[file] = shards.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                f = shards.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                opened[file] = f, set(f.keys())
             return opened[file]
 
         def scale_of(key: str) -> torch.Tensor | None:
             """key's `_scale_inv`, from whichever shard the index names (DeepSeek's tools look it up so too)."""
             file = weight_map.get(key + "_scale_inv")
-            if file is None or key + "_scale_inv" not in shard(file).keys():
+            if file is None or key + "_scale_inv" not in shard(file)[1]:
                 mismatched.append(f"{key}: FP8 weight without {key}_scale_inv")
                 return None
-            return shard(file).get_tensor(key + "_scale_inv")
+            return shard(file)[0].get_tensor(key + "_scale_inv")
 
         for file in tqdm(files, desc="loading", disable=not progress, unit=" shards"):
-            f = shard(file)
-            for key in sorted(f.keys()):
+            f, keys = shard(file)
+            for key in sorted(keys):
                 if weight_map.get(key) != file:  # a second copy, or a tensor the index does not list
                     unexpected.append(f"{key} (in {file.name}; the index says {_shard_name(weight_map.get(key))})")
                     continue
@@ -423,14 +425,13 @@ def load_model(
                     continue
                 target.copy_(t)
                 seen.add(key)
-        absent = sorted(f"{k} ({file.name})" for k, file in weight_map.items() if k not in shard(file).keys())
+        absent = sorted(k for k, file in weight_map.items() if k not in shard(file)[1])
     bad = {m.split(":")[0] for m in mismatched}
-    listed = {a.split(" ")[0] for a in absent}
-    missing = sorted(set(layout) - seen - bad - {k + "_scale_inv" for k in bad} - listed)
+    missing = sorted(set(layout) - seen - bad - {k + "_scale_inv" for k in bad} - set(absent))
     if missing or unexpected or mismatched or absent:
         parts = []
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched),
-                             ("indexed-but-absent", absent)):
+                             ("indexed-but-absent", [f"{k} ({weight_map[k].name})" for k in absent])):
             if items:
                 shown = "\n  ".join(items[:50]) + (f"\n  ... and {len(items) - 50} more" if len(items) > 50 else "")
                 parts.append(f"{len(items)} {title} tensor(s):\n  {shown}")

@@ -99,13 +99,13 @@ def load(args: argparse.Namespace) -> tuple[Engine, Any, SamplingParams]:
     if args.mtp < 0:
         raise ValueError(f"--mtp must be >= 0 (got {args.mtp})")
     from dsv3.checkpoint import load_model
+    from dsv3.config import ModelConfig
     from dsv3.data.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_pretrained(path)
     if getattr(args, "prompt", None) is not None:  # generate: the Engine's context is the model's positions
-        max_len = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
-        if max_len:
-            check_prompt_length(len(tokenizer.encode(args.prompt)), max_len)
+        max_len = ModelConfig.from_json(path).max_position_embeddings
+        check_prompt_length(len(tokenizer.encode(args.prompt)), max_len)
     elif not tokenizer.config.get("chat_template"):  # chat
         raise ValueError(f"{path}/tokenizer_config.json has no chat_template: `dsv3 chat` needs one (use "
                          f"`dsv3 generate` for plain completion)")

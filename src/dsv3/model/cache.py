@@ -14,7 +14,8 @@ from dsv3.model.attention import CachedLatents
 
 class StaticLatentCache:
     """Latents for `batch` sequences of up to `max_len` tokens, for the main layers and the MTP blocks; in
-    `dtype` on `device`, by default those of the first latents written (the model's)."""
+    `dtype` on `device` when a dtype is given, else in the dtype and on the device of the first latents
+    written (the model's)."""
 
     def __init__(
         self, cfg: ModelConfig, batch: int, max_len: int,
@@ -23,8 +24,8 @@ class StaticLatentCache:
         self.cfg, self.batch, self.max_len = cfg, batch, max_len
         self.c_kv: torch.Tensor | None = None
         self.k_pe: torch.Tensor | None = None
-        if dtype is not None or device is not None:
-            self._allocate(device, dtype or torch.get_default_dtype())
+        if dtype is not None:  # else on the first update, like the latents written (a device alone is no dtype)
+            self._allocate(device, dtype)
 
     def _allocate(self, device: torch.device | str | None, dtype: torch.dtype) -> None:
         cfg = self.cfg
