@@ -390,7 +390,8 @@ def test_cuda_few_tokens_stream_the_fp8_experts(tmp_path, monkeypatch):
     gate_up, down = experts.weights(torch.float64)
     calls = []
     real = Experts.few_pairs
-    monkeypatch.setattr(Experts, "few_pairs", lambda self, x, r: calls.append(x.shape[0]) or real(self, x, r))
+    monkeypatch.setattr(Experts, "few_pairs",
+                        lambda self, x, r, shared=None: calls.append(x.shape[0]) or real(self, x, r, shared))
     g = torch.Generator().manual_seed(0)
     for T in (1, 10, 11):
         x = (torch.randn(T, cfg.hidden_size, generator=g) * 0.5).to("cuda", torch.bfloat16)

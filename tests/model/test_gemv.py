@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.fp8 import dequantize_blockwise, gemm, quantize_blockwise
-from dsv3.model.gemv import gemv, gemv_supported
+from dsv3.model.gemv import Extra, gemv, gemv_pair, gemv_supported, linear_pair
 from dsv3.model.moe import Experts, RouterOutput
 from tests.conftest import tiny_config
 from tests.model.test_moe import experts_reference
@@ -83,6 +83,105 @@ def test_e4m3_block_scales_match_float64_including_split_grids():
     assert within_output_rounding(got, ref, absum, torch.bfloat16)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_extra_matrix_rides_after_the_indexed_rows(fp8):
+    # decode's shared expert in the routed experts' launches: gate_up [E, 2I, d] rows for T*K pairs, then the
+    # shared gate_proj / up_proj (two separate tensors, each on its own block grid) on each of the T tokens;
+    # then the down projection with SwiGLU on load, the shared rows reading the last T rows of h. I = 200:
+    # ragged, so the up half's grid starts at block row 2 in both.
+    g = torch.Generator().manual_seed(4)
+    E, inter, d, T, topk = 5, 200, 256, 3, 2
+
+    def weight(*shape):  # (stored, scale_inv or None, float64 value)
+        w = torch.randn(*shape, generator=g)
+        if not fp8:
+            w = w.to(torch.bfloat16)
+            return w, None, w.double()
+        q, s = quantize_blockwise(w)
+        return q, s, dequantize_blockwise(q, s, torch.float64)
+
+    (qg, sg, wg), (qu, su, wu), (qd, sd, wd) = weight(E, inter, d), weight(E, inter, d), weight(E, d, inter)
+    (hg, hgs, hgw), (hu, hus, huw), (hd, hds, hdw) = weight(inter, d), weight(inter, d), weight(d, inter)
+    gate_up, gate_up_s = torch.cat([qg, qu], 1), None if sg is None else torch.cat([sg, su], 1)
+    x = torch.randn(T, d, generator=g).to(torch.bfloat16)
+    idx = torch.tensor([4, 0, 2, 4, 1, 3])
+
+    def cuda(t):
+        return None if t is None else t.cuda()
+
+    h = gemv(x.cuda(), gate_up.cuda(), idx.cuda(), cuda(gate_up_s), rows_per_x=topk, split=inter,
+             extra=Extra(hg.cuda(), cuda(hgs), hu.cuda(), cuda(hus)), extra_rows=T)
+    rows = x.double().repeat_interleave(topk, 0)
+    w_all = torch.cat([torch.cat([wg, wu], 1)[idx], torch.cat([hgw, huw]).expand(T, -1, -1)])
+    a_all = torch.cat([rows, x.double()])
+    ref = torch.einsum("pnk,pk->pn", w_all, a_all)
+    assert h.shape == (T * topk + T, 2 * inter)
+    assert within_output_rounding(h, ref, torch.einsum("pnk,pk->pn", w_all.abs(), a_all.abs()), torch.bfloat16)
+
+    y = gemv(h, qd.cuda(), idx.cuda(), cuda(sd), swiglu=True, extra=Extra(hd.cuda(), cuda(hds)), extra_rows=T)
+    a = F.silu(h[:, :inter].double().cpu()) * h[:, inter:].double().cpu()
+    w_all = torch.cat([wd[idx], hdw.expand(T, -1, -1)])
+    ref = torch.einsum("pnk,pk->pn", w_all, a)
+    assert y.shape == (T * topk + T, d)
+    assert within_output_rounding(y, ref, torch.einsum("pnk,pk->pn", w_all.abs(), a.abs()), torch.bfloat16)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_pair_of_weights_sharing_the_input(fp8):
+    # MLA's W_DQ and [W_DKV; W_KR] on the same row: y = x [W1; W2]^T, N1 = 300 ragged against the 128 grid
+    g = torch.Generator().manual_seed(5)
+    w1, w2 = torch.randn(300, 384, generator=g), torch.randn(130, 384, generator=g)
+    x = torch.randn(2, 384, generator=g).to(torch.bfloat16)
+    if fp8:
+        (q1, s1), (q2, s2) = quantize_blockwise(w1), quantize_blockwise(w2)
+        ref_w = torch.cat([dequantize_blockwise(q1, s1, torch.float64), dequantize_blockwise(q2, s2, torch.float64)])
+        got = gemv_pair(x.cuda(), q1.cuda(), q2.cuda(), s1.cuda(), s2.cuda())
+    else:
+        w1, w2 = w1.to(torch.bfloat16), w2.to(torch.bfloat16)
+        ref_w = torch.cat([w1, w2]).double()
+        got = gemv_pair(x.cuda(), w1.cuda(), w2.cuda())
+    assert got.shape == (2, 430)
+    assert within_output_rounding(got, x.double() @ ref_w.T, x.double().abs() @ ref_w.abs().T, torch.bfloat16)
+
+
+def test_linear_pair_takes_one_bf16_row_or_few_e4m3_rows():
+    from dsv3.fp8.modules import FP8Linear
+
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.nn.Linear(384, 300, bias=False), torch.nn.Linear(384, 130, bias=False)
+    a, b = a.cuda().bfloat16(), b.cuda().bfloat16()
+    with torch.no_grad():
+        x = torch.randn(1, 1, 384, generator=g).to("cuda", torch.bfloat16)
+        ya, yb = linear_pair(x, a, b)
+        assert ya.shape == (1, 1, 300) and yb.shape == (1, 1, 130)
+        for y, m in ((ya, a), (yb, b)):
+            w = m.weight.double().cpu()
+            assert within_output_rounding(y[0], x[0].double().cpu() @ w.T, x[0].double().cpu().abs() @ w.abs().T,
+                                          torch.bfloat16)
+        assert linear_pair(torch.cat([x, x], 1), a, b) is None  # two rows: cuBLAS reads the weight once for both
+        qa, qb = FP8Linear.from_linear(a), FP8Linear.from_linear(b)
+        x8 = torch.randn(8, 384, generator=g).to("cuda", torch.bfloat16)
+        ya, yb = linear_pair(x8, qa, qb)
+        torch.testing.assert_close(ya, qa(x8), rtol=0, atol=0)  # the same kernel's arithmetic as one launch each
+        torch.testing.assert_close(yb, qb(x8), rtol=0, atol=0)
+        assert linear_pair(torch.cat([x8, x8[:1]]), qa, qb) is None
+        assert linear_pair(x[0], a, qb) is None  # bf16 beside E4M3
+    assert linear_pair(x[0], a, b) is None  # under autograd: no gemv
+
+
+def test_extra_matrix_must_match():
+    w = torch.randn(3, 32, 64, device="cuda", dtype=torch.bfloat16)
+    x, idx = torch.randn(2, 64, device="cuda", dtype=torch.bfloat16), torch.zeros(2, dtype=torch.long, device="cuda")
+    for extra in [Extra(torch.randn(31, 64, device="cuda", dtype=torch.bfloat16)),  # rows
+                  Extra(torch.randn(32, 64, device="cuda")),  # dtype
+                  Extra(torch.randn(64, 32, device="cuda", dtype=torch.bfloat16).T),  # row stride
+                  Extra(w[0, :16], None, w[0, 16:])]:  # two halves without the indexed weight's split
+        with pytest.raises(ValueError, match="extra matrix"):
+            gemv(x, w, idx, extra=extra, extra_rows=2)
+    with pytest.raises(ValueError, match="do not fit"):
+        gemv(x, w, idx, extra=Extra(w[0]), extra_rows=3)
+
+
 def test_e4m3_weights_need_sm89(monkeypatch):
     x, q = torch.randn(2, 32, device="cuda"), torch.zeros(16, 32, device="cuda").to(torch.float8_e4m3fn)
     assert gemv_supported(x, q)  # the H200
@@ -117,7 +216,8 @@ def test_experts_take_it_for_fewer_pairs_than_experts(monkeypatch):
     experts.cuda().bfloat16()
     calls = []
     real = Experts.few_pairs
-    monkeypatch.setattr(Experts, "few_pairs", lambda self, x, r: calls.append(x.shape[0]) or real(self, x, r))
+    monkeypatch.setattr(Experts, "few_pairs",
+                        lambda self, x, r, shared=None: calls.append(x.shape[0]) or real(self, x, r, shared))
     for T in (1, 2, 3):  # 3, 6 pairs stream; 9 >= 8 experts take the grouped GEMMs
         x = torch.randn(T, d, generator=g).to(torch.bfloat16)
         idx = torch.stack([torch.randperm(E, generator=g)[:topk] for _ in range(T)])
@@ -129,6 +229,50 @@ def test_experts_take_it_for_fewer_pairs_than_experts(monkeypatch):
         want = experts_reference(x, experts.gate_up_proj.cpu(), experts.down_proj.cpu(), idx, w)
         assert ((got - want).norm() / want.norm()).item() < 8e-3, T
     assert calls == [1, 2]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_moe_shared_expert_rides_in_the_routed_launches(fp8, monkeypatch):
+    # decode's MoE: the shared expert is computed in the routed experts' two gemv launches (its own forward
+    # never runs) and the result is routed + shared against float64; a shared expert of another width (two
+    # shared experts fused) keeps its own forward
+    from dsv3.fp8.modules import to_fp8_
+    from dsv3.model.layers import MLP
+    from dsv3.model.moe import MoE
+
+    g = torch.Generator().manual_seed(6)
+    calls, real = [], MLP.forward
+    monkeypatch.setattr(MLP, "forward", lambda self, x: calls.append(1) or real(self, x))
+    for n_shared, rides in ((1, True), (2, False)):
+        calls.clear()
+        cfg = tiny_config(n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=3, hidden_size=256,
+                          moe_intermediate_size=200, n_shared_experts=n_shared)
+        moe = MoE(cfg)
+        with torch.no_grad():
+            for p in moe.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        ref_moe = MoE(cfg).double()
+        ref_moe.load_state_dict(moe.state_dict())
+        moe = moe.cuda().bfloat16()
+        if fp8:
+            names = [n for n, m in moe.named_modules() if isinstance(m, torch.nn.Linear)] + ["experts"]
+            to_fp8_(moe, names)
+        x = torch.randn(2, 256, generator=g).to(torch.bfloat16)
+        with torch.no_grad():
+            got, r = moe(x.cuda())
+        # the reference: the same routing, float64 experts (dequantised E4M3 ones for the FP8 model)
+        if fp8:
+            gate_up, down = moe.experts.weights(torch.float64)
+            shared = {n: dequantize_blockwise(m.weight, m.weight_scale_inv, torch.float64).cpu()
+                      for n, m in moe.shared_experts.named_children()}
+        else:
+            gate_up, down = moe.experts.gate_up_proj.double(), moe.experts.down_proj.double()
+            shared = {n: m.weight.double().cpu() for n, m in moe.shared_experts.named_children()}
+        xd = x.double()
+        want = experts_reference(xd, gate_up.cpu(), down.cpu(), r.topk_idx.cpu(), r.weights.cpu())
+        want += (F.silu(xd @ shared["gate_proj"].T) * (xd @ shared["up_proj"].T)) @ shared["down_proj"].T
+        assert ((got.double().cpu() - want).norm() / want.norm()).item() < 8e-3, (n_shared, fp8)
+        assert (not calls) == rides, (n_shared, calls)
 
 
 def test_fp8_linear_streams_few_rows_and_gemms_more(monkeypatch):

@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.fp8.quant import dequantize_blockwise, quantize_activation_1x128
-from dsv3.model.gemv import gemv, gemv_supported
+from dsv3.model.gemv import GEMV_MAX_ROWS, gemv, gemv_supported
 
 BLOCK = 128
-GEMV_MAX_ROWS = 8  # decode batches: below a GEMM tile, where cuBLAS would pad M and quantise x first
 
 
 def scaled_mm_shape_ok(n: int, k: int) -> bool:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dsv3.config import ModelConfig
+from dsv3.model.gemv import linear_pair
 from dsv3.model.layers import RMSNorm, dense_weight
 from dsv3.model.rope import apply_rope
 
@@ -156,19 +157,25 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * self.v_head_dim, d, bias=False)
 
     # -- projections shared by both paths ----------------------------------------------------------
-    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """eqs. 6-9: q_C [B,S,H,nope] and rotated q_R [B,S,H,rope]."""
+    def query(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_a: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """eqs. 6-9: q_C [B,S,H,nope] and rotated q_R [B,S,H,rope]. q_a: W_DQ x when already computed."""
         if self.q_lora_rank:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x) if q_a is None else q_a))
         else:
             q = self.q_proj(x)
         q = q.unflatten(-1, (self.n_heads, -1))
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin)
 
-    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """eqs. 1 and 3: c_kv = RMSNorm(W_DKV h) [B,S,C] and k_R = RoPE(W_KR h) [B,S,rope]: what is cached."""
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+    def latent(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_a: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """eqs. 1 and 3: c_kv = RMSNorm(W_DKV h) [B,S,C] and k_R = RoPE(W_KR h) [B,S,rope]: what is cached.
+        kv_a: [W_DKV; W_KR] x when already computed."""
+        kv_a = self.kv_a_proj_with_mqa(x) if kv_a is None else kv_a
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
 
     # -- the two equivalent attention computations ---------------------------------------------------
@@ -225,8 +232,10 @@ class MLA(nn.Module):
         doc_ids [B, S]: document masking of packed training sequences (no cache), see `attend`."""
         if doc_ids is not None and cache is not None:
             raise ValueError("document masking (doc_ids) is for training forwards without a KV cache")
-        q_nope, q_pe = self.query(x, cos, sin)
-        c_kv, k_pe = self.latent(x, cos, sin)
+        # decode's few rows read W_DQ and [W_DKV; W_KR], which share the input, in one launch
+        both = linear_pair(x, self.q_a_proj, self.kv_a_proj_with_mqa) if self.q_lora_rank else None
+        q_nope, q_pe = self.query(x, cos, sin, None if both is None else both[0])
+        c_kv, k_pe = self.latent(x, cos, sin, None if both is None else both[1])
         cached = None if cache is None else cache.update(self.layer_idx, c_kv, k_pe, start_pos)
         if cached is None:
             o = self.expanded(q_nope, q_pe, c_kv, k_pe, 0, doc_ids)

@@ -15,6 +15,8 @@ CUDA only (Triton); callers keep their own path elsewhere (`gemv_supported`). No
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 try:
@@ -24,6 +26,7 @@ except ImportError:  # CPU-only installs: the callers' general paths run
     triton = None
 
 BLOCK = 128  # FP8 scale block, and the kernel's K step
+GEMV_MAX_ROWS = 8  # decode batches: below a GEMM tile, where cuBLAS would pad M (and quantise x for FP8)
 
 
 @torch.compiler.assume_constant_result
@@ -48,27 +51,40 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, s_ptr, idx_ptr, y_ptr,
-        N, K, ROWS_PER_X, SPLIT, SPLIT_BLOCKS,
+        x_ptr, w_ptr, s_ptr, idx_ptr, y_ptr, xw_ptr, xs_ptr, xw2_ptr, xs2_ptr,
+        N, K, P, ROWS_PER_X, EXTRA_X0, SPLIT, SPLIT_BLOCKS,
         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ym,
-        HAS_IDX: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
-        ACC2D: tl.constexpr,
+        HAS_IDX: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_EXTRA: tl.constexpr, SWIGLU: tl.constexpr,
+        BLOCK_N: tl.constexpr, ACC2D: tl.constexpr,
     ):
         p = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        w_base = w_ptr
+        # a weight is read as two row ranges: rows < SPLIT from `lo`, the rest from `hi` (gate_up's halves, each
+        # with its own FP8 block grid; for the extra matrix, two separate tensors such as a shared expert's
+        # gate_proj and up_proj)
+        lo = w_ptr
+        s_lo = s_ptr
         if HAS_IDX:
-            e = tl.load(idx_ptr + p).to(tl.int64)
-            w_base += e * stride_we
-        x_row = x_ptr + (p // ROWS_PER_X).to(tl.int64) * stride_xm
-        w_rows = w_base + offs_n[:, None].to(tl.int64) * stride_wn
-        if HAS_SCALE:  # rows past SPLIT (gate_up's up half) have their own block grid after SPLIT_BLOCKS rows
-            s_row = tl.where(offs_n < SPLIT, offs_n // 128, SPLIT_BLOCKS + (offs_n - SPLIT) // 128)
-            s_base = s_ptr
-            if HAS_IDX:
-                s_base += e * stride_se
-            s_rows = s_base + s_row * stride_sn
+            e = tl.load(idx_ptr + tl.minimum(p, P - 1)).to(tl.int64)
+            lo += e * stride_we
+            s_lo += e * stride_se
+        hi = lo + SPLIT * stride_wn
+        s_hi = s_lo + SPLIT_BLOCKS * stride_sn
+        row = p // ROWS_PER_X
+        if HAS_EXTRA:  # programs past the P indexed rows apply the extra matrix to x's last rows
+            extra = p >= P
+            lo = tl.where(extra, xw_ptr, lo)
+            hi = tl.where(extra, xw2_ptr, hi)
+            s_lo = tl.where(extra, xs_ptr, s_lo)
+            s_hi = tl.where(extra, xs2_ptr, s_hi)
+            row = tl.where(extra, EXTRA_X0 + p - P, row)
+        x_row = x_ptr + row.to(tl.int64) * stride_xm
+        first = offs_n < SPLIT
+        rest = tl.maximum(offs_n - SPLIT, 0).to(tl.int64)
+        w_rows = tl.where(first, lo + offs_n.to(tl.int64) * stride_wn, hi + rest * stride_wn)[:, None]
+        if HAS_SCALE:
+            s_rows = tl.where(first, s_lo + (offs_n // 128) * stride_sn, s_hi + (rest // 128) * stride_sn)
         # ACC2D: elementwise products summed over K, one cross-lane sum at the end. A sum per 128-deep step
         # left the kernel latency-bound: 1.5-2x slower for the linears, 1.2-1.4x for gate_up (weights read
         # from HBM, benchmarks/gemv.py). The SwiGLU-on-load variant keeps it: ~2x slower with ACC2D in a sweep.
@@ -102,9 +118,21 @@ if triton is not None:
         tl.store(y_ptr + p.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
+class Extra(NamedTuple):
+    """A matrix `gemv` applies after its indexed rows, in the same launch: `w` [N, K], or with `w2` the first
+    `split` rows in `w` and the rest in `w2` (a shared expert's gate_proj and up_proj); E4M3 weights with their
+    `scale_inv` block grids. Same dtype and row stride as the indexed weights."""
+
+    w: torch.Tensor
+    scale_inv: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    scale_inv2: torch.Tensor | None = None
+
+
 def gemv(
     x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor | None = None, scale_inv: torch.Tensor | None = None,
-    rows_per_x: int = 1, swiglu: bool = False, split: int | None = None,
+    rows_per_x: int = 1, swiglu: bool = False, split: int | None = None, extra: Extra | None = None,
+    extra_rows: int = 0,
 ) -> torch.Tensor:
     """y[p] = W_p a_p for p < P, in x's dtype (float32 accumulation).
 
@@ -114,16 +142,22 @@ def gemv(
       `swiglu` silu(x[p, :K]) * x[p, K:] for x [P, 2K].
     - split: gate_up stacks two matrices of `split` rows each quantised on its own grid (the second's block
       rows start after ceil(split/128)); default: one grid.
+    - extra, extra_rows: `extra_rows` more outputs y[P + j] = W_extra a, a from x's last `extra_rows` rows (which
+      may be the ones the indexed rows read: decode's shared expert on each token beside its routed pairs).
     """
     if idx is None:
         if rows_per_x != 1:
             raise ValueError("gemv: rows_per_x needs idx (one weight per pair)")
+        if extra is not None:
+            raise ValueError("gemv: an extra matrix goes with indexed rows (idx); see gemv_pair")
         P = x.shape[0]
         w3, s3 = w.unsqueeze(0), None if scale_inv is None else scale_inv.unsqueeze(0)
     else:
         P, w3, s3, idx = idx.numel(), w, scale_inv, idx.reshape(-1).contiguous()
     _, N, K = w3.shape
-    if x.dim() != 2 or x.shape[1] != (2 * K if swiglu else K) or x.shape[0] * rows_per_x != P:
+    own = x.shape[0] - (extra_rows if extra is not None else 0)  # x rows only the indexed rows read
+    if (x.dim() != 2 or x.shape[1] != (2 * K if swiglu else K) or extra_rows > x.shape[0]
+            or P not in (x.shape[0] * rows_per_x, own * rows_per_x)):
         raise ValueError(f"gemv: activations {tuple(x.shape)} do not fit the weight {tuple(w.shape)} for {P} rows "
                          f"(x is [P / rows_per_x, {'2K' if swiglu else 'K'}])")
     grid_rows = -(-N // BLOCK) if split is None else 2 * -(-split // BLOCK)
@@ -132,17 +166,86 @@ def gemv(
     x = x if x.stride(-1) == 1 else x.contiguous()
     w3 = w3 if w3.stride(-1) == 1 else w3.contiguous()
     s3 = None if s3 is None else s3.contiguous()
-    y = torch.empty(P, N, dtype=x.dtype, device=x.device)
-    if P == 0:
+    return _launch(x, w3, s3, idx if P else None, P, N, K, rows_per_x, swiglu, split, extra,
+                   extra_rows if extra is not None else 0)
+
+
+def gemv_pair(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale_inv1: torch.Tensor | None = None,
+    scale_inv2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, K] times two weights that share it, [N1, K] and [N2, K], in one launch: [M, N1 + N2] = x [W1; W2]^T
+    (MLA's W_DQ and [W_DKV; W_KR] at decode), without concatenating the weights."""
+    if x.dim() != 2 or x.shape[1] != w1.shape[1]:
+        raise ValueError(f"gemv_pair: activations {tuple(x.shape)} do not fit the weight {tuple(w1.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    extra = Extra(w1, scale_inv1, w2, scale_inv2)
+    return _launch(x, w1.unsqueeze(0), None if scale_inv1 is None else scale_inv1.unsqueeze(0), None, 0,
+                   w1.shape[0] + w2.shape[0], w1.shape[1], 1, False, w1.shape[0], extra, x.shape[0])
+
+
+def _fits(t: torch.Tensor, like: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
+    """t is `shape`, read with `like`'s dtype and row stride (the kernel steps both with one stride)."""
+    return (like is not None and t.dtype == like.dtype and tuple(t.shape) == shape and t.stride(-1) == 1
+            and t.stride(0) == like.stride(-2))
+
+
+def _launch(
+    x: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor | None, idx: torch.Tensor | None, P: int, N: int, K: int,
+    rows_per_x: int, swiglu: bool, split: int | None, extra: Extra | None, extra_rows: int,
+) -> torch.Tensor:
+    if extra is not None:
+        n1 = N if extra.w2 is None else split
+        kblocks = -(-K // BLOCK)
+        ok = (extra.w2 is None) == (split is None or split == N) and _fits(extra.w, w3, (n1, K))
+        ok &= extra.w2 is None or _fits(extra.w2, w3, (N - n1, K))
+        ok &= (extra.scale_inv is None) == (s3 is None) and (extra.scale_inv2 is None) == (
+            s3 is None or extra.w2 is None)
+        if s3 is not None:
+            ok &= _fits(extra.scale_inv, s3, (-(-n1 // BLOCK), kblocks))
+            ok &= extra.w2 is None or _fits(extra.scale_inv2, s3, (-(-(N - n1) // BLOCK), kblocks))
+        if not ok:
+            raise ValueError("gemv: the extra matrix does not match the indexed weights' shape, dtype, row stride "
+                             "and scales")
+    y = torch.empty(P + extra_rows, N, dtype=x.dtype, device=x.device)
+    if y.shape[0] == 0:
         return y
     split = N if split is None else split
-    block_n = 16 if N * P >= 16 * 132 * 4 else 8  # enough programs to keep every SM streaming
-    _gemv_kernel[(P, triton.cdiv(N, block_n))](
-        x, w3, s3 if s3 is not None else w3, idx if idx is not None else x, y,
-        N, K, rows_per_x, split, triton.cdiv(split, BLOCK),
+    xw = extra.w if extra is not None else w3
+    xw2 = extra.w2 if extra is not None and extra.w2 is not None else xw
+    s = s3 if s3 is not None else w3
+    xs = extra.scale_inv if extra is not None and s3 is not None else s
+    xs2 = extra.scale_inv2 if extra is not None and extra.scale_inv2 is not None else xs
+    block_n = 16 if N * y.shape[0] >= 16 * 132 * 4 else 8  # enough programs to keep every SM streaming
+    _gemv_kernel[(y.shape[0], triton.cdiv(N, block_n))](
+        x, w3, s, idx if idx is not None else x, y, xw, xs, xw2, xs2,
+        N, K, P, rows_per_x, x.shape[0] - extra_rows, split, triton.cdiv(split, BLOCK),
         x.stride(0), w3.stride(0), w3.stride(1),
         s3.stride(0) if s3 is not None else 0, s3.stride(1) if s3 is not None else 0, y.stride(0),
-        HAS_IDX=idx is not None, HAS_SCALE=s3 is not None, SWIGLU=swiglu, BLOCK_N=block_n,
-        ACC2D=not swiglu, num_warps=4 if swiglu else 8,  # the fastest of a sweep on the H200 (benchmarks/gemv.py)
+        HAS_IDX=idx is not None, HAS_SCALE=s3 is not None, HAS_EXTRA=extra is not None, SWIGLU=swiglu,
+        BLOCK_N=block_n, ACC2D=not swiglu, num_warps=4 if swiglu else 8,  # the fastest of a sweep on the H200
     )
     return y
+
+
+def linear_pair(x: torch.Tensor, a: torch.nn.Module, b: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(a(x), b(x)) for two bias-free linear layers reading the same x, in one `gemv_pair` launch where that
+    pays, else None (the caller runs them itself). It pays for a single row of 16/32-bit weights (cuBLAS's GEMV
+    costs about as much per launch, and gemv streams the weight once per row, so more rows lose) and up to
+    GEMV_MAX_ROWS rows of E4M3 ones (dsv3.fp8's FP8Linear: `weight` and `weight_scale_inv`), which stream
+    through gemv one launch each anyway."""
+    wa, wb = getattr(a, "weight", None), getattr(b, "weight", None)
+    if not (isinstance(wa, torch.Tensor) and isinstance(wb, torch.Tensor)) or getattr(a, "bias", None) is not None \
+            or getattr(b, "bias", None) is not None:
+        return None
+    sa, sb = getattr(a, "weight_scale_inv", None), getattr(b, "weight_scale_inv", None)
+    rows = x.reshape(-1, x.shape[-1])
+    limit = GEMV_MAX_ROWS if sa is not None else 1
+    if (rows.shape[0] > limit or wa.dtype != wb.dtype or (sa is None) != (sb is None) or x.shape[-1] != wa.shape[1]
+            or wb.shape[1] != wa.shape[1] or wa.stride(-1) != 1 or wb.stride(-1) != 1 or wa.stride(0) != wb.stride(0)
+            or not gemv_supported(x, wa, wb) or (sa is None and wa.dtype != x.dtype)
+            or torch.is_autocast_enabled(x.device.type)):
+        return None
+    y = gemv_pair(rows, wa, wb, sa, sb)
+    n = wa.shape[0]
+    return y[:, :n].view(*x.shape[:-1], n), y[:, n:].view(*x.shape[:-1], -1)

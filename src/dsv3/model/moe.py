@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.gemv import gemv, gemv_supported
+from dsv3.model.gemv import Extra, gemv, gemv_supported
 from dsv3.model.layers import MLP
 
 _grouped_mm_kernel = getattr(F, "grouped_mm", None) or torch._grouped_mm
@@ -163,12 +163,12 @@ class Experts(nn.Module):
         expert per pair reads at most the bytes of the experts the grouped GEMMs could touch."""
         return self.gate_up_proj.shape[0]
 
-    def forward(self, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
-        """sum_k g_k * expert_{idx_k}(x) for x [T, d]: sort the T*K (token, expert) pairs by expert, run two
-        grouped GEMMs over the contiguous per-expert segments, unsort, and weight-sum the K outputs."""
+    def forward(self, x: torch.Tensor, r: RouterOutput, shared: nn.Module | None = None) -> torch.Tensor:
+        """sum_k g_k * expert_{idx_k}(x) (+ shared(x)) for x [T, d]: sort the T*K (token, expert) pairs by expert,
+        run two grouped GEMMs over the contiguous per-expert segments, unsort, and weight-sum the K outputs."""
         T, K = r.topk_idx.shape
         if T * K < self.max_streamed_pairs() and gemv_supported(x, self.gate_up_proj, self.down_proj):
-            return self.few_pairs(x, r)
+            return self.few_pairs(x, r, shared)
         gate_up_proj, down_proj = self.weights(x.dtype)
         order = r.topk_idx.flatten().argsort(stable=True)  # pair p = t*K + k, sorted by expert
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * K, device=order.device))
@@ -178,16 +178,45 @@ class Experts(nn.Module):
         ys = _grouped_mm(swiglu(h), down_proj.transpose(1, 2), offs=offs)
         # unsort with one gather (an index_copy scatter ran ~3x slower on an H200; its backward is the gather
         # by `order`)
-        return combine(_Gather.apply(ys, inverse, order, 1).view(T, K, -1), r.weights, x.dtype)
+        out = combine(_Gather.apply(ys, inverse, order, 1).view(T, K, -1), r.weights, x.dtype)
+        return out if shared is None else out + shared(x)
 
-    def few_pairs(self, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+    def few_pairs(self, x: torch.Tensor, r: RouterOutput, shared: nn.Module | None = None) -> torch.Tensor:
         """The same sum for few pairs (CUDA, no autograd): each pair's expert streamed once by `gemv`, gate_up
-        on the token's row, down on the SwiGLU of that output computed as it is read; no sort, no padding."""
+        on the token's row, down on the SwiGLU of that output computed as it is read; no sort, no padding.
+        A shared expert shaped like a routed one rides in the same two launches as one more row per token (at
+        batch 1 its own three GEMVs and SwiGLU were four more latency-bound kernels per layer)."""
         T, K = r.topk_idx.shape
         gate_up, gate_up_s, down, down_s = self.gemv_operands()
         idx = r.topk_idx.flatten()
-        h = gemv(x, gate_up, idx, gate_up_s, rows_per_x=K, split=gate_up.shape[1] // 2)  # [T*K, 2I]
-        return combine(gemv(h, down, idx, down_s, swiglu=True).view(T, K, -1), r.weights, x.dtype)
+        inter = gate_up.shape[1] // 2
+        ride = shared is not None and _shared_operands(shared, gate_up, down)
+        h = gemv(x, gate_up, idx, gate_up_s, rows_per_x=K, split=inter, extra=ride[0] if ride else None,
+                 extra_rows=T)  # [T*K (+ T), 2I]
+        y = gemv(h, down, idx, down_s, swiglu=True, extra=ride[1] if ride else None, extra_rows=T)
+        if ride:
+            return combine(y[: T * K].view(T, K, -1), r.weights, x.dtype, plus=y[T * K :])
+        out = combine(y.view(T, K, -1), r.weights, x.dtype)
+        return out if shared is None else out + shared(x)
+
+
+def _shared_operands(shared: nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[Extra, Extra] | None:
+    """A shared expert's weights as `gemv` extras beside the routed stacks gate_up [E, 2I, d] and down [E, d, I]
+    (gate_proj and up_proj as the two halves of gate_up), or None when they differ in shape or dtype (several
+    shared experts fused into a wider one; an FP8 model keeping some of them in bf16)."""
+    parts = [getattr(shared, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if any(not isinstance(getattr(m, "weight", None), torch.Tensor) for m in parts):
+        return None
+    (g, gs), (u, us), (dn, ds) = [(m.weight, getattr(m, "weight_scale_inv", None)) for m in parts]
+    scaled = [gs is not None, us is not None, ds is not None]
+    inter, d = gate_up.shape[1] // 2, gate_up.shape[2]
+    if not (g.shape == u.shape == (inter, d) and dn.shape == down.shape[1:] == (d, inter)):
+        return None
+    if g.dtype != gate_up.dtype or u.dtype != gate_up.dtype or dn.dtype != down.dtype or len(set(scaled)) > 1:
+        return None
+    if any(t.stride(-1) != 1 or t.stride(0) != t.shape[1] for t in (g, u, dn)):
+        return None
+    return Extra(g, gs, u, us), Extra(dn, ds)
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -196,18 +225,21 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def combine(y: torch.Tensor, weights: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def combine(
+    y: torch.Tensor, weights: torch.Tensor | None, dtype: torch.dtype, plus: torch.Tensor | None = None,
+) -> torch.Tensor:
     """sum_k weights[:, k] * y[:, k] (a plain sum when `weights` is None) for each token's K rows y [T, K, d],
-    in float32 (float64 for float64 models), returned in `dtype`. Unrolled over the static K so torch.compile
-    emits one pointwise kernel with coalesced row reads; a [T, K, d] reduction over K compiled to a 4x slower
-    kernel. Serves the gated combine of the expert outputs and the dispatch's backward."""
+    plus `plus` [T, d] if given, in float32 (float64 for float64 models), returned in `dtype`. Unrolled over
+    the static K so torch.compile emits one pointwise kernel with coalesced row reads; a [T, K, d] reduction
+    over K compiled to a 4x slower kernel. Serves the gated combine of the expert outputs and the dispatch's
+    backward."""
     acc = torch.promote_types(y.dtype, torch.float32)
 
     def term(k: int) -> torch.Tensor:
         row = y[:, k].to(acc)
         return row if weights is None else row * weights[:, k : k + 1]
 
-    out = term(0)
+    out = term(0) if plus is None else plus.to(acc) + term(0)
     for k in range(1, y.shape[1]):
         out = out + term(k)
     return out.to(dtype)
@@ -228,7 +260,4 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         r = self.gate(flat)
-        out = self.experts(flat, r)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
-        return out.view(shape), r
+        return self.experts(flat, r, self.shared_experts).view(shape), r
