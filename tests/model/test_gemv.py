@@ -178,6 +178,8 @@ def test_extra_matrix_must_match():
                   Extra(w[0, :16], None, w[0, 16:])]:  # two halves without the indexed weight's split
         with pytest.raises(ValueError, match="extra matrix"):
             gemv(x, w, idx, extra=extra, extra_rows=2)
+    with pytest.raises(ValueError, match="extra matrix"):  # halves of the indexed weights, one extra matrix
+        gemv(x, w, idx, split=16, extra=Extra(w[0]), extra_rows=2)
     with pytest.raises(ValueError, match="do not fit"):
         gemv(x, w, idx, extra=Extra(w[0]), extra_rows=3)
 

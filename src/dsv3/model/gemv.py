@@ -195,9 +195,10 @@ def _launch(
     rows_per_x: int, swiglu: bool, split: int | None, extra: Extra | None, extra_rows: int,
 ) -> torch.Tensor:
     if extra is not None:
-        n1 = N if extra.w2 is None else split
+        two = split is not None and split < N  # the indexed weights' rows come in two halves: so must the extra's
+        n1 = split if two else N
         kblocks = -(-K // BLOCK)
-        ok = (extra.w2 is None) == (split is None or split == N) and _fits(extra.w, w3, (n1, K))
+        ok = (extra.w2 is not None) == two and _fits(extra.w, w3, (n1, K))
         ok &= extra.w2 is None or _fits(extra.w2, w3, (N - n1, K))
         ok &= (extra.scale_inv is None) == (s3 is None) and (extra.scale_inv2 is None) == (
             s3 is None or extra.w2 is None)
