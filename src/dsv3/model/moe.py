@@ -3,7 +3,8 @@
 The router computes in at least float32 (SPEC 1.4): sigmoid affinities, a selection-only bias, group-limited top-k
 with -inf masking, gates = unbiased affinities normalised and scaled. Routed experts are stacked weights
 run by grouped GEMM over tokens sorted by expert: no Python loop over experts, no host sync. Fewer
-(token, expert) pairs than experts (decode) stream each pair's expert through `dsv3.model.gemv` instead.
+(token, expert) pairs than experts (decode) stream each pair's expert through `dsv3.model.gemv` instead, and
+decode's router runs as two Triton launches (`dsv3.model.router_kernel`) held to `route` here.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from dsv3.config import ModelConfig
 from dsv3.model.gemv import Extra, gemv, gemv_supported
 from dsv3.model.layers import MLP
+from dsv3.model.router_kernel import fused_router, router_kernel_supported
 
 _grouped_mm_kernel = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
@@ -81,7 +83,8 @@ def route(
     """Group-limited top-k over biased scores (eqs. 13-16 with the aux-free bias). Returns (weights, idx).
 
     Group score = sum of the top-2 biased scores of each contiguous group; experts outside the `topk_group`
-    best groups are masked with -inf (not 0: with negative biases a 0 could still be selected).
+    best groups are masked with -inf (not 0: with negative biases a 0 could still be selected). Decode's
+    `router_kernel._select_kernel` runs this same selection; tests/model/test_router_kernel.py holds it to this.
     """
     T, E = scores.shape
     biased = scores + bias
@@ -128,6 +131,12 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         cfg = self.cfg
+        if router_kernel_supported(x, self.weight):  # decode: two launches instead of ~28 (router_kernel.py)
+            weights, idx, scores, load = fused_router(
+                x, self.weight, self.e_score_correction_bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
+                cfg.norm_topk_prob, cfg.routed_scaling_factor,
+            )
+            return RouterOutput(idx, weights, scores, load)
         # at least float32: the sigmoid scores decide routing, and bf16 rounding flips near-ties between experts
         # (float64 models stay float64, so float64 references hold the router to float64 rounding too)
         acc = torch.promote_types(x.dtype, torch.float32)
