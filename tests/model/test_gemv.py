@@ -178,6 +178,13 @@ def test_extra_matrix_must_match():
                   Extra(w[0, :16], None, w[0, 16:])]:  # two halves without the indexed weight's split
         with pytest.raises(ValueError, match="extra matrix"):
             gemv(x, w, idx, extra=extra, extra_rows=2)
+    q = w.to(torch.float8_e4m3fn)
+    s = torch.ones(3, 1, 1, device="cuda")
+    with pytest.raises(ValueError, match="extra matrix"):  # E4M3 extra without its scales
+        gemv(x, q, idx, s, extra=Extra(q[0]), extra_rows=2)
+    with pytest.raises(ValueError, match="extra matrix"):
+        gemv(x, q, idx, torch.ones(3, 2, 1, device="cuda"), split=16, extra=Extra(q[0, :16], s[0], q[0, 16:]),
+             extra_rows=2)
     with pytest.raises(ValueError, match="extra matrix"):  # halves of the indexed weights, one extra matrix
         gemv(x, w, idx, split=16, extra=Extra(w[0]), extra_rows=2)
     with pytest.raises(ValueError, match="do not fit"):
@@ -201,6 +208,12 @@ def test_bad_shapes_are_refused():
     q = w.to(torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="block grid"):
         gemv(torch.randn(3, 32, device="cuda"), q, zeros, torch.ones(2, 2, 1, device="cuda"))
+    # halves of 100 and 200 rows: 1 + 2 block rows, not 2 x ceil(100/128) (the last rows would read the next
+    # expert's scales)
+    q3 = torch.zeros(2, 300, 32, device="cuda").to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="block grid"):
+        gemv(torch.randn(3, 32, device="cuda"), q3, zeros, torch.ones(2, 2, 1, device="cuda"), split=100)
+    gemv(torch.randn(3, 32, device="cuda"), q3, zeros, torch.ones(2, 3, 1, device="cuda"), split=100)
     assert not gemv_supported(torch.randn(2, 32, device="cuda", requires_grad=True))
     assert not gemv_supported(torch.randn(2, 32, device="cuda"), w.requires_grad_())  # a weight being trained
     with torch.no_grad():
@@ -275,6 +288,41 @@ def test_moe_shared_expert_rides_in_the_routed_launches(fp8, monkeypatch):
         want += (F.silu(xd @ shared["gate_proj"].T) * (xd @ shared["up_proj"].T)) @ shared["down_proj"].T
         assert ((got.double().cpu() - want).norm() / want.norm()).item() < 8e-3, (n_shared, fp8)
         assert (not calls) == rides, (n_shared, calls)
+
+
+def test_moe_shared_expert_falls_back_when_it_cannot_ride(monkeypatch):
+    # FP8 routed experts beside a bf16 shared expert, and a shared expert being trained (gemv has no
+    # backward): the shared expert runs its own forward, and a trainable one gets its gradient
+    from dsv3.fp8.modules import to_fp8_
+    from dsv3.model.layers import MLP
+    from dsv3.model.moe import MoE
+
+    calls, real = [], MLP.forward
+    monkeypatch.setattr(MLP, "forward", lambda self, x: calls.append(1) or real(self, x))
+    cfg = tiny_config(n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=3, hidden_size=256,
+                      moe_intermediate_size=128, n_shared_experts=1)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.1)
+    moe = moe.cuda().bfloat16()
+    x = torch.randn(2, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        rides, _ = moe(x)
+    assert not calls
+    moe.experts.requires_grad_(False)
+    moe.gate.requires_grad_(False)
+    out, _ = moe(x)  # grad enabled, only the shared expert trainable: few pairs still stream the routed ones
+    assert calls and out.requires_grad
+    out.float().square().sum().backward()
+    assert moe.shared_experts.down_proj.weight.grad.abs().sum() > 0
+    # the same sum up to bf16 roundings (the fallback rounds the shared expert's hidden and output once more)
+    assert ((out.detach().float() - rides.float()).norm() / rides.float().norm()) < 1e-2
+    calls.clear()
+    to_fp8_(moe, ["experts"])  # routed E4M3, shared bf16
+    with torch.no_grad():
+        mixed, _ = moe(x)
+    assert calls and ((mixed.float() - rides.float()).norm() / rides.float().norm()) < 0.05
 
 
 def test_fp8_linear_streams_few_rows_and_gemms_more(monkeypatch):

@@ -160,7 +160,7 @@ def gemv(
             or P not in (x.shape[0] * rows_per_x, own * rows_per_x)):
         raise ValueError(f"gemv: activations {tuple(x.shape)} do not fit the weight {tuple(w.shape)} for {P} rows "
                          f"(x is [P / rows_per_x, {'2K' if swiglu else 'K'}])")
-    grid_rows = -(-N // BLOCK) if split is None else 2 * -(-split // BLOCK)
+    grid_rows = -(-N // BLOCK) if split is None else -(-split // BLOCK) + -(-(N - split) // BLOCK)
     if s3 is not None and tuple(s3.shape[1:]) != (grid_rows, -(-K // BLOCK)):
         raise ValueError(f"gemv: scale_inv {tuple(scale_inv.shape)} is not the 128x128 block grid of {tuple(w.shape)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -184,10 +184,10 @@ def gemv_pair(
                    w1.shape[0] + w2.shape[0], w1.shape[1], 1, False, w1.shape[0], extra, x.shape[0])
 
 
-def _fits(t: torch.Tensor, like: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
+def _fits(t: torch.Tensor | None, like: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
     """t is `shape`, read with `like`'s dtype and row stride (the kernel steps both with one stride)."""
-    return (like is not None and t.dtype == like.dtype and tuple(t.shape) == shape and t.stride(-1) == 1
-            and t.stride(0) == like.stride(-2))
+    return (t is not None and like is not None and t.dtype == like.dtype and tuple(t.shape) == shape
+            and t.stride(-1) == 1 and t.stride(0) == like.stride(-2))
 
 
 def _launch(
@@ -245,7 +245,8 @@ def linear_pair(x: torch.Tensor, a: torch.nn.Module, b: torch.nn.Module) -> tupl
     if (rows.shape[0] > limit or wa.dtype != wb.dtype or (sa is None) != (sb is None) or x.shape[-1] != wa.shape[1]
             or wb.shape[1] != wa.shape[1] or wa.stride(-1) != 1 or wb.stride(-1) != 1 or wa.stride(0) != wb.stride(0)
             or not gemv_supported(x, wa, wb) or (sa is None and wa.dtype != x.dtype)
-            or torch.is_autocast_enabled(x.device.type)):
+            or torch.is_autocast_enabled(x.device.type)
+            or (sa is not None and not (sa.is_contiguous() and sb.is_contiguous() and sa.dtype == sb.dtype))):
         return None
     y = gemv_pair(rows, wa, wb, sa, sb)
     n = wa.shape[0]

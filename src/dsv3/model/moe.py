@@ -223,7 +223,13 @@ def _shared_operands(shared: nn.Module, gate_up: torch.Tensor, down: torch.Tenso
         return None
     if g.dtype != gate_up.dtype or u.dtype != gate_up.dtype or dn.dtype != down.dtype or len(set(scaled)) > 1:
         return None
-    if any(t.stride(-1) != 1 or t.stride(0) != t.shape[1] for t in (g, u, dn)):
+    # laid out as the kernel steps the routed rows (gemv makes its own scales contiguous), and nothing to train:
+    # gemv has no backward
+    if (g.stride(0) != gate_up.stride(1) or u.stride(0) != gate_up.stride(1) or dn.stride(0) != down.stride(1)
+            or any(t.stride(-1) != 1 for t in (g, u, dn, gate_up, down))
+            or any(s is not None and not s.is_contiguous() for s in (gs, us, ds))):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (g, u, dn)):
         return None
     return Extra(g, gs, u, us), Extra(dn, ds)
 
