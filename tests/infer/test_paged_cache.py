@@ -64,6 +64,73 @@ def test_paged_decode_matches_full_forward(make_cfg, make_model, dense, dtype, t
     blocks.check()
 
 
+def _decode_logits(model, cfg, device, dtype, steps=(1, 3, 1, 2)):
+    """Prefill four ragged prompts into a garbage-filled pool with scattered block tables, then decode `steps`
+    tokens per row per step; every step's logits [B, S, vocab] on the CPU in float64."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [1, 6, 13, 4]
+    full = [torch.randint(0, cfg.vocab_size, (n + sum(steps),), generator=g).tolist() for n in lengths]
+    blocks = BlockManager(num_blocks=64, block_size=4)
+    cache = PagedLatentCache(cfg, 64, 4, cfg.num_hidden_layers, device=device, dtype=dtype)
+    cache.pool.normal_(0, 100.0)
+    seqs = [Sequence(i, full[i][:n], SamplingParams(), None) for i, n in enumerate(lengths)]
+    for upto in range(1, max(lengths) + 1):
+        for s, n in zip(seqs, lengths, strict=True):
+            blocks.reserve(s.seq_id, min(upto, n))
+    out = []
+    with torch.inference_mode():
+        ModelRunner(model, cache, blocks).prefill(seqs)
+        for s in seqs:
+            s.num_cached = len(s.tokens)
+        for S in steps:
+            for s in seqs:
+                blocks.reserve(s.seq_id, s.num_cached + S)
+            runner = ModelRunner(model, cache, blocks, max_batch=8, tokens_per_step=S, cuda_graphs=False)
+            runner.prepare_decode(seqs, [full[s.seq_id][s.num_cached : s.num_cached + S] for s in seqs])
+            out.append(runner.decode()[1].double().cpu())
+            for s in seqs:
+                s.num_cached += S
+    return out, full, lengths
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_decode_reads_the_pages_in_place_as_accurately(make_cfg, make_model, monkeypatch) -> None:
+    # bf16 on CUDA: attention reads the pool through the block tables (dsv3.model.mla_decode) instead of
+    # gathering it; against the float64 model's full forward its logits are as close as the gathering path's
+    import dsv3.infer.paged_cache as pc
+    import dsv3.model.attention as attention
+    import dsv3.model.mla_decode as mla_decode
+
+    monkeypatch.setattr(mla_decode, "MIN_ROWS", 1)  # four rows here
+
+    cfg = make_cfg(num_nextn_predict_layers=0)
+    cfg = make_cfg(num_nextn_predict_layers=0, first_k_dense_replace=cfg.num_hidden_layers)  # no routing flips
+    model = make_model(cfg, dtype=torch.float64)
+    calls = []
+    real = attention.paged_decode
+    monkeypatch.setattr(attention, "paged_decode", lambda *a: calls.append(1) or real(*a))
+    fast, full, lengths = _decode_logits(model.to("cuda", torch.bfloat16), cfg, "cuda", torch.bfloat16)
+    assert calls
+    monkeypatch.setattr(pc, "paged_decode_supported", lambda pool, C, rows: False)
+    slow, _, _ = _decode_logits(model, cfg, "cuda", torch.bfloat16)
+    model = model.to("cpu", torch.float64)
+    with torch.inference_mode():
+        ref = [model(torch.tensor([f])).logits[0] for f in full]
+    err_fast = err_slow = 0.0
+    done = 0
+    for a, b in zip(fast, slow, strict=True):
+        S = a.shape[1]
+        for row, n in enumerate(lengths):
+            want = ref[row][n + done : n + done + S]
+            err_fast = max(err_fast, (a[row] - want).abs().max().item())
+            err_slow = max(err_slow, (b[row] - want).abs().max().item())
+        done += S
+    scale = max(r.abs().max().item() for r in ref)
+    assert err_fast <= 1.5 * err_slow + 2.0**-8 * scale, (err_fast, err_slow, scale)
+    assert err_fast <= 0.05 * scale, (err_fast, scale)  # bf16 weights and activations through a few layers
+
+
 def test_static_cache_still_matches_full_forward(make_cfg, make_model) -> None:
     """The contiguous cache's contract after the LatentCache change: chunked == uncached, float64."""
     cfg = make_cfg()

@@ -6,8 +6,9 @@ rotated k_R, side by side, as SPEC 1.1 prescribes (576 values per token per laye
 to which sequence is the block manager's business; a `PagedStep` is the tensor form of one forward's
 bookkeeping (where this step's tokens go, which blocks hold each row's earlier tokens) and is what the
 model's attention calls `update` on. Attention math stays in `dsv3.model.attention`: the step only stores and
-gathers, in fixed shapes (a CUDA graph replays it): each row's blocks are copied out whole through its block
-table, [B, blocks * block_size, C + rope], and handed to the absorbed path as they are (no re-concatenation).
+hands over, in fixed shapes (a CUDA graph replays it): where `dsv3.model.mla_decode` runs (CUDA, bf16/fp16) the
+pool and block tables themselves, which its kernel reads in place; elsewhere each row's blocks copied out whole
+through its block table, [B, blocks * block_size, C + rope], for the absorbed path as they are.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from dsv3.config import ModelConfig
-from dsv3.model.attention import CachedLatents
+from dsv3.model.attention import CachedLatents, PagedLatents
+from dsv3.model.mla_decode import paged_decode_supported
 
 
 class PagedLatentCache:
@@ -79,6 +81,8 @@ class PagedStep:
             return None
         B, W = self.block_tables.shape
         bs, C = self.cache.block_size, self.cache.kv_lora_rank
+        if paged_decode_supported(pool, C, B):  # attention reads the pages in place: nothing to copy out
+            return CachedLatents(None, None, self.positions, pages=PagedLatents(pool, self.block_tables, bs))
         blocks = pool.view(-1, bs, pool.shape[-1])  # [num_blocks, block_size, C + rope]
         kv = blocks.index_select(0, self.block_tables.flatten()).view(B, W * bs, -1)
         return CachedLatents(kv[..., :C], kv[..., C:], self.positions, kv)

@@ -19,7 +19,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from dsv3.config import ModelConfig
 from dsv3.model.gemv import linear_pair
 from dsv3.model.layers import RMSNorm, dense_weight
+from dsv3.model.mla_decode import paged_decode
 from dsv3.model.rope import apply_rope
+
+
+class PagedLatents(NamedTuple):
+    """A paged cache's latents where they lie: `pool` [slots, kv_lora_rank + rope] of one layer, row b's key j in
+    slot block_tables[b, j // block_size] * block_size + j % block_size."""
+
+    pool: torch.Tensor
+    block_tables: torch.Tensor
+    block_size: int
 
 
 class CachedLatents(NamedTuple):
@@ -32,12 +42,15 @@ class CachedLatents(NamedTuple):
     <= its own.
     """
 
-    c_kv: torch.Tensor
-    k_pe: torch.Tensor
+    c_kv: torch.Tensor | None
+    k_pe: torch.Tensor | None
     q_pos: int | torch.Tensor
     # [B, T, kv_lora_rank + qk_rope_head_dim]: c_kv and k_pe side by side, when the cache stores them so (the
     # paged pool does); the absorbed path's key is exactly this, so it need not be concatenated again
     kv: torch.Tensor | None = None
+    # instead of all the above but q_pos (then a [B or 1, S] tensor): the pages themselves, for
+    # `mla_decode.paged_decode` to read in place (a paged cache hands these where that kernel runs)
+    pages: PagedLatents | None = None
 
 
 class LatentCache(Protocol):
@@ -192,8 +205,8 @@ class MLA(nn.Module):
         return o.transpose(1, 2)
 
     def absorbed(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
-        q_pos: int | torch.Tensor | None, kv: torch.Tensor | None = None,
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor | None, k_pe: torch.Tensor | None,
+        q_pos: int | torch.Tensor | None, kv: torch.Tensor | None = None, pages: PagedLatents | None = None,
     ) -> torch.Tensor:
         """Same result in latent space: q_C^T W_UK c = (W_UK^T q_C)^T c, and W_UV applied after attention.
 
@@ -201,11 +214,16 @@ class MLA(nn.Module):
         it already concatenated) and value c_kv. The heads share that key, so they are folded into the query
         axis: one single-head attention of S*H queries (query s*H + h is head h at position s). SDPA's fused
         CUDA kernels take that for these head widths, where enable_gqa would leave only its unfused math path.
+        `pages`: the keys still in a paged pool, read in place by `paged_decode` (the same math in two kernels).
         """
         B, S, H, _ = q_nope.shape
         w = dense_weight(self.kv_b_proj, q_nope.dtype).unflatten(0, (H, -1))  # [H, nope+v, C]
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+        if pages is not None:
+            pos = q_pos.unsqueeze(-1).expand(*q_pos.shape, H).flatten(-2)  # [B|1, S*H]: query s*H + h
+            o_lat = paged_decode(q_lat.flatten(1, 2), q_pe.flatten(1, 2), *pages, pos, self.softmax_scale)
+            return torch.einsum("bshc,hdc->bshd", o_lat.view(B, S, H, -1), w_uv)
         q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, 1, S * H, -1)  # [B,1,S*H,C+rope]
         k = kv if kv is not None else torch.cat([c_kv, k_pe], dim=-1)
         T = k.shape[1]
@@ -240,5 +258,5 @@ class MLA(nn.Module):
         if cached is None:
             o = self.expanded(q_nope, q_pe, c_kv, k_pe, 0, doc_ids)
         else:
-            o = self.absorbed(q_nope, q_pe, cached.c_kv, cached.k_pe, cached.q_pos, cached.kv)
+            o = self.absorbed(q_nope, q_pe, cached.c_kv, cached.k_pe, cached.q_pos, cached.kv, cached.pages)
         return self.o_proj(o.flatten(2))

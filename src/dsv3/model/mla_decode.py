@@ -1,0 +1,172 @@
+"""Absorbed MLA decode attention read straight from a paged latent pool (flash-decoding, CUDA, Triton).
+
+At decode each query (a head of a draft position, S*H per sequence) attends over one shared key per cached
+token, [c_kv; k_R] (kv_lora_rank + qk_rope_head_dim wide), with c_kv as the value (paper §2.1.1, SPEC 1.1).
+The general path (`attention.attend`) needs the keys contiguous: the paged pool copied out block by block,
+then two batched GEMMs around a float32 softmax: four kernels and the cache's bytes moved three times. Here
+two kernels read each cached latent once through the block table:
+
+- `_partial_kernel`: program (row, key split, query tile) runs an online softmax over its split's keys: float32
+  scores from tl.dot of the bf16/fp16 query and key tiles (q_lat against c_kv plus q_R against k_R, so the
+  query halves need no concatenation), keys past a query's position masked with -inf, unnormalised
+  probabilities rounded to the value dtype for the second tl.dot as the fused kernels and the general path do,
+  float32 accumulators; it writes its running max, sum and [queries, C] partial output.
+- `_combine_kernel` rescales the splits to the global max and divides by the total sum (programs over query
+  tiles and 64-wide column chunks).
+
+The key range is split so that rows x splits x query tiles fill the GPU about twice over: one sequence's 1K
+keys spread over ~30 SMs rather than one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: attention's general path runs
+    triton = None
+
+BLOCK_Q = 16  # queries per program (tl.dot's smallest M)
+BLOCK_T = 32  # keys per inner step
+_PROGRAMS = 2 * 132  # about two waves of an H100/H200's SMs
+
+
+# Below this many sequences a step gathers the pages and runs `attention.attend` instead. `bench` on an H200
+# (benchmarks/decode.py, both in one run): 64 rows 8,985 vs 6,762 tok/s at 4K context and 9,260 vs 8,707 at 1K,
+# 8 rows +2%; one row at 4K 5-11% slower (one sequence's keys over 64 programs, then a combine of 64 partials
+# reading as much again), at 1K even.
+MIN_ROWS = 8
+
+
+def paged_decode_supported(pool: torch.Tensor, kv_lora_rank: int, rows: int) -> bool:
+    """Whether `paged_decode` runs over this pool [slots, C + rope] for a step of `rows` sequences: at least
+    MIN_ROWS of them, CUDA with Triton, a bf16/fp16 pool, both widths powers of two of at least 16 (tl.dot and
+    tl.arange), and no autograd."""
+    C, R = kv_lora_rank, pool.shape[-1] - kv_lora_rank
+    return (rows >= MIN_ROWS and triton is not None and pool.is_cuda and pool.dtype in (torch.bfloat16, torch.float16)
+            and all(n >= 16 and n & (n - 1) == 0 for n in (C, R)) and not torch.is_grad_enabled())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _partial_kernel(
+        qc_ptr, qr_ptr, pool_ptr, bt_ptr, pos_ptr, o_ptr, m_ptr, l_ptr,
+        Q, T, KEYS_PER_SPLIT, scale,
+        stride_qcb, stride_qcq, stride_qrb, stride_qrq, stride_pool, stride_btb, stride_posb,
+        stride_ob, stride_os, stride_oq, stride_mb, stride_ms,
+        BS: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        split = tl.program_id(1)
+        offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q_ok = offs_q < Q
+        offs_c = tl.arange(0, C)
+        offs_r = tl.arange(0, R)
+        qc = tl.load(qc_ptr + b * stride_qcb + offs_q[:, None] * stride_qcq + offs_c[None, :], mask=q_ok[:, None],
+                     other=0.0)
+        qr = tl.load(qr_ptr + b * stride_qrb + offs_q[:, None] * stride_qrq + offs_r[None, :], mask=q_ok[:, None],
+                     other=0.0)
+        pos = tl.load(pos_ptr + b * stride_posb + offs_q, mask=q_ok, other=-1)
+        m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+        lsum = tl.zeros([BLOCK_Q], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_Q, C], dtype=tl.float32)
+        start = split * KEYS_PER_SPLIT
+        end = tl.minimum(start + KEYS_PER_SPLIT, T)
+        for t0 in range(start, end, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            t_ok = offs_t < end
+            block = tl.load(bt_ptr + b * stride_btb + offs_t // BS, mask=t_ok, other=0)
+            slot = block.to(tl.int64) * BS + offs_t % BS
+            k_rows = pool_ptr + slot[:, None] * stride_pool
+            kc = tl.load(k_rows + offs_c[None, :], mask=t_ok[:, None], other=0.0)  # [BLOCK_T, C]: key and value
+            kr = tl.load(k_rows + C + offs_r[None, :], mask=t_ok[:, None], other=0.0)
+            # float32 scores (the cast: torch.compile hands `scale` over as a float64 scalar)
+            s = ((tl.dot(qc, tl.trans(kc)) + tl.dot(qr, tl.trans(kr))) * scale).to(tl.float32)
+            s = tl.where((offs_t[None, :] <= pos[:, None]) & t_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: exp(-inf) = 0, not NaN
+            alpha = tl.exp(m - m_ref)
+            p = tl.exp(s - m_ref[:, None])
+            lsum = lsum * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(kc.dtype), kc)
+            m = m_new
+        o_rows = o_ptr + b * stride_ob + split * stride_os + offs_q[:, None] * stride_oq
+        tl.store(o_rows + offs_c[None, :], acc, mask=q_ok[:, None])
+        tl.store(m_ptr + b * stride_mb + split * stride_ms + offs_q, m, mask=q_ok)
+        tl.store(l_ptr + b * stride_mb + split * stride_ms + offs_q, lsum, mask=q_ok)
+
+    @triton.jit
+    def _combine_kernel(
+        o_ptr, m_ptr, l_ptr, out_ptr, Q, SPLITS,
+        stride_ob, stride_os, stride_oq, stride_mb, stride_ms, stride_outb, stride_outq,
+        BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q_ok = offs_q < Q
+        offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        m_all = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+        for s in range(0, SPLITS):
+            m_all = tl.maximum(m_all, tl.load(m_ptr + b * stride_mb + s * stride_ms + offs_q, mask=q_ok,
+                                              other=float("-inf")))
+        m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
+        total = tl.zeros([BLOCK_Q], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_Q, BLOCK_C], dtype=tl.float32)
+        for s in range(0, SPLITS):
+            w = tl.exp(tl.load(m_ptr + b * stride_mb + s * stride_ms + offs_q, mask=q_ok, other=float("-inf"))
+                       - m_ref)
+            total += w * tl.load(l_ptr + b * stride_mb + s * stride_ms + offs_q, mask=q_ok, other=0.0)
+            part = tl.load(o_ptr + b * stride_ob + s * stride_os + offs_q[:, None] * stride_oq + offs_c[None, :],
+                           mask=q_ok[:, None], other=0.0)
+            acc += w[:, None] * part
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]  # a query seeing no key gives 0 (padding rows)
+        tl.store(out_ptr + b * stride_outb + offs_q[:, None] * stride_outq + offs_c[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=q_ok[:, None])
+
+
+def paged_decode(
+    q_lat: torch.Tensor, q_pe: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, block_size: int,
+    q_pos: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """softmax([q_lat; q_pe] . [c_kv; k_R] * scale) c_kv over the paged keys, for q_lat [B, Q, C], q_pe [B, Q, R]
+    (Q = draft positions x heads), pool [slots, C + R] (one layer), block_tables [B, W] (key j of row b in slot
+    block_tables[b, j // block_size] * block_size + j % block_size) and q_pos [B or 1, Q] (query q sees the keys
+    at positions <= q_pos[b, q]). Returns [B, Q, C] in q_lat's dtype."""
+    B, Q, C = q_lat.shape
+    R = q_pe.shape[-1]
+    if pool.shape[-1] != C + R or pool.dtype != q_lat.dtype or q_pe.dtype != q_lat.dtype:
+        raise ValueError(f"paged_decode: queries {tuple(q_lat.shape)} + {tuple(q_pe.shape)} {q_lat.dtype} do not fit "
+                         f"the pool {tuple(pool.shape)} {pool.dtype}")
+    q_lat = q_lat if q_lat.stride(-1) == 1 else q_lat.contiguous()
+    q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
+    pos = q_pos if q_pos.stride(-1) == 1 else q_pos.contiguous()  # int32 or int64, read as stored
+    bt = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    if pos.shape not in ((B, Q), (1, Q)) or bt.shape[0] != B:
+        raise ValueError(f"paged_decode: positions {tuple(q_pos.shape)} / block tables {tuple(block_tables.shape)} "
+                         f"do not fit {B} rows of {Q} queries")
+    T = bt.shape[1] * block_size
+    q_tiles = triton.cdiv(Q, BLOCK_Q)
+    # at least 64 keys a split: the combine reads every split's [queries, C] float32 partial once more
+    splits = max(1, min(triton.cdiv(_PROGRAMS, B * q_tiles), triton.cdiv(T, 2 * BLOCK_T)))
+    keys_per_split = triton.cdiv(triton.cdiv(T, splits), BLOCK_T) * BLOCK_T
+    splits = triton.cdiv(T, keys_per_split)  # none empty
+    o = torch.empty(B, splits, Q, C, dtype=torch.float32, device=q_lat.device)
+    ml = torch.empty(2, B, splits, Q, dtype=torch.float32, device=q_lat.device)
+    _partial_kernel[(B, splits, q_tiles)](
+        q_lat, q_pe, pool, bt, pos, o, ml[0], ml[1],
+        Q, T, keys_per_split, scale,
+        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), pool.stride(0), bt.stride(0),
+        pos.stride(0) if pos.shape[0] > 1 else 0, o.stride(0), o.stride(1), o.stride(2), ml.stride(1), ml.stride(2),
+        BS=block_size, C=C, R=R, BLOCK_Q=BLOCK_Q, BLOCK_T=BLOCK_T, num_warps=4,
+    )
+    out = torch.empty(B, Q, C, dtype=q_lat.dtype, device=q_lat.device)
+    block_c = min(C, 64)
+    _combine_kernel[(B, q_tiles, C // block_c)](
+        o, ml[0], ml[1], out, Q, splits,
+        o.stride(0), o.stride(1), o.stride(2), ml.stride(1), ml.stride(2), out.stride(0), out.stride(1),
+        BLOCK_C=block_c, BLOCK_Q=BLOCK_Q, num_warps=4,
+    )
+    return out
