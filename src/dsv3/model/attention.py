@@ -4,7 +4,9 @@ Two equivalent computations (SPEC 1.1):
 - expanded: materialise per-head keys [k_C; k_R] and values from the latent c_kv (training, prefill);
 - absorbed: fold W_UK into the query and W_UV into the output, so attention runs in the kv_lora_rank-wide
   latent space against the cache of (c_kv, k_R): kv_lora_rank + qk_rope_head_dim values per token (decode).
-Both end in the same softmax(q k^T * scale) v, done by `attend` (SDPA), the one attention kernel seam.
+Both end in the same softmax(q k^T * scale) v, done by `attend` (SDPA), the one attention kernel seam; the
+absorbed form over a paged cache's pages, where a cache hands them over, by `mla_decode.paged_decode`
+(the same math reading the pool in place, held to float64 by its tests).
 """
 
 from __future__ import annotations
