@@ -29,10 +29,12 @@ def reference(q_lat, q_pe, pool, block_tables, block_size, q_pos, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("C,R,H,S", [(64, 32, 4, 1), (256, 64, 16, 2), (512, 64, 16, 1)])
-def test_paged_decode_matches_float64(dtype, C, R, H, S):
+@pytest.mark.parametrize("C,R,H,S,bs", [(64, 32, 4, 1, 16), (256, 64, 16, 2, 16), (512, 64, 16, 1, 16),
+                                        (64, 32, 20, 1, 3)])
+def test_paged_decode_matches_float64(dtype, C, R, H, S, bs):
+    # 20 heads: two query tiles; block size 3: blocks straddle the key steps
     g = torch.Generator().manual_seed(C + S)
-    bs, W, n_blocks = 16, 9, 40
+    W, n_blocks = 144 // bs, 40 * 16 // bs
     B = 3
     pool = (torch.randn(n_blocks * bs, C + R, generator=g) * 0.5).to(dtype)
     block_tables = torch.stack([torch.randperm(n_blocks, generator=g)[:W] for _ in range(B)])
@@ -51,6 +53,23 @@ def test_paged_decode_matches_float64(dtype, C, R, H, S):
     assert (err <= 4 * ulp * want.abs().amax(-1) + 1e-6).all(), err.max()
 
 
+def test_queries_seeing_no_key_or_past_the_last_give_zero_or_all():
+    # a padding row's query (position -1) sees nothing: 0, not NaN; a position past the table's keys sees them
+    # all (keys are masked by the table's length too, so a pool slot beyond it is never read)
+    g = torch.Generator().manual_seed(10)
+    C, R, bs = 64, 32, 16
+    pool = torch.randn(4 * bs, C + R, generator=g).half()
+    block_tables = torch.tensor([[2, 0], [1, 3]])
+    q_pos = torch.tensor([[-1, -1], [40, 5]])
+    q_lat, q_pe = torch.randn(2, 2, C, generator=g).half(), torch.randn(2, 2, R, generator=g).half()
+    got = paged_decode(q_lat.cuda(), q_pe.cuda(), pool.cuda(), block_tables.cuda(), bs, q_pos.cuda(), 0.1).cpu()
+    assert torch.equal(got[0], torch.zeros(2, C, dtype=torch.float16))
+    want = reference(q_lat[1:], q_pe[1:], pool, block_tables[1:], bs, torch.tensor([[31, 5]]), 0.1)
+    assert ((got[1:].double() - want).abs() <= 2.0**-9 * want.abs().amax() + 1e-6).all()
+    empty = paged_decode(q_lat.cuda(), q_pe.cuda(), pool.cuda(), block_tables[:, :0].cuda(), bs, q_pos.cuda(), 0.1)
+    assert torch.equal(empty.cpu(), torch.zeros(2, 2, C, dtype=torch.float16))
+
+
 def test_one_position_row_broadcasts_and_supported_conditions():
     g = torch.Generator().manual_seed(9)
     C, R, bs = 64, 32, 16
@@ -67,5 +86,11 @@ def test_one_position_row_broadcasts_and_supported_conditions():
         assert not paged_decode_supported(pool.cuda().float(), C, 8)  # float32: the general path
         assert not paged_decode_supported(torch.zeros(16, 96 + 32, device="cuda", dtype=torch.bfloat16), 96, 8)
         assert not paged_decode_supported(pool, C, 8)  # CPU
+        assert not paged_decode_supported(torch.zeros(16, 64 + 48, device="cuda", dtype=torch.bfloat16), 64, 8)
+        assert not paged_decode_supported(torch.zeros(C + R, 16, device="cuda", dtype=torch.bfloat16).T, C, 8)
+    assert not paged_decode_supported(pool.cuda().requires_grad_(), C, 8)  # autograd: the general path
     with pytest.raises(ValueError, match="do not fit"):
         paged_decode(q_lat.cuda(), q_pe.cuda(), pool.cuda()[:, :80], block_tables.cuda(), bs, q_pos.cuda(), 0.1)
+    with pytest.raises(ValueError, match="do not fit"):  # a column-major pool would be read wrongly
+        paged_decode(q_lat.cuda(), q_pe.cuda(), pool.T.contiguous().T.cuda(), block_tables.cuda(), bs,
+                     q_pos.cuda(), 0.1)

@@ -4,7 +4,8 @@ At decode each query (a head of a draft position, S*H per sequence) attends over
 token, [c_kv; k_R] (kv_lora_rank + qk_rope_head_dim wide), with c_kv as the value (paper §2.1.1, SPEC 1.1).
 The general path (`attention.attend`) needs the keys contiguous: the paged pool copied out block by block,
 then two batched GEMMs around a float32 softmax: four kernels and the cache's bytes moved three times. Here
-two kernels read each cached latent once through the block table:
+two kernels read the cached latents in place through the block table, once per tile of 16 queries (`bench`'s
+16 heads: once; V3's 128 heads: 8 tiles reading the same keys, from L2 after the first; not measured):
 
 - `_partial_kernel`: program (row, key split, query tile) runs an online softmax over its split's keys: float32
   scores from tl.dot of the bf16/fp16 query and key tiles (q_lat against c_kv plus q_R against k_R, so the
@@ -45,7 +46,8 @@ def paged_decode_supported(pool: torch.Tensor, kv_lora_rank: int, rows: int) -> 
     MIN_ROWS of them, CUDA with Triton, a bf16/fp16 pool, both widths powers of two of at least 16 (tl.dot and
     tl.arange), and no autograd."""
     C, R = kv_lora_rank, pool.shape[-1] - kv_lora_rank
-    return (rows >= MIN_ROWS and triton is not None and pool.is_cuda and pool.dtype in (torch.bfloat16, torch.float16)
+    return (rows >= MIN_ROWS and triton is not None and pool.is_cuda and pool.stride(-1) == 1
+            and pool.dtype in (torch.bfloat16, torch.float16)
             and all(n >= 16 and n & (n - 1) == 0 for n in (C, R)) and not torch.is_grad_enabled())
 
 
@@ -137,9 +139,9 @@ def paged_decode(
     at positions <= q_pos[b, q]). Returns [B, Q, C] in q_lat's dtype."""
     B, Q, C = q_lat.shape
     R = q_pe.shape[-1]
-    if pool.shape[-1] != C + R or pool.dtype != q_lat.dtype or q_pe.dtype != q_lat.dtype:
+    if pool.shape[-1] != C + R or pool.stride(-1) != 1 or pool.dtype != q_lat.dtype or q_pe.dtype != q_lat.dtype:
         raise ValueError(f"paged_decode: queries {tuple(q_lat.shape)} + {tuple(q_pe.shape)} {q_lat.dtype} do not fit "
-                         f"the pool {tuple(pool.shape)} {pool.dtype}")
+                         f"the pool {tuple(pool.shape)} {pool.dtype} (rows of unit stride)")
     q_lat = q_lat if q_lat.stride(-1) == 1 else q_lat.contiguous()
     q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
     pos = q_pos if q_pos.stride(-1) == 1 else q_pos.contiguous()  # int32 or int64, read as stored
@@ -148,6 +150,8 @@ def paged_decode(
         raise ValueError(f"paged_decode: positions {tuple(q_pos.shape)} / block tables {tuple(block_tables.shape)} "
                          f"do not fit {B} rows of {Q} queries")
     T = bt.shape[1] * block_size
+    if T == 0:  # no keys: every query sees none, as a padding row does
+        return q_lat.new_zeros(B, Q, C)
     q_tiles = triton.cdiv(Q, BLOCK_Q)
     # at least 64 keys a split: the combine reads every split's [queries, C] float32 partial once more
     splits = max(1, min(triton.cdiv(_PROGRAMS, B * q_tiles), triton.cdiv(T, 2 * BLOCK_T)))
