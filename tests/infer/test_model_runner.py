@@ -242,10 +242,16 @@ def _gpu_model():
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize(("mtp", "compile"), [(0, False), (2, False), (0, True)])
-def test_cuda_graph_decode_equals_eager(mtp, compile) -> None:
+@pytest.mark.parametrize(("mtp", "compile", "paged"), [(0, False, False), (2, False, False), (0, True, False),
+                                                      (0, True, True)])
+def test_cuda_graph_decode_equals_eager(mtp, compile, paged, monkeypatch) -> None:
     """The replayed graphs run the kernels of the eager twin on the same static shapes: same tokens (compiled:
-    against the compiled forward run eagerly, which has the same fused kernels)."""
+    against the compiled forward run eagerly, which has the same fused kernels). Nine prompts reach the paged
+    attention kernel (8+ rows); `paged` sends the compiled case's three through it too."""
+    if paged:
+        import dsv3.model.mla_decode as mla_decode
+
+        monkeypatch.setattr(mla_decode, "MIN_ROWS", 1)
     model = _gpu_model()
     prompts = _prompts(model.cfg.vocab_size, (2, 9, 5, 1, 14, 3, 7, 11, 4), seed=2)
     params = [SamplingParams(max_tokens=10 + 3 * i, temperature=0) for i in range(len(prompts))]
