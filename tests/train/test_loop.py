@@ -55,6 +55,11 @@ def test_resume_is_bit_identical(make_run):
 
     a, b = rows(straight.run_dir), rows(second.run_dir)
     assert [r["step"] for r in b] == list(range(1, 8))  # no duplicated or missing rows
+    # the evaluation due at step 3, put off by the signal, runs when the run resumes: the same rows
+    va, vb = rows(straight.run_dir, "val_loss"), rows(second.run_dir, "val_loss")
+    assert [r["step"] for r in va] == [r["step"] for r in vb] == [0, 3, 6, 7]
+    assert [r["val_loss"] for r in va] == [r["val_loss"] for r in vb]
+    assert b[3]["elapsed_s"] > b[2]["elapsed_s"]  # the clock goes on from the checkpoint's
     for key in ("loss", "ntp", "mtp", "balance", "maxvio", "lr", "batch_size", "grad_norm"):
         assert [r[key] for r in a] == [r[key] for r in b], key
     assert [r["batch_size"] for r in a][:2] == [4, 8]
@@ -153,6 +158,81 @@ def test_run_directory_and_metrics(make_run):
     assert len(Tokenizer.from_pretrained(latest)) == 300
 
 
+def test_signal_in_the_last_step_leaves_the_final_evaluation_to_the_resume(make_run):
+    first = train(make_run(), callback=interrupt_at(6))
+    assert first.stopped == "SIGINT" and first.step == 6
+    assert [r["step"] for r in rows(first.run_dir, "val_loss")] == [0, 3]  # step 6's put off by the signal
+    run = RunConfig.load(first.run_dir / "train.toml")
+    second = train(run, resume=True)  # no steps left: only the evaluation
+    assert second.step == 6 and second.last_eval is not None
+    assert [r["step"] for r in rows(first.run_dir, "val_loss")] == [0, 3, 6]
+    third = train(run, resume=True)  # done already: no second row for step 6
+    assert third.last_eval is None and [r["step"] for r in rows(first.run_dir, "val_loss")] == [0, 3, 6]
+
+
+def test_a_signal_during_an_evaluation_stops_after_it(make_run, monkeypatch):
+    import dsv3.train.loop as loop
+
+    real = loop.evaluate
+
+    def evaluate_then_signal(*a, **kw):
+        res = real(*a, **kw)
+        if calls.append(1) or len(calls) == 2:  # the evaluation after step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return res
+
+    calls = []
+    monkeypatch.setattr(loop, "evaluate", evaluate_then_signal)
+    res = train(make_run())
+    assert res.stopped == "SIGINT" and res.step == 3 and res.checkpoint.resolve().name == "step-3"
+    assert load_trainer_state(res.checkpoint)["eval_pending"] is False
+
+
+def test_resume_takes_this_runs_optimizer_settings(make_run, monkeypatch):
+    import dsv3.train.loop as loop
+
+    first = train(make_run(), callback=interrupt_at(2))
+    run = RunConfig.load(first.run_dir / "train.toml")
+    run.set("train.weight_decay", 0.0)
+    run.set("train.beta2", 0.99)
+    seen, real = [], loop.train_step
+
+    def step_recording_groups(model, opt, *a, **kw):
+        seen.append([(g["weight_decay"], g["betas"]) for g in opt.param_groups])
+        return real(model, opt, *a, **kw)
+
+    monkeypatch.setattr(loop, "train_step", step_recording_groups)
+    train(run, resume=True)
+    assert seen and all(groups == [(0.0, (0.9, 0.99))] * len(groups) for groups in seen)
+
+
+def test_a_refused_resume_leaves_the_run_files(make_run):
+    from dsv3.config import ConfigError
+
+    first = train(make_run(), callback=interrupt_at(2))
+    saved = (first.run_dir / "train.toml").read_text(), (first.run_dir / "config.json").read_text()
+    run = RunConfig.load(first.run_dir / "train.toml")
+    run.set("model.hidden_size", 48)
+    with pytest.raises(ConfigError, match="differs"):
+        train(run, resume=True)
+    assert ((first.run_dir / "train.toml").read_text(), (first.run_dir / "config.json").read_text()) == saved
+    assert train(RunConfig.load(first.run_dir / "train.toml"), resume=True).step == 6
+
+
+def test_resuming_a_run_that_never_saved_starts_it_over(make_run):
+    def crash_at_2(step, row):
+        if step == 2:
+            raise RuntimeError("boom")  # an OOM, say, before the first checkpoint
+
+    run = make_run(**{"train.checkpoint_interval": 100})
+    with pytest.raises(RuntimeError, match="boom"):
+        train(run, callback=crash_at_2)
+    with pytest.raises(ValueError, match="--resume"):
+        train(run)
+    res = train(run, resume=True)
+    assert res.step == 6 and [r["step"] for r in rows(res.run_dir)] == list(range(1, 7))
+
+
 def test_refuses_to_overwrite_a_run(make_run):
     run = make_run(**{"train.tokens": 256})
     train(run)
@@ -199,3 +279,28 @@ def test_compiled_cpu_bf16_run_matches_eager(make_run):
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b, strict=True):
         assert abs(ra["loss"] - rb["loss"]) < 2e-2 * ra["loss"]
+
+
+def test_the_run_settings_reach_every_step(make_run):
+    # the loop's wiring, against the schedule functions (tests/train/test_schedule.py holds those to the
+    # paper): each row's lr, batch size, MTP weight and gamma are the schedules' values at the tokens seen
+    # before it; the optimiser carries the run's weight decay and betas
+    from dsv3.train.schedule import ScheduleConfig, batch_size, gamma_at, lr_at, mtp_lambda_at
+
+    settings = {"train.batch_ramp": True, "train.warmup_steps": 3, "train.lr": 1e-2, "train.gamma": 2e-3,
+                "train.mtp_lambda": 0.4, "train.weight_decay": 0.05, "train.beta2": 0.97}
+    res = train(make_run(**settings))
+    sched = ScheduleConfig.scaled(total_tokens=8 * 32 * 6, seq_len=32, batch_max=8, batch_multiple=4, peak_lr=1e-2,
+                                  warmup_steps=3, gamma=2e-3, mtp_lambda=0.4, mtp_lambda_late=0.4 / 3)
+    tokens = 0
+    for i, r in enumerate(rows(res.run_dir)):
+        assert r["lr"] == lr_at(i, tokens, sched) and r["batch_size"] == batch_size(tokens, sched), i
+        assert r["mtp_lambda"] == mtp_lambda_at(tokens, sched) and r["gamma"] == gamma_at(tokens, sched), i
+        tokens += r["batch_size"] * 32
+        assert r["tokens"] == tokens
+    first, last = rows(res.run_dir)[0], rows(res.run_dir)[-1]
+    assert first["lr"] == pytest.approx(1e-2 / 3) and first["batch_size"] == 4  # warm-up 1/3, ramp from 8 / 5
+    assert first["mtp_lambda"] == 0.4 and last["mtp_lambda"] == pytest.approx(0.4 / 3)  # the late weight
+    assert first["gamma"] == 2e-3
+    groups = load_trainer_state(res.checkpoint)["optimizer"]["param_groups"]
+    assert sorted({g["weight_decay"] for g in groups}) == [0.0, 0.05] and {g["betas"] for g in groups} == {(0.9, 0.97)}

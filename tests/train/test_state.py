@@ -70,6 +70,17 @@ def test_a_half_deleted_checkpoint_is_not_a_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-2"
 
 
+def test_resume_takes_the_newest_complete_checkpoint_over_a_stale_link(tmp_path):
+    # a crash between step-4's rename into place and the swap of `latest` leaves the link at step-2
+    ckpts = tmp_path / "checkpoints"
+    for name in ("step-2", "step-4"):
+        (ckpts / name).mkdir(parents=True)
+        for f in ("trainer_state.pt", "model.safetensors.index.json"):
+            (ckpts / name / f).write_text("{}")
+    (ckpts / "latest").symlink_to("step-2")
+    assert latest_checkpoint(tmp_path) == ckpts / "step-4"
+
+
 def test_without_symlinks_training_goes_on_and_prunes(make_run, monkeypatch):
     def refuse(*args, **kwargs):  # noqa: ANN002, ANN003
         raise PermissionError(errno.EPERM, "Operation not permitted")

@@ -75,3 +75,14 @@ def test_train_step_is_adamw_on_the_batch_mean_gradient(grad_clip):
         want = b_old + (GAMMA * torch.sign(load.mean() - load)).float()
         assert (want != b_old).any()
         torch.testing.assert_close(b_new, want, rtol=0, atol=1e-9)
+
+
+def test_a_batch_not_made_of_whole_micro_batches_is_refused():
+    # 5 sequences in micro-batches of 2: the fifth would be dropped without a word
+    cfg = tiny_config()
+    model = random_model(cfg, dtype=torch.float64).train()
+    opt = build_optimizer(model)
+    tokens = torch.randint(0, cfg.vocab_size, (5, S + 1), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="not a multiple of micro_batch_size 2"):
+        train_step(model, opt, tokens, None, ObjectiveConfig("aux-free"), micro_batch_size=2, lr=LR,
+                   mtp_lambda=LAMBDA, gamma=GAMMA, autocast=False)

@@ -81,14 +81,22 @@ def train(run: RunConfig, *, resume: bool = False,
     if resume:
         remove_partial(run_dir)
         ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
+        if ckpt is None and not (run_dir / METRICS).exists():
             raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (expected {run_dir}/checkpoints/)")
-        state = load_trainer_state(ckpt)
+        if ckpt is None:  # the run stopped before its first checkpoint: nothing to continue, so start it over
+            say(f"{run_dir}: no checkpoint yet (the run stopped before its first save); starting it over", True)
+            (run_dir / METRICS).unlink()
+            for events in run_dir.glob("events.out.tfevents.*"):
+                events.unlink()
+            resume = False
+        else:
+            state = load_trainer_state(ckpt)
     elif checkpoint_dirs(run_dir) or (run_dir / METRICS).exists():
         raise ValueError(f"{run_dir} already holds a run: continue it with `dsv3 train --resume {run_dir}`, "
                          "or choose another --run.dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    run.save(run_dir / "train.toml")
+    # time trained before this invocation (metrics' elapsed_s goes on from it; max_minutes counts per invocation)
+    elapsed0 = float(state.get("elapsed_s", 0.0)) if state is not None else 0.0
     device = resolve_device(t.device)
     if t.compile and device.type == "cpu" and not t.cpu_bf16:
         raise ConfigError("run setting `train.compile` on the CPU needs `train.cpu_bf16 = true`: torch.compile's "
@@ -107,7 +115,6 @@ def train(run: RunConfig, *, resume: bool = False,
     if cfg.max_position_embeddings < d.seq_len:
         raise ConfigError(f"data.seq_len {d.seq_len} exceeds the model's max_position_embeddings "
                           f"{cfg.max_position_embeddings}")
-    cfg.save_json(run_dir / "config.json")
     caches = tokenize_corpus(tok, d.sources, cache_dir=d.cache_dir or None, fim_rate=d.fim_rate, seed=t.seed,
                              val_fraction=d.val_fraction, progress=log.progress)
     mb, S = t.micro_batch_size, d.seq_len
@@ -137,17 +144,28 @@ def train(run: RunConfig, *, resume: bool = False,
                           bf16_moments=t.bf16_moments, fused=device.type == "cuda" or None)
     step, tokens = 0, 0
     if state is not None:
+        # the saved groups bring back the saving run's hyperparameters; this run's settings win (lr is set
+        # every step)
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         load_optimizer_state(opt, state["optimizer"])
+        for group, own in zip(opt.param_groups, settings, strict=True):
+            group.update(own)
         train_data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         step, tokens = int(state["step"]), int(state["tokens"])
+    # written once the checkpoint, model and data state are known to fit these settings: a refused resume
+    # leaves the run's files as they were
+    run.save(run_dir / "train.toml")
+    cfg.save_json(run_dir / "config.json")
     forward = torch.compile(model, mode=t.compile_mode) if t.compile else model
     loss_fn = torch.compile(compute_loss, mode=t.compile_mode) if t.compile else compute_loss  # fused float32 CE
 
     # ---- logging -----------------------------------------------------------------------------------
     metrics_path = run_dir / METRICS
+    eval_pending = False  # an evaluation due at the checkpoint's step that a signal put off
     if resume:
-        _truncate_metrics(metrics_path, step)  # rows a crash wrote after the checkpoint
+        evaluated = _truncate_metrics(metrics_path, step)  # rows a crash wrote after the checkpoint
+        eval_pending = bool(state.get("eval_pending")) and not evaluated
     writer = None
     if log.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -174,11 +192,11 @@ def train(run: RunConfig, *, resume: bool = False,
             + (f", MTP {row['val_mtp']:.4f}" if res.mtp else ""), log.progress)
         return res
 
-    def checkpoint() -> Path:
+    def checkpoint(eval_pending: bool) -> Path:
         trainer_state = {
             "step": step, "tokens": tokens, "optimizer": opt.state_dict(), "data": train_data.state_dict(),
             "rng": rng_state(), "schedule": dataclasses.asdict(sched), "balance": t.balance,
-            "elapsed_s": time.perf_counter() - t_begin,
+            "elapsed_s": elapsed0 + time.perf_counter() - t_begin, "eval_pending": eval_pending,
         }
         return save_checkpoint(run_dir, step, model, tok, trainer_state, t.keep_last)
 
@@ -190,8 +208,8 @@ def train(run: RunConfig, *, resume: bool = False,
                dynamic_ncols=True, desc="train")
     try:
         stopper.install()
-        if not resume:
-            result.first_eval = run_eval()
+        if not resume or eval_pending:
+            result.first_eval = result.last_eval = run_eval()
         while tokens < t.tokens:
             t0 = time.perf_counter()
             B = batch_size(tokens, sched)
@@ -212,7 +230,7 @@ def train(run: RunConfig, *, resume: bool = False,
                 "balance": out.balance.item() if loads is not None else None, "lr": lr, "batch_size": B,
                 "grad_norm": None if grad_norm is None else grad_norm.item(), "maxvio": None,
                 "gamma": gamma if objective.bias_update else 0.0, "mtp_lambda": lam,
-                "tokens_per_s": B * S / dt, "elapsed_s": time.perf_counter() - t_begin,
+                "tokens_per_s": B * S / dt, "elapsed_s": elapsed0 + time.perf_counter() - t_begin,
             }
             if loads is not None:
                 row["maxvio"] = max_vio(loads).mean().item()
@@ -233,11 +251,15 @@ def train(run: RunConfig, *, resume: bool = False,
             elif t.max_minutes and time.perf_counter() - t_begin > 60 * t.max_minutes:
                 result.stopped = "time limit"
             done = tokens >= t.tokens
-            if (done or step % t.eval_interval == 0 or result.stopped == "time limit") and not stopper.signal:
+            eval_due = done or step % t.eval_interval == 0 or result.stopped == "time limit"
+            evaluated = eval_due and not stopper.signal  # on a signal the checkpoint marks it pending instead
+            if evaluated:
                 result.last_eval = run_eval()
                 result.first_eval = result.first_eval or result.last_eval
+            result.stopped = result.stopped or stopper.signal  # a signal may arrive during the evaluation
             if done or step % t.checkpoint_interval == 0 or result.stopped:
-                result.checkpoint = checkpoint()
+                result.checkpoint = checkpoint(eval_pending=eval_due and not evaluated)
+            result.stopped = result.stopped or stopper.signal  # ... or during the save: stop now, it is saved
             if result.stopped:
                 say(f"stopped ({result.stopped}) after step {step}; checkpoint {result.checkpoint}; "
                     f"continue with `dsv3 train --resume {run_dir}`", True)
@@ -288,6 +310,8 @@ def train_step(
     device = torch.device(device)
     forward = model if forward is None else forward
     mb = micro_batch_size
+    if tokens.shape[0] % mb:
+        raise ValueError(f"train_step: {tokens.shape[0]} sequences are not a multiple of micro_batch_size {mb}")
     n_micro = tokens.shape[0] // mb
     acc = LoadAccumulator()
     loss = ntp = mtp_ce = bal = torch.zeros((), device=device)
@@ -365,12 +389,13 @@ def _arch(cfg: ModelConfig) -> dict[str, Any]:
     return d
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def _truncate_metrics(path: Path, step: int) -> bool:
     """Keep the rows of steps <= `step` (atomically): a resumed run rewrites what came after. A row the crash
-    cut short (a partial last line: full disk, kill, power loss) is dropped, not a reason to refuse resuming."""
+    cut short (a partial last line: full disk, kill, power loss) is dropped, not a reason to refuse resuming.
+    Returns whether an evaluation row of `step` is among them."""
     if not path.is_file():
-        return
-    keep = []
+        return False
+    keep, evaluated = [], False
     for line in path.read_text("utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
@@ -378,7 +403,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if row["step"] <= step:
             keep.append(line)
+            evaluated |= row["step"] == step and "val_loss" in row
     write_atomic(path, "".join(line + "\n" for line in keep))
+    return evaluated
 
 
 def say(msg: str, show: bool) -> None:

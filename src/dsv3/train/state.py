@@ -50,11 +50,9 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """RUN/checkpoints/latest when it is our link to a complete checkpoint, else the newest complete step-N
-    (None if there is none). A `latest` that is a real directory (a copy) is not trusted: it may be stale."""
-    link = Path(run_dir) / CHECKPOINTS / LATEST
-    if link.is_symlink() and _complete(link):
-        return link
+    """The newest complete step-N (None if there is none). Not `latest` itself: a crash between a checkpoint's
+    rename into place and the link's swap leaves the link one checkpoint behind, and a `latest` that is a real
+    directory (a copy) may be stale."""
     dirs = checkpoint_dirs(run_dir)
     return dirs[-1] if dirs else None
 
