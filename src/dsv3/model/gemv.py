@@ -140,8 +140,8 @@ def gemv(
       each row's weight; E4M3 weights take `scale_inv` ([ceil(N/128), ceil(K/128)] or [E, ...]).
     - a_p = x[p // rows_per_x] (rows_per_x = K of top-K: each token's row serves its K pairs), or with
       `swiglu` silu(x[p, :K]) * x[p, K:] for x [P, 2K].
-    - split: gate_up stacks two matrices of `split` rows each quantised on its own grid (the second's block
-      rows start after ceil(split/128)); default: one grid.
+    - split: each weight stacks two matrices, its first `split` rows and the rest (gate_up), each quantised on
+      its own grid (the second's block rows start after ceil(split/128)); default: one grid.
     - extra, extra_rows: `extra_rows` more outputs y[P + j] = W_extra a, a from x's last `extra_rows` rows (which
       may be the ones the indexed rows read: decode's shared expert on each token beside its routed pairs).
     """
