@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -127,3 +128,32 @@ def profile_kernels(fn: Callable[[], object], device: torch.device, label: str, 
               flush=True)
     except Exception as e:  # noqa: BLE001 - a profiler failure must not lose the measurements
         print(f"profile failed: {type(e).__name__}: {e}", flush=True)
+
+
+COLD_BYTES = 256e6  # each timed call reads weights the previous ~256 MB of calls did not (L2: 60 MB)
+
+
+def replay_us(fn, copies: int = 1, n: int = 50) -> float:  # noqa: ANN001
+    """Mean GPU time of one call in microseconds, from a CUDA graph of n calls replayed twice. Call i runs
+    fn(i % copies) on its own copy of the weights, so with enough copies every call streams them from HBM
+    (as decode does: each weight once per step) instead of from the L2 cache."""
+    fn(0)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(n):
+            fn(i % copies)
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    g.replay()
+    g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (2 * n)
+
+
+def n_copies(nbytes: float) -> int:
+    """Copies of an operand of `nbytes` to cycle through so that each call reads it from HBM (50 at most)."""
+    return max(1, min(50, math.ceil(COLD_BYTES / nbytes)))

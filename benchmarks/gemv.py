@@ -14,43 +14,14 @@ device-to-device copy bandwidth. Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import copy_bandwidth, device_name, emit_json, print_table
+from benchmarks.common import copy_bandwidth, device_name, emit_json, n_copies, print_table, replay_us
 from dsv3.model.gemv import gemv
 
 LINEARS = [(768, 1536), (3072, 768), (576, 1536), (1536, 2048), (1152, 1536), (1536, 576), (32768, 1536)]
-
-
-COLD_BYTES = 256e6  # each timed call reads weights the previous ~256 MB of calls did not (L2: 60 MB)
-
-
-def replay_us(fn, copies: int = 1, n: int = 50) -> float:  # noqa: ANN001
-    """Mean GPU time of one call in microseconds, from a CUDA graph of n calls replayed twice. Call i runs
-    fn(i % copies) on its own copy of the weights, so with enough copies every call streams them from HBM
-    (as decode does: each weight once per step) instead of from the L2 cache."""
-    fn(0)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(n):
-            fn(i % copies)
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    g.replay()
-    g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (2 * n)
-
-
-def n_copies(nbytes: float) -> int:
-    return max(1, min(50, math.ceil(COLD_BYTES / nbytes)))
 
 
 def main() -> None:

@@ -1,0 +1,86 @@
+"""Decode attention over the paged latent cache on the GPU: `mla_decode.paged_decode` (the pages read in place)
+against the general path (the pages gathered, then `attention.attend`) and the bandwidth floor.
+
+    python -m benchmarks.mla_decode [--heads 16 128] [--batch 1 8 64] [--context 1024 4096] [--drafts 1 2]
+
+The attention core of one layer's decode step, from the absorbed queries (q_lat [B, S*H, C], q_R [B, S*H, R])
+to o_lat [B, S*H, C]: what the engine runs between the W_UK and W_UV products. Shapes: kv_lora_rank 256 with
+16 heads (`bench`) and 512 with 128 heads (V3); rope 64; block size 16, each row's blocks shuffled over the
+pool, every row at full context. Each call is captured 50 times in a CUDA graph and replayed, cycling through
+enough copies of the pool that each call reads its keys from HBM. floor = the cache bytes a step must read,
+B x context x (C + R) x 2, over the measured device-to-device copy bandwidth. The crossover this prints is
+what `mla_decode.MIN_ROWS` encodes. Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import copy_bandwidth, device_name, emit_json, n_copies, print_table, replay_us
+from dsv3.model.attention import attend
+from dsv3.model.mla_decode import paged_decode
+
+ROPE, BLOCK_SIZE = 64, 16
+RANK = {16: 256, 128: 512}  # heads -> kv_lora_rank: `bench`, V3
+
+
+def case(B: int, T: int, H: int, S: int, bw: float, dev: torch.device) -> dict:
+    C, D, bs = RANK.get(H, 512), RANK.get(H, 512) + ROPE, BLOCK_SIZE
+    W = T // bs
+    Q = S * H
+    nbytes = B * T * D * 2
+    copies = n_copies(nbytes)
+    pools = [torch.randn(B * W * bs, D, device=dev, dtype=torch.bfloat16) * 0.5 for _ in range(copies)]
+    tables = torch.stack([torch.randperm(B * W, device=dev)[:W] for _ in range(B)]).to(torch.int32)
+    pos = (T - S + torch.arange(S, device=dev)).repeat_interleave(H).expand(B, Q).contiguous()  # full rows
+    q_lat = torch.randn(B, Q, C, device=dev, dtype=torch.bfloat16)
+    q_pe = torch.randn(B, Q, ROPE, device=dev, dtype=torch.bfloat16)
+    scale = D**-0.5
+
+    def gathered(i: int) -> torch.Tensor:  # PagedStep.update's copy, then MLA.absorbed's attend
+        kv = pools[i].view(-1, bs, D).index_select(0, tables.flatten()).view(B, W * bs, D)
+        q = torch.cat([q_lat, q_pe], dim=-1).unsqueeze(1)
+        return attend(q, kv.unsqueeze(1), kv[..., :C].unsqueeze(1), scale, pos)
+
+    def paged(i: int) -> torch.Tensor:
+        return paged_decode(q_lat, q_pe, pools[i], tables, bs, pos, scale)
+
+    with torch.no_grad():
+        want = gathered(0)[:, 0].float()
+        err = ((paged(0).float() - want).norm() / want.norm()).item()  # the two agree before they are timed
+        t_gather, t_paged = replay_us(gathered, copies), replay_us(paged, copies)
+    floor = nbytes / bw * 1e6
+    return {"heads": H, "B": B, "context": T, "drafts": S, "cache MB": round(nbytes / 1e6, 1),
+            "floor us": round(floor, 1), "gathered us": round(t_gather, 1), "paged us": round(t_paged, 1),
+            "paged/gathered": round(t_paged / t_gather, 2), "paged % of bw": round(100 * floor / t_paged, 1),
+            "rel diff": f"{err:.1e}"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--heads", type=int, nargs="+", default=[16, 128], help="16: bench's shapes; 128: V3's")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 64])
+    ap.add_argument("--context", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--drafts", type=int, nargs="+", default=[1], help="query positions per row (MTP: 1 + k)")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    rows = []
+    for H in args.heads:
+        for S in args.drafts:
+            for T in args.context:
+                for B in args.batch:
+                    rows.append(case(B, T, H, S, bw, dev))
+                    print(rows[-1], flush=True)
+    print(f"\ndecode attention over paged latents, {device_name(dev)}, copy bandwidth {bw / 1e12:.2f} TB/s; "
+          "floor = cache bytes / bandwidth; gathered = index_select of the pages + attend (the path below "
+          "mla_decode.MIN_ROWS rows)")
+    print_table(rows, list(rows[0]))
+    emit_json({"bench": "mla_decode", "device": device_name(dev), "copy_bandwidth": bw, "torch": torch.__version__,
+               "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
