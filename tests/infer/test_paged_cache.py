@@ -93,6 +93,17 @@ def _decode_logits(model, cfg, device, dtype, steps=(1, 3, 1, 2)):
     return out, full, lengths
 
 
+def test_the_paged_kernel_policy_sees_the_steps_rows(make_cfg, make_model, monkeypatch) -> None:
+    # PagedStep.update asks mla_decode whether to hand over the pages, for this step's number of sequences
+    import dsv3.infer.paged_cache as pc
+
+    seen = []
+    monkeypatch.setattr(pc, "paged_decode_supported", lambda pool, C, rows: seen.append((C, rows)) or False)
+    cfg = make_cfg(num_nextn_predict_layers=0)
+    _decode_logits(make_model(cfg, dtype=torch.float32), cfg, "cpu", torch.float32, steps=(1,))
+    assert seen and set(seen) == {(cfg.kv_lora_rank, 4)}  # four rows, every layer
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_decode_reads_the_pages_in_place_as_accurately(make_cfg, make_model, monkeypatch) -> None:
