@@ -10,7 +10,7 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
 from dsv3.model.moe import MoE, Router, RouterOutput, route
-from tests.conftest import randomize_bias_
+from tests.conftest import randomize_bias_, tiny_config
 
 # Hand cases are float32 sums of a few numbers of order 1: 1e-6 absolute covers their rounding.
 HAND_ATOL = 1e-6
@@ -312,3 +312,41 @@ def test_route_groups_of_one_expert():
     _, idx = route(scores, bias, n_group=8, topk_group=3, top_k=3, routed_scaling_factor=2.5)
     ref = route_reference(scores, bias, 8, 3, 3, 2.5)
     assert all(set(idx[t].tolist()) == set(ref[t]) for t in range(50))
+
+
+def test_shared_expert_rides_in_the_routed_launches_only_when_its_forward_is_the_plain_product():
+    # decode's few_pairs reads the shared expert's weights instead of calling it: only for an MLP of plain
+    # bias-free linears without hooks (a LoRA-style wrapper or a hook would be skipped silently), of the routed
+    # experts' shape and dtype, and with nothing to train
+    from dsv3.fp8.modules import FP8Linear
+    from dsv3.model.gemv import plain_linear
+    from dsv3.model.moe import _shared_operands
+
+    class Adapted(torch.nn.Linear):  # adds to the product, as a LoRA adapter does
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    lin = torch.nn.Linear(8, 4, bias=False)
+    assert plain_linear(lin) and plain_linear(FP8Linear.from_linear(torch.nn.Linear(128, 128, bias=False)))
+    assert not plain_linear(Adapted(8, 4, bias=False)) and not plain_linear(torch.nn.Linear(8, 4))
+    hook = lin.register_forward_hook(lambda *a: None)
+    assert not plain_linear(lin)
+    hook.remove()
+
+    cfg = tiny_config(n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2, hidden_size=32,
+                      moe_intermediate_size=16)
+    moe = MoE(cfg)
+
+    def rides() -> bool:
+        return _shared_operands(moe.shared_experts, moe.experts.gate_up_proj, moe.experts.down_proj) is not None
+
+    assert not rides()  # its weights require grad and grad is on
+    with torch.no_grad():
+        assert rides()
+        hook = moe.shared_experts.register_forward_hook(lambda *a: None)
+        assert not rides()
+        hook.remove()
+        moe.shared_experts.up_proj = Adapted(32, 16, bias=False)
+        assert not rides()
+        moe.shared_experts.up_proj = torch.nn.Linear(32, 16, bias=False).to(torch.float64)
+        assert not rides()  # another dtype than the routed experts'

@@ -62,6 +62,8 @@ class _KeepDtypes(nn.Module):
 class FP8Linear(_KeepDtypes):
     """y = x W^T with W = weight * weight_scale_inv per 128x128 block; no bias (DeepSeek-V3 has none)."""
 
+    gemv_streamable = True  # forward is exactly that product: decode's fused launches may read the weight
+
     def __init__(
         self, in_features: int, out_features: int, device: torch.device | str | None = None,
         keep_dense: bool = False,

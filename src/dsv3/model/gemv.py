@@ -229,16 +229,24 @@ def _launch(
     return y
 
 
+def plain_linear(m: torch.nn.Module) -> bool:
+    """Whether `m`'s forward is exactly x W^T from its `weight` (E4M3 with `weight_scale_inv`; no bias), so gemv
+    may read the weight instead of calling it: nn.Linear itself or a class that declares so (`gemv_streamable`:
+    dsv3.fp8's FP8Linear), with no hooks. Subclasses and wrappers (a LoRA adapter adds to the product) keep
+    their forward."""
+    return ((type(m) is torch.nn.Linear or getattr(type(m), "gemv_streamable", False))
+            and getattr(m, "bias", None) is None and not (m._forward_hooks or m._forward_pre_hooks))
+
+
 def linear_pair(x: torch.Tensor, a: torch.nn.Module, b: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(a(x), b(x)) for two bias-free linear layers reading the same x, in one `gemv_pair` launch where that
     pays, else None (the caller runs them itself). It pays for a single row of 16/32-bit weights (cuBLAS's GEMV
     costs about as much per launch, and gemv streams the weight once per row, so more rows lose) and up to
     GEMV_MAX_ROWS rows of E4M3 ones (dsv3.fp8's FP8Linear: `weight` and `weight_scale_inv`), which stream
     through gemv one launch each anyway."""
-    wa, wb = getattr(a, "weight", None), getattr(b, "weight", None)
-    if not (isinstance(wa, torch.Tensor) and isinstance(wb, torch.Tensor)) or getattr(a, "bias", None) is not None \
-            or getattr(b, "bias", None) is not None:
+    if not (plain_linear(a) and plain_linear(b)):
         return None
+    wa, wb = a.weight, b.weight
     sa, sb = getattr(a, "weight_scale_inv", None), getattr(b, "weight_scale_inv", None)
     rows = x.reshape(-1, x.shape[-1])
     limit = GEMV_MAX_ROWS if sa is not None else 1

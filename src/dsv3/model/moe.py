@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.gemv import Extra, gemv, gemv_supported
+from dsv3.model.gemv import Extra, gemv, gemv_supported, plain_linear
 from dsv3.model.layers import MLP
 from dsv3.model.router_kernel import fused_router, router_kernel_supported
 
@@ -213,8 +213,10 @@ def _shared_operands(shared: nn.Module, gate_up: torch.Tensor, down: torch.Tenso
     """A shared expert's weights as `gemv` extras beside the routed stacks gate_up [E, 2I, d] and down [E, d, I]
     (gate_proj and up_proj as the two halves of gate_up), or None when they differ in shape or dtype (several
     shared experts fused into a wider one; an FP8 model keeping some of them in bf16)."""
-    parts = [getattr(shared, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-    if any(not isinstance(getattr(m, "weight", None), torch.Tensor) for m in parts):
+    if type(shared) is not MLP or shared._forward_hooks or shared._forward_pre_hooks:
+        return None  # a subclass or a hook may compute something else: run its own forward
+    parts = [shared.gate_proj, shared.up_proj, shared.down_proj]
+    if not all(plain_linear(m) for m in parts):
         return None
     (g, gs), (u, us), (dn, ds) = [(m.weight, getattr(m, "weight_scale_inv", None)) for m in parts]
     scaled = [gs is not None, us is not None, ds is not None]
