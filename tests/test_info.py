@@ -66,3 +66,24 @@ def test_info_cli(capsys):
     assert "671.03B" in out and "37.55B" in out and "70,272 bytes" in out
     assert main(["info", "--config", "/no/such/dir"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_context_below_one_and_tells_its_version(capsys):
+    for context in ("0", "-5"):
+        with pytest.raises(SystemExit) as e:
+            main(["info", "--context", context])
+        assert e.value.code == 2 and "argument --context: must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("dsv3 ")
+
+
+def test_cli_stops_quietly_when_its_reader_goes_away(monkeypatch, capsys):
+    # `dsv3 info | head -1`: the write fails with EPIPE; no traceback, the shell's SIGPIPE status
+    import dsv3.cli
+
+    def closed_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(dsv3.cli, "cmd_info", closed_pipe)
+    assert main(["info"]) == 141 and capsys.readouterr().err == ""

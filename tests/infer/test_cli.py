@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,11 +121,26 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("flag", "value", "match"), [
     ("--temperature", "-1", "temperature"), ("--top-p", "0", "top_p"), ("--top-p", "1.5", "top_p"),
-    ("--top-k", "-2", "top_k"), ("--max-tokens", "0", "max_tokens"), ("--mtp", "-1", "mtp"),
+    ("--top-k", "-2", "top_k"), ("--temperature", "nan", "temperature"),
 ])
 def test_bad_sampling_values_are_clear_errors(model_dir: Path, flag: str, value: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         run("generate", "--model", str(model_dir), "--prompt", "x", flag, value, "--device", "cpu")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--max-tokens", "0"], "argument --max-tokens: must be >= 1"), (["--mtp", "-1"], "argument --mtp: must be >= 0"),
+    (["--device", "bogus"], "--device: 'bogus' is not a device"),
+])
+def test_bad_options_are_refused_before_loading(model_dir: Path, argv: list[str], message: str,
+                                                capsys: pytest.CaptureFixture) -> None:
+    from dsv3.cli import main
+
+    try:
+        rc = main(["generate", "--model", str(model_dir), "--prompt", "x", *argv])
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    assert rc == 2 and message in capsys.readouterr().err
 
 
 def test_prompt_longer_than_context_is_a_clear_error(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,3 +184,18 @@ def test_null_sampling_defaults_in_generation_config_mean_unset(model_dir: Path,
     args = argparse.Namespace(max_tokens=8, temperature=None, top_p=None, top_k=None, seed=None, stop=[])
     p = sampling_params(args, d)
     assert (p.temperature, p.top_p, p.top_k) == (0.6, 1.0, 0)
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_chat_prompts_only_on_a_terminal(model_dir: Path, monkeypatch: pytest.MonkeyPatch, tty: bool) -> None:
+    # `printf 'hi\n' | dsv3 chat ... > out`: the replies alone on stdout, no `>>> ` between them
+    shown = []
+
+    def fake_input(prompt: str = "") -> str:
+        shown.append(prompt)
+        raise EOFError
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: tty)
+    run("chat", "--model", str(model_dir), "--max-tokens", "2", "--device", "cpu")
+    assert shown == ([">>> "] if tty else [""])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -304,3 +305,39 @@ def test_the_run_settings_reach_every_step(make_run):
     assert first["gamma"] == 2e-3
     groups = load_trainer_state(res.checkpoint)["optimizer"]["param_groups"]
     assert sorted({g["weight_decay"] for g in groups}) == [0.0, 0.05] and {g["betas"] for g in groups} == {(0.9, 0.97)}
+
+
+def test_a_non_finite_loss_stops_the_run_without_saving_it(make_run, monkeypatch):
+    import dataclasses
+
+    import dsv3.train.loop as loop
+
+    real, steps = loop.train_step, []
+
+    def diverging(*a, **kw):
+        out = real(*a, **kw)
+        steps.append(1)
+        return dataclasses.replace(out, loss=out.loss * float("nan")) if len(steps) == 4 else out
+
+    monkeypatch.setattr(loop, "train_step", diverging)
+    run = make_run(**{"train.checkpoint_interval": 2})
+    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 4; the last checkpoint .*step-2"):
+        train(run)
+    ckpts = {p.name for p in (Path(run.run.dir) / "checkpoints").iterdir()}
+    assert "step-2" in ckpts and "step-4" not in ckpts
+
+
+def test_a_tokenizer_left_by_a_failed_start_is_reused_only_if_trained_as_asked(make_run):
+    # the first start trains RUN/tokenizer, then fails on its data; a second start with another vocab_size must
+    # not train with the old tokenizer (it did, while train.toml recorded the new size)
+    from dsv3.config import ConfigError
+
+    bad = make_run(**{"data.tokenizer": "train", "data.vocab_size": 300, "model.vocab_size": 200})
+    with pytest.raises(ConfigError, match="vocab_size 200 is smaller"):
+        train(bad)
+    tok_dir = Path(bad.run.dir) / "tokenizer"
+    assert len(Tokenizer.from_pretrained(tok_dir)) == 300
+    good = make_run(**{"data.tokenizer": "train", "data.vocab_size": 280, "train.tokens": 256})
+    train(good)
+    assert len(Tokenizer.from_pretrained(tok_dir)) == 280
+    assert len(Tokenizer.from_pretrained(Path(good.run.dir) / "checkpoints" / "latest")) == 280

@@ -56,6 +56,24 @@ def test_validate_names_the_field():
     RunConfig.load(None, ["--train.compile_mode", "reduce-overhead", "--train.batch_size", "8"]).validate()
 
 
+@pytest.mark.parametrize(("args", "match"), [
+    (["--train.lr", "inf"], r"`train.lr`: must be a finite number"),
+    (["--train.gamma", "nan"], r"`train.gamma`: must be a finite number"),
+    (["--data.fim_rate", "nan"], r"`data.fim_rate`: must be a finite number"),
+    (["--train.mtp_lambda", "-1"], r"`train.mtp_lambda`: must be >= 0"),
+    (["--train.gamma", "-1e-3"], r"`train.gamma`: must be >= 0"),
+    (["--train.seed", "-1"], r"`train.seed`: must be in \[0, 2\^32\)"),
+    (["--train.init_std", "-1"], r"`train.init_std`: must be > 0"),
+    (["--train.beta2", "1"], r"`train.beta2`: must be in \[0, 1\)"),
+    (["--data.tokenizer_max_mb", "0"], r"`data.tokenizer_max_mb`: must be > 0"),
+])
+def test_values_that_would_train_to_nan_or_fail_late_are_refused(args, match):
+    # nan / inf trained to a NaN checkpoint with exit code 0; a negative seed failed after the run's files were
+    # written, which then refused a corrected run
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.load(None, args).validate()
+
+
 def test_parse_overrides_reads_toml_values():
     assert parse_overrides(["--a.b", "[1, 2]", "--a.c=true", "--a.d", "x y"]) == [
         ("a.b", [1, 2]), ("a.c", True), ("a.d", "x y")]

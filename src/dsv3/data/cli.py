@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from dsv3.argtypes import positive_float, positive_int, share
 from dsv3.data.corpus import VAL_FRACTION, iter_documents, limit_bytes, split_documents
 from dsv3.data.dataset import tokenize_corpus
 from dsv3.data.tokenizer import SPECIAL_TOKENS, Tokenizer, train_bpe
@@ -18,11 +19,11 @@ def add_tokenizer_commands(subparsers: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a byte-level BPE with V3's pre-tokeniser and special tokens")
     t.add_argument("--data", nargs="+", default=None, metavar="SRC",
                    help="files, folders, globs, .jsonl (field 'text'); default: the Python standard library")
-    t.add_argument("--vocab-size", type=int, default=4096, help="ids in total, special tokens included")
+    t.add_argument("--vocab-size", type=positive_int, default=4096, help="ids in total, special tokens included")
     t.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
-    t.add_argument("--max-mb", type=float, default=20.0, help="train on at most this much text (MB)")
-    t.add_argument("--min-frequency", type=int, default=2, help="merge only pairs seen this often")
-    t.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+    t.add_argument("--max-mb", type=positive_float, default=20.0, help="train on at most this much text (MB)")
+    t.add_argument("--min-frequency", type=positive_int, default=2, help="merge only pairs seen this often")
+    t.add_argument("--val-fraction", type=share, default=VAL_FRACTION,
                    help="documents held out for validation (by hash) are not trained on")
     t.add_argument("--tokenize", action="store_true", help="then tokenise the corpus into the token cache")
     t.set_defaults(func=_train)

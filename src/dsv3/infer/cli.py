@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dsv3.argtypes import nonneg_int, positive_int, resolve_device
 from dsv3.infer.engine import Engine, GenerationResult, check_prompt_length
 from dsv3.infer.sampling import SamplingParams
 
@@ -40,10 +41,10 @@ def add_generate_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (HF layout with tokenizer.json)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights and cache dtype (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--mtp", type=int, default=0, metavar="K",
+    p.add_argument("--mtp", type=nonneg_int, default=0, metavar="K",
                    help="draft K tokens per step with the MTP modules (speculative decoding; 0 = off)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (bfloat16 models, the CUDA default; on an H200 about 2x "
@@ -54,7 +55,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per reply (default 256)")
+    p.add_argument("--max-tokens", type=positive_int, default=256, help="most new tokens per reply (default 256)")
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy (default: the model's generation_config.json, else 1.0)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default 1)")
@@ -109,8 +110,8 @@ def load(args: argparse.Namespace) -> tuple[Engine, Any, SamplingParams]:
     elif not tokenizer.config.get("chat_template"):  # chat
         raise ValueError(f"{path}/tokenizer_config.json has no chat_template: `dsv3 chat` needs one (use "
                          f"`dsv3 generate` for plain completion)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    default = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 matmuls are slow on CPUs
+    device = resolve_device(args.device)
+    default = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 matmuls are slow on CPUs
     dtype = DTYPES[args.dtype] if args.dtype else default
     model = load_model(path, device=device, dtype=dtype, fp8=args.fp8_weights)
     return Engine(model, tokenizer, mtp=args.mtp, compile=args.compile), tokenizer, params
@@ -150,12 +151,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
     opening = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(opening)
     print("chat: /reset starts over, /exit (or Ctrl-D) quits", file=sys.stderr)
+    prompt = ">>> " if sys.stdin.isatty() else ""  # piped input: stdout holds the replies alone
     while True:
         try:
-            line = input(">>> ")
+            line = input(prompt)
         except EOFError:
-            print()
+            if prompt:
+                print()
             return
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: leave the terminal on a fresh line
+            print(file=sys.stderr)
+            raise
         if line.strip() in ("/exit", "/quit"):
             return
         if line.strip() == "/reset":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from dsv3.argtypes import fraction, nonneg_int, positive_float, positive_int, resolve_device
 from dsv3.config import ConfigError
 
 
@@ -27,12 +28,12 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="files, folders, globs, .jsonl (field 'text'), or 'stdlib'")
     e.add_argument("--split", choices=("all", "val", "train"), default="all",
                    help="all documents, or one side of the by-hash split training uses (default all)")
-    e.add_argument("--val-fraction", type=float, default=0.02,
+    e.add_argument("--val-fraction", type=fraction, default=0.02,
                    help="for --split: the run's data.val_fraction (default 0.02, training's default)")
-    e.add_argument("--seq-len", type=int, default=256, help="tokens per evaluated sequence (default 256)")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
-    e.add_argument("--sample", type=int, default=None, metavar="SEED",
+    e.add_argument("--seq-len", type=positive_int, default=256, help="tokens per evaluated sequence (default 256)")
+    e.add_argument("--batch-size", type=positive_int, default=8)
+    e.add_argument("--max-batches", type=positive_int, default=None, help="evaluate at most this many batches")
+    e.add_argument("--sample", type=nonneg_int, default=None, metavar="SEED",
                    help="take the sequences in a random order drawn from SEED: with --max-batches, a sample of "
                         "the whole corpus instead of its first documents")
     e.add_argument("--doc-mask", action="store_true", help="attention within each document only")
@@ -42,11 +43,11 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     s = subparsers.add_parser("sample", help="a few greedy/temperature continuations of a prompt (full recompute)")
     s.add_argument("--model", required=True, metavar="DIR", help="a checkpoint directory (with its tokenizer)")
     s.add_argument("--prompt", required=True, help="the text to continue (BOS is added)")
-    s.add_argument("-n", "--num-samples", type=int, default=3, help="the first is greedy, the rest sampled")
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.8, help="for the sampled continuations")
-    s.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-n", "--num-samples", type=positive_int, default=3, help="the first is greedy, the rest sampled")
+    s.add_argument("--max-new-tokens", type=positive_int, default=64)
+    s.add_argument("--temperature", type=positive_float, default=0.8, help="for the sampled continuations")
+    s.add_argument("--top-k", type=nonneg_int, default=50, help="sample among the k most likely tokens (0: all)")
+    s.add_argument("--seed", type=nonneg_int, default=0)
     _device_args(s)
     s.set_defaults(func=cmd_sample)
 
@@ -93,7 +94,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):  # noqa: ANN202 - (model, tokenizer, device)
     from dsv3.checkpoint import load_model
     from dsv3.data.tokenizer import Tokenizer
-    from dsv3.train.loop import resolve_device
 
     path = Path(args.model)
     if not path.is_dir():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import signal
 import threading
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from dsv3.argtypes import resolve_device
 from dsv3.checkpoint import load_model, write_atomic
 from dsv3.config import ConfigError, ModelConfig
 from dsv3.data.corpus import iter_documents, limit_bytes, split_documents
@@ -97,7 +99,7 @@ def train(run: RunConfig, *, resume: bool = False,
     run_dir.mkdir(parents=True, exist_ok=True)
     # time trained before this invocation (metrics' elapsed_s goes on from it; max_minutes counts per invocation)
     elapsed0 = float(state.get("elapsed_s", 0.0)) if state is not None else 0.0
-    device = resolve_device(t.device)
+    device = resolve_device(t.device, "run setting `train.device`")
     if t.compile and device.type == "cpu" and not t.cpu_bf16:
         raise ConfigError("run setting `train.compile` on the CPU needs `train.cpu_bf16 = true`: torch.compile's "
                           "grouped GEMM (the routed experts) takes bf16 only")
@@ -239,6 +241,10 @@ def train(run: RunConfig, *, resume: bool = False,
                     rel = loads.double() / loads.double().mean(-1, keepdim=True).clamp_min(1e-9)
                     row["load"] = [[round(v, 3) for v in layer] for layer in rel.tolist()]
             emit(row, "train")
+            if not math.isfinite(row["loss"]):  # stop before a checkpoint could keep the diverged weights
+                raise FloatingPointError(
+                    f"the loss is {row['loss']} at step {step}; the last checkpoint "
+                    f"({result.checkpoint or 'none yet'}) is kept. Lower train.lr or raise train.warmup_steps")
             bar.update(1)
             bar.set_postfix({"tok/s": f"{row['tokens_per_s']:,.0f}", "loss": f"{row['loss']:.3f}",
                              "ntp": f"{row['ntp']:.3f}",
@@ -346,18 +352,6 @@ def train_step(
     return StepOutput(loss, ntp, mtp_ce, bal, loads, grad_norm)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"run setting `train.device`: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run setting `train.device`: {name!r} but this torch has no CUDA device")
-    return device
-
-
 def build_tokenizer(run: RunConfig, run_dir: Path) -> Tokenizer:
     """`data.tokenizer`: "train" (a BPE trained on the training split, kept in RUN/tokenizer), "deepseek-v3",
     or a directory holding tokenizer.json."""
@@ -367,17 +361,30 @@ def build_tokenizer(run: RunConfig, run_dir: Path) -> Tokenizer:
     if d.tokenizer != "train":
         return Tokenizer.from_pretrained(d.tokenizer)
     out = run_dir / "tokenizer"
-    if (out / "tokenizer.json").is_file():
+    # a run that stopped before its first checkpoint may have trained one already: reuse it only if it was
+    # trained as these settings say (another vocab_size or split would leave it wrong, or trained on
+    # documents now held out for validation)
+    trained_with = json.dumps({"sources": d.sources, "vocab_size": d.vocab_size, "val_fraction": d.val_fraction,
+                               "tokenizer_max_mb": d.tokenizer_max_mb}, sort_keys=True)
+    settings = out / "trained_with.json"
+    if (out / "tokenizer.json").is_file() and settings.is_file() and settings.read_text() == trained_with:
         return Tokenizer.from_pretrained(out)
     docs = limit_bytes(split_documents(iter_documents(d.sources), "train", d.val_fraction),
                        d.tokenizer_max_mb * 1e6)  # never train on validation documents
-    return train_bpe(docs, d.vocab_size, out, show_progress=run.log.progress)
+    tok = train_bpe(docs, d.vocab_size, out, show_progress=run.log.progress)
+    write_atomic(settings, trained_with)
+    return tok
 
 
 def _dataset(cache: Any, split: str, seq_len: int, batch: int, **kw: Any) -> TokenDataset:
     try:
         return cache.dataset(seq_len, batch, **kw)
     except ValueError as e:
+        if len(cache.doc_starts) <= 1:  # no document at all: the split is by whole documents
+            raise ValueError(
+                f"{split} split: no documents. Documents are split by hash between training and validation, and "
+                "each plain-text file is one document: give several files (a folder, a glob) or a .jsonl with "
+                "one document per line") from None
         raise ValueError(f"{split} split: {e} (more data, a smaller data.seq_len, or another "
                          "data.val_fraction)") from None
 

@@ -168,6 +168,10 @@ class RunConfig:
                 section, key = name.split(".")
                 raise ConfigError(f"run setting `{name}`: {msg} (got {getattr(getattr(self, section), key)!r})")
 
+        for name in ("data", "train"):  # nan / inf in any number would train silently to a NaN checkpoint
+            for key, value in dataclasses.asdict(getattr(self, name)).items():
+                if isinstance(value, float):
+                    need(math.isfinite(value), f"{name}.{key}", "must be a finite number")
         need(t.tokens > 0, "train.tokens", "must be > 0")
         need(t.max_minutes >= 0, "train.max_minutes", "must be >= 0 (0: no limit)")
         need(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
@@ -179,6 +183,16 @@ class RunConfig:
              "its CUDA graphs fail with gradient accumulation (pytorch/pytorch#169545)")
         need(t.lr >= 0, "train.lr", "must be >= 0")
         need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0: no clipping)")
+        need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1" if not 0 <= t.beta1 < 1 else "train.beta2",
+             "must be in [0, 1)")
+        need(t.gamma >= 0, "train.gamma", "must be >= 0")
+        need(t.mtp_lambda >= 0, "train.mtp_lambda", "must be >= 0")
+        need(t.alpha is None or t.alpha >= 0, "train.alpha", "must be >= 0 (or none: the mode's default)")
+        need(t.init_std is None or t.init_std > 0, "train.init_std", "must be > 0 (or none: the default)")
+        need(t.warmup_steps is None or t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0 (or none)")
+        need(0 <= t.seed < 2**32, "train.seed", "must be in [0, 2^32)")
+        need(d.tokenizer_max_mb > 0, "data.tokenizer_max_mb", "must be > 0")
         need(t.balance in BALANCE_MODES, "train.balance", f"must be one of {', '.join(BALANCE_MODES)}")
         need(t.eval_interval >= 1, "train.eval_interval", "must be >= 1")
         need(t.eval_batches >= 1, "train.eval_batches", "must be >= 1")
