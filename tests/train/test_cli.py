@@ -40,6 +40,10 @@ def test_train_eval_sample(make_run, loop_corpus, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "sample 1 (greedy)" in out and "sample 2 (temperature 0.8" in out and "def f(x):" in out
 
+    # a prompt the context cannot hold is refused, as `dsv3 generate` refuses it (it was cut silently)
+    assert main(["sample", "--model", latest, "--prompt", "x" * 5000]) == 2
+    assert "but the context holds" in capsys.readouterr().err
+
     # the finished run continues when given more tokens
     assert main(["train", "--resume", str(tmp_path / "cli"), "--train.tokens", "768"]) == 0
     assert "done: step 3" in capsys.readouterr().out

@@ -325,6 +325,8 @@ def test_a_non_finite_loss_stops_the_run_without_saving_it(make_run, monkeypatch
         train(run)
     ckpts = {p.name for p in (Path(run.run.dir) / "checkpoints").iterdir()}
     assert "step-2" in ckpts and "step-4" not in ckpts
+    last = (Path(run.run.dir) / "metrics.jsonl").read_text().splitlines()[-1]
+    assert json.loads(last, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))["loss"] is None
 
 
 def test_a_tokenizer_left_by_a_failed_start_is_reused_only_if_trained_as_asked(make_run):

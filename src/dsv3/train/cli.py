@@ -133,11 +133,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from dsv3.infer.engine import check_prompt_length
     from dsv3.train.evaluate import sample
 
-    if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1 (got {args.num_samples})")
     model, tok, device = _load(args)
+    check_prompt_length(len(tok.encode(args.prompt)), model.cfg.max_position_embeddings)  # as `generate` does
     for i in range(args.num_samples):
         temp = 0.0 if i == 0 else args.temperature
         text = sample(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=temp,

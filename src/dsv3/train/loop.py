@@ -176,7 +176,9 @@ def train(run: RunConfig, *, resume: bool = False,
     metrics = open(metrics_path, "a", encoding="utf-8")
 
     def emit(row: dict[str, Any], prefix: str) -> None:
-        metrics.write(json.dumps(row) + "\n")
+        # strict JSON (jq, JSON.parse): a non-finite value, such as the loss that stops a diverged run, is null
+        strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        metrics.write(json.dumps(strict, allow_nan=False) + "\n")
         metrics.flush()
         if writer is not None:
             for k, v in row.items():
