@@ -338,7 +338,8 @@ def test_shared_expert_rides_in_the_routed_launches_only_when_its_forward_is_the
     moe = MoE(cfg)
 
     def rides() -> bool:
-        return _shared_operands(moe.shared_experts, moe.experts.gate_up_proj, moe.experts.down_proj) is not None
+        e = moe.experts
+        return _shared_operands(moe.shared_experts, e.gate_up_proj, None, e.down_proj, None) is not None
 
     assert not rides()  # its weights require grad and grad is on
     with torch.no_grad():

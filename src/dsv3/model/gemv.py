@@ -184,30 +184,43 @@ def gemv_pair(
                    w1.shape[0] + w2.shape[0], w1.shape[1], 1, False, w1.shape[0], extra, x.shape[0])
 
 
-def _fits(t: torch.Tensor | None, like: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
-    """t is `shape`, read with `like`'s dtype and row stride (the kernel steps both with one stride)."""
-    return (t is not None and like is not None and t.dtype == like.dtype and tuple(t.shape) == shape
-            and t.stride(-1) == 1 and t.stride(0) == like.stride(-2))
+def extra_fits(
+    extra: Extra, like: torch.Tensor, scale_like: torch.Tensor | None, n: int, split: int | None = None,
+) -> bool:
+    """Whether `gemv` can read `extra` beside indexed weights of `n` rows stored as `like` is (its dtype and row
+    stride, unit-stride columns) with `scale_like`'s block scales (or none): the same dtype and row stride,
+    contiguous scales, and rows in two halves (each on its own block grid) exactly when the weights' are."""
+    K = like.shape[-1]
+    kblocks = -(-K // BLOCK)
+    two = split is not None and split < n
+    n1 = split if two else n
+
+    def fits(t: torch.Tensor | None, dtype: torch.dtype, row_stride: int, shape: tuple[int, int]) -> bool:
+        return (t is not None and t.dtype == dtype and tuple(t.shape) == shape and t.stride(-1) == 1
+                and t.stride(0) == row_stride)
+
+    def weight(t: torch.Tensor | None, rows: int) -> bool:
+        return fits(t, like.dtype, like.stride(-2), (rows, K))
+
+    def scale(t: torch.Tensor | None, rows: int) -> bool:
+        if scale_like is None:
+            return t is None
+        return fits(t, scale_like.dtype, kblocks, (-(-rows // BLOCK), kblocks))
+
+    if like.stride(-1) != 1 or (extra.w2 is not None) != two:
+        return False
+    halves = [(extra.w, extra.scale_inv, n1)] + ([(extra.w2, extra.scale_inv2, n - n1)] if two else [])
+    return (all(weight(w, rows) and scale(s, rows) for w, s, rows in halves)
+            and (two or extra.scale_inv2 is None))
 
 
 def _launch(
     x: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor | None, idx: torch.Tensor | None, P: int, N: int, K: int,
     rows_per_x: int, swiglu: bool, split: int | None, extra: Extra | None, extra_rows: int,
 ) -> torch.Tensor:
-    if extra is not None:
-        two = split is not None and split < N  # the indexed weights' rows come in two halves: so must the extra's
-        n1 = split if two else N
-        kblocks = -(-K // BLOCK)
-        ok = (extra.w2 is not None) == two and _fits(extra.w, w3, (n1, K))
-        ok &= extra.w2 is None or _fits(extra.w2, w3, (N - n1, K))
-        ok &= (extra.scale_inv is None) == (s3 is None) and (extra.scale_inv2 is None) == (
-            s3 is None or extra.w2 is None)
-        if s3 is not None:
-            ok &= _fits(extra.scale_inv, s3, (-(-n1 // BLOCK), kblocks))
-            ok &= extra.w2 is None or _fits(extra.scale_inv2, s3, (-(-(N - n1) // BLOCK), kblocks))
-        if not ok:
-            raise ValueError("gemv: the extra matrix does not match the indexed weights' shape, dtype, row stride "
-                             "and scales")
+    if extra is not None and not extra_fits(extra, w3, s3, N, split):
+        raise ValueError("gemv: the extra matrix does not match the indexed weights' shape, dtype, row stride "
+                         "and scales")
     y = torch.empty(P + extra_rows, N, dtype=x.dtype, device=x.device)
     if y.shape[0] == 0:
         return y
@@ -250,12 +263,10 @@ def linear_pair(x: torch.Tensor, a: torch.nn.Module, b: torch.nn.Module) -> tupl
     sa, sb = getattr(a, "weight_scale_inv", None), getattr(b, "weight_scale_inv", None)
     rows = x.reshape(-1, x.shape[-1])
     limit = GEMV_MAX_ROWS if sa is not None else 1
-    if (rows.shape[0] > limit or wa.dtype != wb.dtype or (sa is None) != (sb is None) or x.shape[-1] != wa.shape[1]
-            or wb.shape[1] != wa.shape[1] or wa.stride(-1) != 1 or wb.stride(-1) != 1 or wa.stride(0) != wb.stride(0)
-            or not gemv_supported(x, wa, wb) or (sa is None and wa.dtype != x.dtype)
-            or torch.is_autocast_enabled(x.device.type)
-            or (sa is not None and not (sa.is_contiguous() and sb.is_contiguous() and sa.dtype == sb.dtype))):
+    n = wa.shape[0]
+    if (rows.shape[0] > limit or x.shape[-1] != wa.shape[1] or not gemv_supported(x, wa, wb)
+            or (sa is None and wa.dtype != x.dtype) or torch.is_autocast_enabled(x.device.type)
+            or not extra_fits(Extra(wa, sa, wb, sb), wa, sa, n + wb.shape[0], split=n)):  # as gemv_pair reads them
         return None
     y = gemv_pair(rows, wa, wb, sa, sb)
-    n = wa.shape[0]
     return y[:, :n].view(*x.shape[:-1], n), y[:, n:].view(*x.shape[:-1], -1)

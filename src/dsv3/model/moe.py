@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.gemv import Extra, gemv, gemv_supported, plain_linear
+from dsv3.model.gemv import Extra, extra_fits, gemv, gemv_supported, plain_linear
 from dsv3.model.layers import MLP
 from dsv3.model.router_kernel import fused_router, router_kernel_supported
 
@@ -199,7 +199,7 @@ class Experts(nn.Module):
         gate_up, gate_up_s, down, down_s = self.gemv_operands()
         idx = r.topk_idx.flatten()
         inter = gate_up.shape[1] // 2
-        ride = shared is not None and _shared_operands(shared, gate_up, down)
+        ride = shared is not None and _shared_operands(shared, gate_up, gate_up_s, down, down_s)
         h = gemv(x, gate_up, idx, gate_up_s, rows_per_x=K, split=inter, extra=ride[0] if ride else None,
                  extra_rows=T)  # [T*K (+ T), 2I]
         y = gemv(h, down, idx, down_s, swiglu=True, extra=ride[1] if ride else None, extra_rows=T)
@@ -209,31 +209,28 @@ class Experts(nn.Module):
         return out if shared is None else out + shared(x)
 
 
-def _shared_operands(shared: nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[Extra, Extra] | None:
+def _shared_operands(
+    shared: nn.Module, gate_up: torch.Tensor, gate_up_s: torch.Tensor | None, down: torch.Tensor,
+    down_s: torch.Tensor | None,
+) -> tuple[Extra, Extra] | None:
     """A shared expert's weights as `gemv` extras beside the routed stacks gate_up [E, 2I, d] and down [E, d, I]
-    (gate_proj and up_proj as the two halves of gate_up), or None when they differ in shape or dtype (several
-    shared experts fused into a wider one; an FP8 model keeping some of them in bf16)."""
+    (gate_proj and up_proj as the two halves of gate_up), or None when they do not fit them (several shared
+    experts fused into a wider one; an FP8 model keeping some of them in bf16) or gemv must not read them."""
     if type(shared) is not MLP or shared._forward_hooks or shared._forward_pre_hooks:
         return None  # a subclass or a hook may compute something else: run its own forward
     parts = [shared.gate_proj, shared.up_proj, shared.down_proj]
     if not all(plain_linear(m) for m in parts):
         return None
+    if torch.is_grad_enabled() and any(m.weight.requires_grad for m in parts):
+        return None  # gemv has no backward
     (g, gs), (u, us), (dn, ds) = [(m.weight, getattr(m, "weight_scale_inv", None)) for m in parts]
-    scaled = [gs is not None, us is not None, ds is not None]
-    inter, d = gate_up.shape[1] // 2, gate_up.shape[2]
-    if not (g.shape == u.shape == (inter, d) and dn.shape == down.shape[1:] == (d, inter)):
-        return None
-    if g.dtype != gate_up.dtype or u.dtype != gate_up.dtype or dn.dtype != down.dtype or len(set(scaled)) > 1:
-        return None
-    # laid out as the kernel steps the routed rows (gemv makes its own scales contiguous), and nothing to train:
-    # gemv has no backward
-    if (g.stride(0) != gate_up.stride(1) or u.stride(0) != gate_up.stride(1) or dn.stride(0) != down.stride(1)
-            or any(t.stride(-1) != 1 for t in (g, u, dn, gate_up, down))
-            or any(s is not None and not s.is_contiguous() for s in (gs, us, ds))):
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (g, u, dn)):
-        return None
-    return Extra(g, gs, u, us), Extra(dn, ds)
+    gate_up_extra, down_extra = Extra(g, gs, u, us), Extra(dn, ds)
+    inter = gate_up.shape[1] // 2
+    # gemv makes the routed scales contiguous, so they are compared as such
+    if (extra_fits(gate_up_extra, gate_up, gate_up_s, gate_up.shape[1], split=inter)
+            and extra_fits(down_extra, down, down_s, down.shape[1])):
+        return gate_up_extra, down_extra
+    return None
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
