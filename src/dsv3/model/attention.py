@@ -222,20 +222,17 @@ class MLA(nn.Module):
         w = dense_weight(self.kv_b_proj, q_nope.dtype).unflatten(0, (H, -1))  # [H, nope+v, C]
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+        # per-row positions [B|1, S*H] (query s*H + h), always given with pages
+        pos = q_pos.unsqueeze(-1).expand(*q_pos.shape, H).flatten(-2) if isinstance(q_pos, torch.Tensor) else None
         if pages is not None:
-            pos = q_pos.unsqueeze(-1).expand(*q_pos.shape, H).flatten(-2)  # [B|1, S*H]: query s*H + h
             o_lat = paged_decode(q_lat.flatten(1, 2), q_pe.flatten(1, 2), *pages, pos, self.softmax_scale)
-            return torch.einsum("bshc,hdc->bshd", o_lat.view(B, S, H, -1), w_uv)
-        q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, 1, S * H, -1)  # [B,1,S*H,C+rope]
-        k = kv if kv is not None else torch.cat([c_kv, k_pe], dim=-1)
-        T = k.shape[1]
-        if isinstance(q_pos, torch.Tensor):
-            pos = q_pos.unsqueeze(-1).expand(*q_pos.shape, H).flatten(-2)  # [B|1, S*H]
-        elif q_pos is None or S == 1 and q_pos == T - 1:
-            pos = None  # every key visible
         else:
-            pos = torch.arange(q_pos, q_pos + S, device=q.device).unsqueeze(-1).expand(S, H).reshape(1, S * H)
-        o_lat = attend(q, k.unsqueeze(1), c_kv.unsqueeze(1), self.softmax_scale, pos)  # [B,1,S*H,C]
+            q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, 1, S * H, -1)  # [B,1,S*H,C+rope]
+            k = kv if kv is not None else torch.cat([c_kv, k_pe], dim=-1)
+            T = k.shape[1]
+            if pos is None and q_pos is not None and not (S == 1 and q_pos == T - 1):  # else every key is visible
+                pos = torch.arange(q_pos, q_pos + S, device=q.device).unsqueeze(-1).expand(S, H).reshape(1, S * H)
+            o_lat = attend(q, k.unsqueeze(1), c_kv.unsqueeze(1), self.softmax_scale, pos)  # [B,1,S*H,C]
         return torch.einsum("bshc,hdc->bshd", o_lat.view(B, S, H, -1), w_uv)
 
     def forward(
