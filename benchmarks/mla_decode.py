@@ -27,7 +27,8 @@ RANK = {16: 256, 128: 512}  # heads -> kv_lora_rank: `bench`, V3
 
 
 def case(B: int, T: int, H: int, S: int, bw: float, dev: torch.device) -> dict:
-    C, D, bs = RANK.get(H, 512), RANK.get(H, 512) + ROPE, BLOCK_SIZE
+    C, bs = RANK.get(H, 512), BLOCK_SIZE
+    D = C + ROPE
     W = T // bs
     Q = S * H
     nbytes = B * T * D * 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -21,52 +22,23 @@ def _number(kind: type, text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
-    return value
+def _checked(kind: type, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """An argparse type: `text` read as `kind`, finite, and refused unless ok(value) ("must be {rule}")."""
+
+    def parse(text: str) -> float:
+        value = _number(kind, text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule} (got {value})")
+        return value
+
+    return parse
 
 
-def nonneg_int(text: str) -> int:
-    """An integer >= 0."""
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
-    value = _number(float, text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 (got {value})")
-    return value
-
-
-def nonneg_float(text: str) -> float:
-    """A finite number >= 0."""
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A share strictly between 0 and 1 (a validation split)."""
-    value = _number(float, text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1) (got {value})")
-    return value
-
-
-def share(text: str) -> float:
-    """A share in [0, 1) (documents held out; 0: none)."""
-    value = _number(float, text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1) (got {value})")
-    return value
+positive_int = _checked(int, lambda v: v >= 1, ">= 1")
+nonneg_int = _checked(int, lambda v: v >= 0, ">= 0")
+positive_float = _checked(float, lambda v: v > 0, "> 0")
+fraction = _checked(float, lambda v: 0 < v < 1, "in (0, 1)")  # a validation split
+share = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")  # documents held out; 0: none
 
 
 def resolve_device(name: str | None, what: str = "--device") -> torch.device:

@@ -97,8 +97,6 @@ def load(args: argparse.Namespace) -> tuple[Engine, Any, SamplingParams]:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a checkpoint directory")
     params = sampling_params(args, path)
-    if args.mtp < 0:
-        raise ValueError(f"--mtp must be >= 0 (got {args.mtp})")
     from dsv3.checkpoint import load_model
     from dsv3.config import ModelConfig
     from dsv3.data.tokenizer import Tokenizer

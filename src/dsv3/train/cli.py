@@ -109,8 +109,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dsv3.data.dataset import TokenDataset, encode_documents, pack_documents
     from dsv3.train.evaluate import evaluate
 
-    if args.seq_len < 2 or args.batch_size < 1:
-        raise ValueError(f"--seq-len must be >= 2 and --batch-size >= 1 (got {args.seq_len}, {args.batch_size})")
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len must be >= 2 (got {args.seq_len})")
     model, tok, device = _load(args)
     if args.seq_len > model.cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's context {model.cfg.max_position_embeddings}")

@@ -83,16 +83,16 @@ def train(run: RunConfig, *, resume: bool = False,
     if resume:
         remove_partial(run_dir)
         ckpt = latest_checkpoint(run_dir)
-        if ckpt is None and not (run_dir / METRICS).exists():
-            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (expected {run_dir}/checkpoints/)")
-        if ckpt is None:  # the run stopped before its first checkpoint: nothing to continue, so start it over
+        if ckpt is not None:
+            state = load_trainer_state(ckpt)
+        elif (run_dir / METRICS).exists():  # the run stopped before its first checkpoint: start it over
             say(f"{run_dir}: no checkpoint yet (the run stopped before its first save); starting it over", True)
             (run_dir / METRICS).unlink()
             for events in run_dir.glob("events.out.tfevents.*"):
                 events.unlink()
             resume = False
         else:
-            state = load_trainer_state(ckpt)
+            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (expected {run_dir}/checkpoints/)")
     elif checkpoint_dirs(run_dir) or (run_dir / METRICS).exists():
         raise ValueError(f"{run_dir} already holds a run: continue it with `dsv3 train --resume {run_dir}`, "
                          "or choose another --run.dir")
@@ -164,10 +164,10 @@ def train(run: RunConfig, *, resume: bool = False,
 
     # ---- logging -----------------------------------------------------------------------------------
     metrics_path = run_dir / METRICS
-    eval_pending = False  # an evaluation due at the checkpoint's step that a signal put off
+    put_off_eval = False  # an evaluation due at the checkpoint's step that a signal put off
     if resume:
         evaluated = _truncate_metrics(metrics_path, step)  # rows a crash wrote after the checkpoint
-        eval_pending = bool(state.get("eval_pending")) and not evaluated
+        put_off_eval = bool(state.get("eval_pending")) and not evaluated
     writer = None
     if log.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -212,7 +212,7 @@ def train(run: RunConfig, *, resume: bool = False,
                dynamic_ncols=True, desc="train")
     try:
         stopper.install()
-        if not resume or eval_pending:
+        if not resume or put_off_eval:
             result.first_eval = result.last_eval = run_eval()
         while tokens < t.tokens:
             t0 = time.perf_counter()

@@ -184,8 +184,8 @@ class RunConfig:
         need(t.lr >= 0, "train.lr", "must be >= 0")
         need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0: no clipping)")
         need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-        need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1" if not 0 <= t.beta1 < 1 else "train.beta2",
-             "must be in [0, 1)")
+        need(0 <= t.beta1 < 1, "train.beta1", "must be in [0, 1)")
+        need(0 <= t.beta2 < 1, "train.beta2", "must be in [0, 1)")
         need(t.gamma >= 0, "train.gamma", "must be >= 0")
         need(t.mtp_lambda >= 0, "train.mtp_lambda", "must be >= 0")
         need(t.alpha is None or t.alpha >= 0, "train.alpha", "must be >= 0 (or none: the mode's default)")
