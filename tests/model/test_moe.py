@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
-from dsv3.model.moe import MoE, Router, RouterOutput, route
+from dsv3.model.moe import MoE, Router, RouterOutput, _Bf16Logits, route, router_logits
 from tests.conftest import randomize_bias_, tiny_config
 
 # Hand cases are float32 sums of a few numbers of order 1: 1e-6 absolute covers their rounding.
@@ -182,6 +182,53 @@ def test_router_runs_in_float32_inside_a_bf16_model(make_cfg):
     expected = route_reference(ref, moe.gate.e_score_correction_bias, 4, 2, 4, cfg.routed_scaling_factor)
     for t in range(64):
         assert set(r.topk_idx[t].tolist()) == expected[t].keys()
+
+
+def test_router_stays_float32_under_autocast(make_cfg):
+    # bf16 autocast (float32 master weights, the GPU training recipe) would run a plain F.linear in bf16
+    cfg = make_cfg(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    router = _random_router(cfg, seed=3)
+    x = torch.randn(64, cfg.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = router(x)
+    ref = torch.sigmoid(x.double() @ router.weight.double().T)
+    assert r.scores.dtype == torch.float32
+    assert (r.scores.double() - ref).abs().max().item() < 1e-6  # a bf16 GEMM is off by ~1e-3
+
+
+def _check_bf16_logits(device: str) -> None:
+    """_Bf16Logits against float64: forward within float32 rounding; dx and dW the float64 products rounded to
+    bf16 in all but a few elements (rounding a float32 sum within a hair of a bf16 tie), and never more than
+    one bf16 step (and the split's 2^-17) off. Rounding g to bf16 first (no split) leaves ~40% of them off."""
+    torch.manual_seed(0)
+    T, d, E = 512, 256, 16
+    x = torch.randn(T, d, device=device).bfloat16().requires_grad_()
+    w = (torch.randn(E, d, device=device) * 0.05).bfloat16().requires_grad_()
+    g = torch.randn(T, E, device=device) * torch.rand(T, 1, device=device) * 0.01
+    out = _Bf16Logits.apply(x, w)
+    assert out.dtype == torch.float32
+    out.backward(g)
+    x64, w64, g64 = x.detach().double(), w.detach().double(), g.double()
+    bound = (x64.abs() @ w64.abs().T) * 2**-22  # float32 accumulation over d terms, with slack
+    assert ((out.detach().double() - x64 @ w64.T).abs() <= bound).all()
+    for got, want, mag in ((x.grad, g64 @ w64, g64.abs() @ w64.abs()), (w.grad, g64.T @ x64, g64.abs().T @ x64.abs())):
+        assert got.dtype == torch.bfloat16
+        assert (got == want.to(torch.bfloat16)).double().mean().item() > 0.99
+        # one bf16 step of the result, plus g's dropped bits (2^-17 relative) and float32 sums, over the terms
+        assert ((got.double() - want).abs() <= want.abs() * 2**-7 + mag * 2**-15).all()
+
+
+def test_bf16_router_logits_match_float64():
+    # the CPU runs the same split backward with float32 matmuls (the model routes there with F.linear in float32)
+    _check_bf16_logits("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_router_logits_match_float64_on_cuda():
+    x = torch.randn(4, 8, device="cuda").bfloat16().requires_grad_()
+    assert "_Bf16Logits" in type(router_logits(x, torch.randn(3, 8, device="cuda").bfloat16()).grad_fn).__name__
+    _check_bf16_logits("cuda")
 
 
 def test_correction_bias_stays_float32_and_exact_under_bf16_and_fp16(make_cfg, make_model):

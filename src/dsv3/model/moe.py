@@ -110,6 +110,50 @@ def route(
     return weights * routed_scaling_factor, idx
 
 
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for bf16 a and b, accumulated and returned in float32: one tensor-core GEMM on CUDA (the products
+    of two bf16 numbers are exact in float32), the same sums in float32 on the CPU (no mm.dtype kernel)."""
+    return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else torch.mm(a.float(), b.float())
+
+
+class _Bf16Logits(torch.autograd.Function):
+    """x [T, d] @ w [E, d]^T in float32 for bf16 x and w: `_mm_f32`, equal to F.linear(x.float(), w.float()) up
+    to the order of the float32 sums, where that runs on CUDA cores (~25 TFLOP/s on an H200: 3% of a `bench`
+    training step in pure bf16). The backward keeps the float32 gradient g [T, E] to 16 bits of mantissa by
+    splitting it as g_hi + g_lo (both bf16) and multiplying [g_hi | g_lo] by [w; w]: one GEMM with the sum of
+    the two halves inside its float32 accumulation, then one rounding to x's bf16 (dW likewise)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, w)
+        return _mm_f32(x, w.t())
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # noqa: ANN001, ANN205 - autograd.Function signature
+        x, w = ctx.saved_tensors
+        hi = g.to(torch.bfloat16)
+        g2 = torch.cat([hi, (g - hi.float()).to(torch.bfloat16)], dim=1)  # [T, 2E]
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = _mm_f32(g2, torch.cat([w, w])).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            E = w.shape[0]
+            dw2 = _mm_f32(g2.t(), x)  # [2E, d]
+            dw = (dw2[:E] + dw2[E:]).to(w.dtype)
+        return dx, dw
+
+
+def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """u . e_i [T, E] for tokens x [T, d] and router weights w [E, d], in at least float32 whatever the autocast
+    (SPEC 1.4): the sigmoid scores decide routing, and bf16 rounding flips near-ties between experts. A float64
+    model stays float64, so float64 references hold the router to float64 rounding too."""
+    if x.dtype == w.dtype == torch.bfloat16 and x.is_cuda:
+        return _Bf16Logits.apply(x, w)
+    acc = torch.promote_types(torch.promote_types(x.dtype, w.dtype), torch.float32)
+    with torch.autocast(x.device.type, enabled=False):  # autocast would run this linear in bf16
+        return F.linear(x.to(acc), w.to(acc))
+
+
 class Router(nn.Module):
     """`mlp.gate`: weight [E, d] and the fp32 buffer `e_score_correction_bias` [E] (not a parameter)."""
 
@@ -137,10 +181,7 @@ class Router(nn.Module):
                 cfg.norm_topk_prob, cfg.routed_scaling_factor,
             )
             return RouterOutput(idx, weights, scores, load)
-        # at least float32: the sigmoid scores decide routing, and bf16 rounding flips near-ties between experts
-        # (float64 models stay float64, so float64 references hold the router to float64 rounding too)
-        acc = torch.promote_types(x.dtype, torch.float32)
-        scores = F.linear(x.to(acc), self.weight.to(acc)).sigmoid()
+        scores = router_logits(x, self.weight).sigmoid()
         weights, idx = route(
             scores, self.e_score_correction_bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
             cfg.norm_topk_prob, cfg.routed_scaling_factor,
@@ -184,10 +225,15 @@ class Experts(nn.Module):
         offs = r.load.cumsum(0).to(torch.int32)  # segment ends, as grouped_mm wants them
         xs = _Gather.apply(x, order // K, inverse, K)  # each token's K copies, in expert order
         h = _grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offs)
-        ys = _grouped_mm(swiglu(h), down_proj.transpose(1, 2), offs=offs)
+        # each pair's gate scales its SwiGLU activations (down_proj is linear), so the unsort below is a plain
+        # sum and the gates' gradient a sum over I columns there rather than over d here: on an H200 the
+        # weighted combine's backward was a 0.5 ms pass per layer over all T*K expert outputs (`bench`, 32K
+        # tokens)
+        gates = _Gather.apply(r.weights.reshape(-1, 1), order, inverse, 1)  # [T*K, 1], in expert order
+        ys = _grouped_mm(swiglu(h, gates), down_proj.transpose(1, 2), offs=offs)
         # unsort with one gather (an index_copy scatter ran ~3x slower on an H200; its backward is the gather
         # by `order`)
-        out = combine(_Gather.apply(ys, inverse, order, 1).view(T, K, -1), r.weights, x.dtype)
+        out = combine(_Gather.apply(ys, inverse, order, 1).view(T, K, -1), None, x.dtype)
         return out if shared is None else out + shared(x)
 
     def few_pairs(self, x: torch.Tensor, r: RouterOutput, shared: nn.Module | None = None) -> torch.Tensor:
@@ -233,10 +279,12 @@ def _shared_operands(
     return None
 
 
-def swiglu(h: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for the stacked experts' gate_up output h [..., 2I] (gate columns first)."""
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
+def swiglu(h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up * scale for the stacked experts' gate_up output h [N, 2I] (gate columns first) and each
+    row's scale [N, 1], computed in float32 (float64 for float64 models), returned in h's dtype."""
+    acc = torch.promote_types(h.dtype, torch.float32)
+    gate, up = h.to(acc).chunk(2, dim=-1)
+    return (F.silu(gate) * up * scale.to(acc)).to(h.dtype)
 
 
 def combine(
