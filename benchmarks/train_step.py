@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--skip-master", action="store_true",
                     help="GPU with --pure-bf16: skip the fp32-master rows (ignored otherwise)")
     ap.add_argument("--profile", action="store_true", help="GPU: print the kernels of each timed configuration")
+    ap.add_argument("--profile-rows", type=int, default=30, help="kernels listed by --profile (by device time)")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -127,7 +128,7 @@ def main() -> None:
         t = timed(label, key, fn)
         if t is not None:
             if args.profile:  # after the timing: the profiled calls are extra training steps of the same model
-                profile_kernels(fn, device, label, n=2)
+                profile_kernels(fn, device, label, n=2, rows=args.profile_rows)
             finish(label, key, t, mtp)
 
     compiled_loss = torch.compile(compute_loss, mode=args.compile_mode) if args.compile else compute_loss

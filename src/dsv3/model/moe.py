@@ -19,6 +19,7 @@ from dsv3.config import ModelConfig
 from dsv3.model.gemv import Extra, extra_fits, gemv, gemv_supported, plain_linear
 from dsv3.model.layers import MLP
 from dsv3.model.router_kernel import fused_router, router_kernel_supported
+from dsv3.model.swiglu import swiglu
 
 _grouped_mm_kernel = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
@@ -277,14 +278,6 @@ def _shared_operands(
             and extra_fits(down_extra, down, down_s, down.shape[1])):
         return gate_up_extra, down_extra
     return None
-
-
-def swiglu(h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up * scale for the stacked experts' gate_up output h [N, 2I] (gate columns first) and each
-    row's scale [N, 1], computed in float32 (float64 for float64 models), returned in h's dtype."""
-    acc = torch.promote_types(h.dtype, torch.float32)
-    gate, up = h.to(acc).chunk(2, dim=-1)
-    return (F.silu(gate) * up * scale.to(acc)).to(h.dtype)
 
 
 def combine(
