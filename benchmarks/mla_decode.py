@@ -2,6 +2,7 @@
 against the general path (the pages gathered, then `attention.attend`) and the bandwidth floor.
 
     python -m benchmarks.mla_decode [--heads 16 128] [--batch 1 8 64] [--context 1024 4096] [--drafts 1 2]
+                                    [--tiles 16x4 64x8]
 
 The attention core of one layer's decode step, from the absorbed queries (q_lat [B, S*H, C], q_R [B, S*H, R])
 to o_lat [B, S*H, C]: what the engine runs between the W_UK and W_UV products. Shapes: kv_lora_rank 256 with
@@ -9,7 +10,8 @@ to o_lat [B, S*H, C]: what the engine runs between the W_UK and W_UV products. S
 pool, every row at full context. Each call is captured 50 times in a CUDA graph and replayed, cycling through
 enough copies of the pool that each call reads its keys from HBM. floor = the cache bytes a step must read,
 B x context x (C + R) x 2, over the measured device-to-device copy bandwidth. The crossover this prints is
-what `mla_decode.MIN_ROWS` encodes. Prints a table, then one JSON line.
+what `mla_decode.MIN_ROWS` encodes; `--tiles` also times other query tiles of the partial kernel (what
+`mla_decode.WIDE_BLOCK_Q` encodes). Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ ROPE, BLOCK_SIZE = 64, 16
 RANK = {16: 256, 128: 512}  # heads -> kv_lora_rank: `bench`, V3
 
 
-def case(B: int, T: int, H: int, S: int, bw: float, dev: torch.device) -> dict:
+def case(B: int, T: int, H: int, S: int, bw: float, dev: torch.device, tiles: list[tuple[int, int]]) -> dict:
     C, bs = RANK.get(H, 512), BLOCK_SIZE
     D = C + ROPE
     W = T // bs
@@ -45,18 +47,26 @@ def case(B: int, T: int, H: int, S: int, bw: float, dev: torch.device) -> dict:
         q = torch.cat([q_lat, q_pe], dim=-1).unsqueeze(1)
         return attend(q, kv.unsqueeze(1), kv[..., :C].unsqueeze(1), scale, pos)
 
-    def paged(i: int) -> torch.Tensor:
-        return paged_decode(q_lat, q_pe, pools[i], tables, bs, pos, scale)
+    def paged(i: int, block_q: int | None = None, warps: int | None = None) -> torch.Tensor:
+        return paged_decode(q_lat, q_pe, pools[i], tables, bs, pos, scale, block_q, warps)
 
+    floor = nbytes / bw * 1e6
+    row = {"heads": H, "B": B, "context": T, "drafts": S, "cache MB": round(nbytes / 1e6, 1),
+           "floor us": round(floor, 1)}
     with torch.no_grad():
         want = gathered(0)[:, 0].float()
-        err = ((paged(0).float() - want).norm() / want.norm()).item()  # the two agree before they are timed
-        t_gather, t_paged = replay_us(gathered, copies), replay_us(paged, copies)
-    floor = nbytes / bw * 1e6
-    return {"heads": H, "B": B, "context": T, "drafts": S, "cache MB": round(nbytes / 1e6, 1),
-            "floor us": round(floor, 1), "gathered us": round(t_gather, 1), "paged us": round(t_paged, 1),
-            "paged/gathered": round(t_paged / t_gather, 2), "paged % of bw": round(100 * floor / t_paged, 1),
-            "rel diff": f"{err:.1e}"}
+        row["gathered us"] = round(t_gather := replay_us(gathered, copies), 1)
+        for bq, warps in [(None, None), *tiles]:  # the kernel's own choice, then the tiles asked for
+            if bq is not None and bq > 16 and bq >= 2 * Q:
+                continue  # a tile twice the queries: nothing to learn
+            key = "paged us" if bq is None else f"paged {bq}q/{warps}w us"
+            err = ((paged(0, bq, warps).float() - want).norm() / want.norm()).item()  # agree before timing
+            t = replay_us(lambda i, bq=bq, warps=warps: paged(i, bq, warps), copies)
+            row[key] = round(t, 1)
+            row[key.replace(" us", "/gathered")] = round(t / t_gather, 2)
+            row[key.replace(" us", " % of bw")] = round(100 * floor / t, 1)
+            row[key.replace(" us", " rel diff")] = f"{err:.1e}"
+    return row
 
 
 def main() -> None:
@@ -65,7 +75,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 64])
     ap.add_argument("--context", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--drafts", type=int, nargs="+", default=[1], help="query positions per row (MTP: 1 + k)")
+    ap.add_argument("--tiles", nargs="*", default=[],
+                    help="also time these queries x warps per partial program, e.g. 16x4 32x8 64x8")
     args = ap.parse_args()
+    tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles]
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
     rows = []
@@ -73,12 +86,12 @@ def main() -> None:
         for S in args.drafts:
             for T in args.context:
                 for B in args.batch:
-                    rows.append(case(B, T, H, S, bw, dev))
+                    rows.append(case(B, T, H, S, bw, dev, tiles))
                     print(rows[-1], flush=True)
     print(f"\ndecode attention over paged latents, {device_name(dev)}, copy bandwidth {bw / 1e12:.2f} TB/s; "
           "floor = cache bytes / bandwidth; gathered = index_select of the pages + attend (the path below "
           "mla_decode.MIN_ROWS rows)")
-    print_table(rows, list(rows[0]))
+    print_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
     emit_json({"bench": "mla_decode", "device": device_name(dev), "copy_bandwidth": bw, "torch": torch.__version__,
                "rows": rows})
 

@@ -30,9 +30,22 @@ def reference(q_lat, q_pe, pool, block_tables, block_size, q_pos, scale):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("C,R,H,S,bs", [(64, 32, 4, 1, 16), (256, 64, 16, 2, 16), (512, 64, 16, 1, 16),
-                                        (64, 32, 20, 1, 3)])
+                                        (64, 32, 20, 1, 3), (512, 64, 48, 2, 16)])
 def test_paged_decode_matches_float64(dtype, C, R, H, S, bs):
-    # 20 heads: two query tiles; block size 3: blocks straddle the key steps
+    # 20 heads: two query tiles; block size 3: blocks straddle the key steps; 96 queries: the wide tiles
+    check(dtype, C, R, H, S, bs)
+
+
+@pytest.mark.parametrize("block_q,warps", [(32, 8), (64, 8)])
+def test_wider_query_tiles_match_float64(block_q, warps):
+    # V3-wide latents; 40 queries: ragged tiles of 32 and one of 64 over them
+    check(torch.bfloat16, 512, 64, 20, 2, 16, block_q, warps)
+
+
+def check(dtype: torch.dtype, C: int, R: int, H: int, S: int, bs: int, block_q: int | None = None,
+          warps: int | None = None, device: str = "cuda") -> None:
+    """paged_decode on three rows (seeing 1 key, 70, all) against the float64 reference; `device` "cpu" runs
+    the kernels in the Triton interpreter (TRITON_INTERPRET=1; float16 there)."""
     g = torch.Generator().manual_seed(C + S)
     W, n_blocks = 144 // bs, 40 * 16 // bs
     B = 3
@@ -43,7 +56,8 @@ def test_paged_decode_matches_float64(dtype, C, R, H, S, bs):
     q_lat = torch.randn(B, S * H, C, generator=g).to(dtype)
     q_pe = torch.randn(B, S * H, R, generator=g).to(dtype)
     scale = (C + R) ** -0.5 * 2
-    got = paged_decode(q_lat.cuda(), q_pe.cuda(), pool.cuda(), block_tables.cuda(), bs, q_pos.cuda(), scale)
+    got = paged_decode(q_lat.to(device), q_pe.to(device), pool.to(device), block_tables.to(device), bs,
+                       q_pos.to(device), scale, block_q, warps)
     want = reference(q_lat, q_pe, pool, block_tables, bs, q_pos, scale)
     assert got.shape == (B, S * H, C) and got.dtype == dtype
     # probabilities rounded to the value dtype once (2^-9 relative for bf16) and the output rounded: both

@@ -4,8 +4,8 @@ At decode each query (a head of a draft position, S*H per sequence) attends over
 token, [c_kv; k_R] (kv_lora_rank + qk_rope_head_dim wide), with c_kv as the value (paper §2.1.1, SPEC 1.1).
 The general path (`attention.attend`) needs the keys contiguous: the paged pool copied out block by block,
 then two batched GEMMs around a float32 softmax: four kernels and the cache's bytes moved three times. Here
-two kernels read the cached latents in place through the block table, once per tile of 16 queries (`bench`'s
-16 heads: once; V3's 128 heads: 8 tiles reading the same keys, from L2 after the first; not measured):
+two kernels read the cached latents in place through the block table, once per tile of queries (`bench`'s
+16 heads: one tile of 16; V3's 128 heads: two of 64, the second reading the keys from L2):
 
 - `_partial_kernel`: program (row, key split, query tile) runs an online softmax over its split's keys: float32
   scores from tl.dot of the bf16/fp16 query and key tiles (q_lat against c_kv plus q_R against k_R, so the
@@ -29,8 +29,12 @@ try:
 except ImportError:  # CPU-only installs: attention's general path runs
     triton = None
 
-BLOCK_Q = 16  # queries per program (tl.dot's smallest M)
+BLOCK_Q = 16  # queries per combine program, and per partial program by default (tl.dot's smallest M)
 BLOCK_T = 32  # keys per inner step
+# Queries per partial program from this many on (8 warps): V3's 128 heads as 2 tiles instead of 8 reading each
+# split's keys. On an H200 (benchmarks/mla_decode.py --tiles, C 512): 8-64 rows 1.3-1.9x faster than 16-query
+# tiles (64 rows at 4K: 742 -> 477 us); at 1-4 rows within 0.7-1.3x either way (the gathered path runs there).
+WIDE_BLOCK_Q = 64
 _PROGRAMS = 2 * 132  # about two waves of an H100/H200's SMs
 
 
@@ -131,12 +135,14 @@ if triton is not None:
 
 def paged_decode(
     q_lat: torch.Tensor, q_pe: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, block_size: int,
-    q_pos: torch.Tensor, scale: float,
+    q_pos: torch.Tensor, scale: float, block_q: int | None = None, num_warps: int | None = None,
 ) -> torch.Tensor:
     """softmax([q_lat; q_pe] . [c_kv; k_R] * scale) c_kv over the paged keys, for q_lat [B, Q, C], q_pe [B, Q, R]
     (Q = draft positions x heads), pool [slots, C + R] (one layer), block_tables [B, W] (key j of row b in slot
     block_tables[b, j // block_size] * block_size + j % block_size) and q_pos [B or 1, Q] (query q sees the keys
-    at positions <= q_pos[b, q]). Returns [B, Q, C] in q_lat's dtype."""
+    at positions <= q_pos[b, q]). Returns [B, Q, C] in q_lat's dtype. block_q / num_warps: queries and warps of
+    a partial program (a power of two >= 16; each query tile reads its split's keys once); by default 64 and 8
+    from 64 queries a row on (V3's 128 heads), else 16 and 4."""
     B, Q, C = q_lat.shape
     R = q_pe.shape[-1]
     if pool.shape[-1] != C + R or pool.stride(-1) != 1 or pool.dtype != q_lat.dtype or q_pe.dtype != q_lat.dtype:
@@ -152,7 +158,11 @@ def paged_decode(
     T = bt.shape[1] * block_size
     if T == 0:  # no keys: every query sees none, as a padding row does
         return q_lat.new_zeros(B, Q, C)
-    q_tiles = triton.cdiv(Q, BLOCK_Q)
+    if block_q is None:
+        block_q = WIDE_BLOCK_Q if Q >= WIDE_BLOCK_Q else BLOCK_Q
+    if num_warps is None:
+        num_warps = 8 if block_q >= WIDE_BLOCK_Q else 4
+    q_tiles = triton.cdiv(Q, block_q)
     # at least 64 keys a split: the combine reads every split's [queries, C] float32 partial once more
     splits = max(1, min(triton.cdiv(_PROGRAMS, B * q_tiles), triton.cdiv(T, 2 * BLOCK_T)))
     keys_per_split = triton.cdiv(triton.cdiv(T, splits), BLOCK_T) * BLOCK_T
@@ -164,11 +174,11 @@ def paged_decode(
         Q, T, keys_per_split, scale,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), pool.stride(0), bt.stride(0),
         pos.stride(0) if pos.shape[0] > 1 else 0, o.stride(0), o.stride(1), o.stride(2), ml.stride(1), ml.stride(2),
-        BS=block_size, C=C, R=R, BLOCK_Q=BLOCK_Q, BLOCK_T=BLOCK_T, num_warps=4,
+        BS=block_size, C=C, R=R, BLOCK_Q=block_q, BLOCK_T=BLOCK_T, num_warps=num_warps,
     )
     out = torch.empty(B, Q, C, dtype=q_lat.dtype, device=q_lat.device)
     block_c = min(C, 64)
-    _combine_kernel[(B, q_tiles, C // block_c)](
+    _combine_kernel[(B, triton.cdiv(Q, BLOCK_Q), C // block_c)](
         o, ml[0], ml[1], out, Q, splits,
         o.stride(0), o.stride(1), o.stride(2), ml.stride(1), ml.stride(2), out.stride(0), out.stride(1),
         BLOCK_C=block_c, BLOCK_Q=BLOCK_Q, num_warps=4,
