@@ -378,6 +378,25 @@ def test_bad_checkpoint_raises_listing_every_problem(make_cfg, make_model, tmp_p
         assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "index-not-json", "index-without-map"])
+def test_damaged_files_raise_naming_the_file(make_cfg, make_model, tmp_path, damage):
+    # a half-copied download or a hand-edited index: a CheckpointError naming the file, not a library traceback
+    save_model(make_model(make_cfg()), tmp_path / "ck")
+    index = tmp_path / "ck" / "model.safetensors.index.json"
+    shard = tmp_path / "ck" / sorted(set(json.loads(index.read_text())["weight_map"].values()))[0]
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "garbage":
+        shard.write_bytes(b"\0" * 100)
+    elif damage == "index-not-json":
+        index.write_text("{not json")
+    else:
+        index.write_text("{}")
+    bad = shard if damage in ("truncated", "garbage") else index
+    with pytest.raises(CheckpointError, match=f"{bad.name}: not a"):
+        load_model(tmp_path / "ck", dtype=torch.float32)
+
+
 def test_all_problems_reported_together(make_cfg, make_model, tmp_path):
     save_model(make_model(make_cfg()), tmp_path / "ck")
     t = read_checkpoint(tmp_path / "ck")

@@ -172,3 +172,27 @@ def test_a_config_without_any_rope_key_is_plain_rope():
     assert cfg.rope_scaling is None and cfg.softmax_scale == pytest.approx(cfg.qk_head_dim**-0.5, rel=1e-12)
     hf = DeepseekV3Config(**{k: v for k, v in d.items() if k != "torch_dtype"})
     assert hf.rope_parameters.get("rope_type", "default") == "default"
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("qk_rope_head_dim", "64", "must be an integer"), ("rms_norm_eps", "1e-6", "must be a number"),
+    ("norm_topk_prob", "yes", "must be true or false"), ("n_group", True, "must be an integer"),
+    ("q_lora_rank", 1.5, "must be an integer or null"), ("rope_scaling", 5, "must be an object or null"),
+    ("rope_parameters", [1], "must be an object or null"),
+])
+def test_wrong_json_types_name_the_field(field, value, message):
+    # a hand-edited config.json: a string where a number belongs fails as a ConfigError naming the field,
+    # not as a TypeError deep in validation or the model
+    d = preset("tiny").to_dict()
+    d[field] = value
+    with pytest.raises(ConfigError, match=f"`{field}`: {message}"):
+        ModelConfig.from_dict(d)
+
+
+def test_config_json_that_is_not_json_or_not_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json: not a JSON file"):
+        ModelConfig.from_json(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object of config fields, found list"):
+        ModelConfig.from_json(tmp_path)

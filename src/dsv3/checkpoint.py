@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -276,13 +276,27 @@ def _shard_name(file: Path | None) -> str:
     return "nothing" if file is None else file.name
 
 
+def _open_shard(file: Path) -> Any:
+    """safe_open(file), a damaged file (truncated, not safetensors) raising CheckpointError naming it."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """Every tensor name in the checkpoint -> the shard file holding it (from the index, or the one file)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (a JSON object with a `weight_map`): "
+                                  f"{type(e).__name__}: {e}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: `weight_map` must map tensor names to shard file names")
     elif (path / "model.safetensors").is_file():
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        with _open_shard(path / "model.safetensors") as f:
             weight_map = dict.fromkeys(f.keys(), "model.safetensors")
     else:
         raise CheckpointError(f"{path}: no model.safetensors.index.json or model.safetensors")
@@ -358,7 +372,7 @@ def load_model(
         def shard(file: Path) -> tuple[Any, set[str]]:
             """A safetensors handle and its tensor names, opened once."""
             if file not in opened:
-                f = shards.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                f = shards.enter_context(_open_shard(file))
                 opened[file] = f, set(f.keys())
             return opened[file]
 

@@ -19,6 +19,16 @@ class ConfigError(ValueError):
     """A config field has a value the model cannot use; the message names the field."""
 
 
+# annotation -> (accepted JSON-decoded types, what to tell the user); other fields are not type-checked
+_JSON_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"), "int | None": ((int, type(None)), "an integer or null"),
+    "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
+    "dict[str, Any] | None": ((dict, type(None)), "an object or null"),
+}
+# HF configs also write these as lists (several end tokens); their users check them
+_TOKEN_IDS = {"bos_token_id", "eos_token_id", "pad_token_id"}
+
+
 @dataclass
 class ModelConfig:
     """Hyper-parameters of a DeepSeek-V3 model, spelled as in the released `config.json`."""
@@ -135,6 +145,12 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"config field `{name}`: {msg} (got {getattr(self, name)!r})")
 
+        for f in dataclasses.fields(self):  # JSON types first: a string where a number belongs fails here, named
+            kinds, what = _JSON_TYPES.get(f.type, ((object,), ""))
+            v = getattr(self, f.name)
+            if f.name not in _TOKEN_IDS and (not isinstance(v, kinds) or isinstance(v, bool) and bool not in kinds):
+                need(False, f.name, f"must be {what}")
+
         for name in (
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
             "qk_nope_head_dim", "v_head_dim", "max_position_embeddings",
@@ -188,6 +204,9 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a `config.json` dict; unknown keys are ignored, both RoPE spellings accepted."""
         d = dict(d)
+        for key in ("rope_scaling", "rope_parameters"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ConfigError(f"config field `{key}`: must be an object or null (got {d[key]!r})")
         if "rope_scaling" not in d and "rope_parameters" not in d:  # plain RoPE, as transformers reads it (the
             d["rope_scaling"] = None  # dataclass default is V3's YaRN, for presets)
         rp = d.pop("rope_parameters", None)
@@ -221,8 +240,13 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            d = json.loads(path.read_text("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not a JSON file ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config fields, found {type(d).__name__}")
+        return cls.from_dict(d)
 
     def save_json(self, path: str | Path) -> None:
         path = Path(path)

@@ -115,6 +115,14 @@ def test_save_and_load(small_tok, tmp_path):
     assert again.apply_chat_template(CHAT) == small_tok.apply_chat_template(CHAT)
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path / "missing")
+    # damaged files name themselves (the Rust library's own error is a bare Exception)
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json: not a JSON file"):
+        Tokenizer.from_pretrained(tmp_path)
+    small_tok.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": 1}')
+    with pytest.raises(ValueError, match="tokenizer.json: not a tokenizers file"):
+        Tokenizer.from_pretrained(tmp_path)
 
 
 def test_transformers_reads_our_files_the_same(small_tok, v3_tok, tmp_path):

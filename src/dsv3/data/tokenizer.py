@@ -129,10 +129,19 @@ class Tokenizer:
                                     "and tokenizer_config.json")
         config = {}
         if (path / "tokenizer_config.json").is_file():
-            config = json.loads((path / "tokenizer_config.json").read_text("utf-8"))
+            try:
+                config = json.loads((path / "tokenizer_config.json").read_text("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path / 'tokenizer_config.json'}: not a JSON file ({e})") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{path / 'tokenizer_config.json'}: expected a JSON object")
         if (path / "chat_template.jinja").is_file():  # newer transformers save the template beside the config
             config["chat_template"] = (path / "chat_template.jinja").read_text("utf-8")
-        return cls(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), config)
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - the Rust library raises plain Exception for any bad file
+            raise ValueError(f"{path / 'tokenizer.json'}: not a tokenizers file ({e})") from None
+        return cls(tok, config)
 
     @classmethod
     def deepseek_v3(cls) -> Tokenizer:
