@@ -141,6 +141,10 @@ def test_transformers_reads_our_files_the_same(small_tok, v3_tok, tmp_path):
 def test_train_bpe_checks_vocab_size():
     with pytest.raises(ValueError, match="vocab_size 100"):
         train_bpe(["abc"], 100)
+    # a corpus too small for the merges asked: trained, with a warning saying how many ids it has
+    with pytest.warns(UserWarning, match="the corpus yields 2[0-9][0-9] of the 2000 ids asked"):
+        tok = train_bpe(["abc abd abe"] * 3, 2000)
+    assert len(tok) < 300
 
 
 @pytest.mark.slow

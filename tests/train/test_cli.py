@@ -25,6 +25,13 @@ def test_train_eval_sample(make_run, loop_corpus, tmp_path, capsys):
     def loss(text: str) -> float:
         return float(text.split("loss ")[1].split(" ")[0])
 
+    # without --val-fraction, the split of the run the checkpoint belongs to (data.val_fraction 0.2 in its
+    # train.toml, not training's default 0.02) is scored
+    assert main(["eval", "--model", latest, "--data", loop_corpus, "--split", "val", "--seq-len", "32",
+                 "--max-batches", "2"]) == 0
+    own = capsys.readouterr()
+    assert loss(own.out) == loss(first) and "val_fraction 0.2 from" in own.err and "train.toml" in own.err
+
     # --sample: the same number of sequences drawn across the split, so another set and another loss; all of
     # them (no --max-batches) in any order give the same loss as in stream order
     eval_args = ["eval", "--model", latest, "--data", loop_corpus, "--split", "val", "--val-fraction", "0.2",

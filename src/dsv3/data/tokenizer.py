@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import warnings
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -295,6 +296,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path | None 
         "chat_template": V3_CHAT_TEMPLATE,  # V3's chat format; its tool tokens are plain text in a small BPE
     }
     out = Tokenizer(_bos_post_processor(tokenizers.Tokenizer.from_str(json.dumps(spec))), config)
+    if len(out) < vocab_size:  # the trainer stops when no pair occurs min_frequency times
+        warnings.warn(f"the corpus yields {len(out)} of the {vocab_size} ids asked (too little text for that many "
+                      f"merges at min_frequency {min_frequency}); a model sized for {vocab_size} keeps "
+                      f"{vocab_size - len(out)} embedding rows no token uses", stacklevel=2)
     if out_dir is not None:
         out.save_pretrained(out_dir)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -28,8 +29,9 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="files, folders, globs, .jsonl (field 'text'), or 'stdlib'")
     e.add_argument("--split", choices=("all", "val", "train"), default="all",
                    help="all documents, or one side of the by-hash split training uses (default all)")
-    e.add_argument("--val-fraction", type=fraction, default=0.02,
-                   help="for --split: the run's data.val_fraction (default 0.02, training's default)")
+    e.add_argument("--val-fraction", type=fraction, default=None,
+                   help="for --split: the fraction held out for validation (default: data.val_fraction of the run "
+                        "the checkpoint belongs to, RUN/train.toml; else 0.02, training's default)")
     e.add_argument("--seq-len", type=positive_int, default=256, help="tokens per evaluated sequence (default 256)")
     e.add_argument("--batch-size", type=positive_int, default=8)
     e.add_argument("--max-batches", type=positive_int, default=None, help="evaluate at most this many batches")
@@ -104,6 +106,21 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - (model, tokenizer, device
     return load_model(path, device, dtype), tok, device
 
 
+def _val_fraction(args: argparse.Namespace) -> float:
+    """--val-fraction, else the data.val_fraction of the run whose checkpoint --model is (RUN/checkpoints/NAME
+    with RUN/train.toml), else training's default: the split a run validated on is the one eval scores."""
+    from dsv3.train.run import RunConfig
+
+    if args.val_fraction is not None:
+        return args.val_fraction
+    run_file = Path(args.model).resolve().parent.parent / "train.toml"
+    if Path(args.model).resolve().parent.name == "checkpoints" and run_file.is_file():
+        fraction = RunConfig.load(run_file).data.val_fraction
+        print(f"--split {args.split}: val_fraction {fraction} from {run_file}", file=sys.stderr)
+        return fraction
+    return RunConfig().data.val_fraction
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from dsv3.data.corpus import iter_documents, split_documents
     from dsv3.data.dataset import TokenDataset, encode_documents, pack_documents
@@ -116,7 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's context {model.cfg.max_position_embeddings}")
     docs = iter_documents(args.data)
     if args.split != "all":
-        docs = split_documents(docs, args.split, args.val_fraction)
+        docs = split_documents(docs, args.split, _val_fraction(args))
     stream, starts = pack_documents(encode_documents(list(docs), tok))  # plain documents: no FIM
     try:
         data = TokenDataset(stream, args.seq_len, args.batch_size, doc_starts=starts, shuffle=False,
