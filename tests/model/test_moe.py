@@ -318,6 +318,28 @@ def test_grouped_experts_gradients_match_per_expert_loop(make_cfg, dtype, tol):
         assert (got.double() - ref.grad).abs().max().item() <= tol * ref.grad.abs().max().item()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_grouped_experts_gradients_on_cuda(make_cfg):
+    # the training path on the GPU: bf16 grouped_mm and the Triton SwiGLU backward, float32 gates as the router
+    # gives them; every gradient within bf16 error of autograd through the float64 loop
+    cfg, moe, g = _random_experts(make_cfg, torch.bfloat16, 3, seed=6)
+    moe.cuda()
+    T = 64
+    x = torch.randn(T, cfg.hidden_size, generator=g).bfloat16().cuda().requires_grad_()
+    idx = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(T)]).cuda()
+    weights = (torch.rand(T, 3, generator=g) * 2).cuda().requires_grad_()
+    cot = torch.randn(T, cfg.hidden_size, generator=g, dtype=torch.float64).cuda()
+    (moe.experts(x, _router_output(idx, weights, 6)).double() * cot).sum().backward()
+    leaves = [t.detach().double().cpu().requires_grad_()
+              for t in (x, moe.experts.gate_up_proj, moe.experts.down_proj, weights)]
+    (experts_reference(leaves[0], leaves[1], leaves[2], idx.cpu(), leaves[3]) * cot.cpu()).sum().backward()
+    for got, ref in zip([x.grad, moe.experts.gate_up_proj.grad, moe.experts.down_proj.grad, weights.grad], leaves,
+                        strict=True):
+        err = (got.double().cpu() - ref.grad).abs().max().item()
+        assert err <= 3e-2 * ref.grad.abs().max().item(), err
+
+
 @pytest.mark.parametrize("n_shared", [0, 2])
 def test_moe_is_shared_plus_gated_routed_experts(make_cfg, n_shared):
     cfg = make_cfg(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4,

@@ -1,4 +1,5 @@
-"""The experts' gated SwiGLU (`dsv3.model.swiglu`): its Triton backward against float64 autograd.
+"""The experts' gated SwiGLU (`dsv3.model.swiglu`): the forward's two paths and the Triton backward against
+float64.
 
 `check` takes the device, so the kernel also runs in the Triton interpreter on CPU tensors
 (TRITON_INTERPRET=1, calling it directly).
@@ -31,15 +32,58 @@ def check(device: str, N: int, I: int, dtype: torch.dtype, block_r: int = 32, bl
     assert ((ds.double() - ds_want).abs() <= terms * 1e-6).all()
 
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_forward_is_float32_math_with_or_without_autograd(dtype):
+    # the no-grad path (prefill) computes in one buffer in place; both within one rounding of float64
+    torch.manual_seed(1)
+    h = (torch.randn(50, 2 * 24) * 2).to(dtype)
+    s = torch.rand(50, 1) * 2
+    want = torch.nn.functional.silu(h[:, :24].double()) * h[:, 24:].double() * s.double()
+    with torch.no_grad():
+        plain = swiglu(h, s)
+    h.requires_grad_()
+    traced = swiglu(h, s)
+    assert traced.grad_fn is not None
+    # float32 math (a few float32 roundings; the CPU's silu differs by an ulp between strided and contiguous
+    # inputs), then one rounding to the output dtype
+    bound = want.abs() * (torch.finfo(dtype).eps + 4 * torch.finfo(torch.float32).eps)
+    for got in (plain, traced.detach()):
+        assert ((got.double() - want).abs() <= bound).all()
+    h0 = h.detach().clone()
+    with torch.no_grad():
+        swiglu(h.detach(), s)
+    assert torch.equal(h.detach(), h0)  # the in-place math never writes into h (float32: no copy by .to)
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,I", [(1, 1), (37, 576), (300, 100)])
 def test_backward_matches_float64(N, I, dtype):
     check("cuda", N, I, dtype)
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_strided_inputs_take_the_kernel_correctly():
+    # h a column slice of a wider buffer, dout transposed, the gates a strided column: as autograd hands them
+    torch.manual_seed(2)
+    N, I = 40, 96
+    h = torch.randn(N, 2 * I + 13, device="cuda", dtype=torch.bfloat16)[:, 5 : 5 + 2 * I].requires_grad_()
+    s = (torch.rand(N, 3, device="cuda") * 2)[:, 1:2].requires_grad_()
+    dout = torch.randn(I, N, device="cuda", dtype=torch.bfloat16).T
+    got = torch.autograd.grad(swiglu(h, s), (h, s), dout)
+    h64, s64 = h.detach().double().requires_grad_(), s.detach().double().requires_grad_()
+    want = torch.autograd.grad(_forward(h64, s64), (h64, s64), dout.double())
+    for a, b in zip(got, want, strict=True):
+        assert ((a.double() - b).abs() <= b.abs() * 2**-7 + 1e-5).all()
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_autograd_takes_the_kernel_and_matches_the_plain_backward():
     torch.manual_seed(0)
     h = torch.randn(64, 2 * 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)

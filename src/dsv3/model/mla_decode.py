@@ -160,6 +160,8 @@ def paged_decode(
         return q_lat.new_zeros(B, Q, C)
     if block_q is None:
         block_q = WIDE_BLOCK_Q if Q >= WIDE_BLOCK_Q else BLOCK_Q
+    if block_q < 16 or block_q & (block_q - 1):
+        raise ValueError(f"paged_decode: block_q must be a power of two >= 16 (tl.dot's tiles), got {block_q}")
     if num_warps is None:
         num_warps = 8 if block_q >= WIDE_BLOCK_Q else 4
     q_tiles = triton.cdiv(Q, block_q)

@@ -113,8 +113,12 @@ def route(
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for bf16 a and b, accumulated and returned in float32: one tensor-core GEMM on CUDA (the products
-    of two bf16 numbers are exact in float32), the same sums in float32 on the CPU (no mm.dtype kernel)."""
-    return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else torch.mm(a.float(), b.float())
+    of two bf16 numbers are exact in float32; mm.dtype has no autocast rule), the same sums in float32 on the
+    CPU (no mm.dtype kernel there; autocast off, or it would run this matmul in bf16)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    with torch.autocast("cpu", enabled=False):
+        return torch.mm(a.float(), b.float())
 
 
 class _Bf16Logits(torch.autograd.Function):
@@ -216,7 +220,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, r: RouterOutput, shared: nn.Module | None = None) -> torch.Tensor:
         """sum_k g_k * expert_{idx_k}(x) (+ shared(x)) for x [T, d]: sort the T*K (token, expert) pairs by expert,
-        run two grouped GEMMs over the contiguous per-expert segments, unsort, and weight-sum the K outputs."""
+        run two grouped GEMMs over the contiguous per-expert segments (each pair's gate g_k scaling its SwiGLU
+        activations in between), unsort, and sum the K outputs."""
         T, K = r.topk_idx.shape
         if T * K < self.max_streamed_pairs() and gemv_supported(x, self.gate_up_proj, self.down_proj):
             return self.few_pairs(x, r, shared)
