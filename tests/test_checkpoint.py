@@ -378,7 +378,7 @@ def test_bad_checkpoint_raises_listing_every_problem(make_cfg, make_model, tmp_p
         assert needle in str(e.value)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "index-not-json", "index-without-map"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "index-not-json", "index-without-map", "map-not-names"])
 def test_damaged_files_raise_naming_the_file(make_cfg, make_model, tmp_path, damage):
     # a half-copied download or a hand-edited index: a CheckpointError naming the file, not a library traceback
     save_model(make_model(make_cfg()), tmp_path / "ck")
@@ -390,10 +390,12 @@ def test_damaged_files_raise_naming_the_file(make_cfg, make_model, tmp_path, dam
         shard.write_bytes(b"\0" * 100)
     elif damage == "index-not-json":
         index.write_text("{not json")
-    else:
+    elif damage == "index-without-map":
         index.write_text("{}")
+    else:
+        index.write_text(json.dumps({"weight_map": {"model.norm.weight": 3}}))
     bad = shard if damage in ("truncated", "garbage") else index
-    with pytest.raises(CheckpointError, match=f"{bad.name}: not a"):
+    with pytest.raises(CheckpointError, match=f"{bad.name}: (not a|`weight_map` must map)"):
         load_model(tmp_path / "ck", dtype=torch.float32)
 
 

@@ -178,7 +178,8 @@ def test_a_config_without_any_rope_key_is_plain_rope():
     ("qk_rope_head_dim", "64", "must be an integer"), ("rms_norm_eps", "1e-6", "must be a number"),
     ("norm_topk_prob", "yes", "must be true or false"), ("n_group", True, "must be an integer"),
     ("q_lora_rank", 1.5, "must be an integer or null"), ("rope_scaling", 5, "must be an object or null"),
-    ("rope_parameters", [1], "must be an object or null"),
+    ("rope_parameters", [1], "must be an object or null"), ("routed_scaling_factor", float("inf"), "must be a finite"),
+    ("rms_norm_eps", float("nan"), "must be a finite number"),
 ])
 def test_wrong_json_types_name_the_field(field, value, message):
     # a hand-edited config.json: a string where a number belongs fails as a ConfigError naming the field,
@@ -196,3 +197,12 @@ def test_config_json_that_is_not_json_or_not_an_object(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="expected a JSON object of config fields, found list"):
         ModelConfig.from_json(tmp_path)
+
+
+@pytest.mark.parametrize("key,value", [("factor", None), ("mscale_all_dim", None), ("factor", "4x"),
+                                       ("original_max_position_embeddings", None), ("beta_fast", float("inf"))])
+def test_yarn_numbers_are_checked(key, value):
+    d = preset("tiny").to_dict()
+    d["rope_scaling"] = {**d["rope_scaling"], key: value}
+    with pytest.raises(ConfigError, match=f"`rope_scaling.{key}`: must be a finite number"):
+        ModelConfig.from_dict(d)

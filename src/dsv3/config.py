@@ -27,6 +27,8 @@ _JSON_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
 }
 # HF configs also write these as lists (several end tokens); their users check them
 _TOKEN_IDS = {"bos_token_id", "eos_token_id", "pad_token_id"}
+# rope_scaling's YaRN numbers (`yarn` and `softmax_scale` read them)
+_YARN_NUMBERS = {"factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "original_max_position_embeddings"}
 
 
 @dataclass
@@ -150,6 +152,8 @@ class ModelConfig:
             v = getattr(self, f.name)
             if f.name not in _TOKEN_IDS and (not isinstance(v, kinds) or isinstance(v, bool) and bool not in kinds):
                 need(False, f.name, f"must be {what}")
+            if f.type == "float":
+                need(math.isfinite(v), f.name, "must be a finite number")
 
         for name in (
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
@@ -196,6 +200,10 @@ class ModelConfig:
             kind = rs.get("type", rs.get("rope_type", "default"))
             if kind not in ("yarn", "default"):
                 raise ConfigError(f"config field `rope_scaling`: type must be 'yarn' or 'default' (got {kind!r})")
+            bad = [k for k in sorted(_YARN_NUMBERS & rs.keys()) if kind == "yarn" and (
+                isinstance(rs[k], bool) or not isinstance(rs[k], (int, float)) or not math.isfinite(rs[k]))]
+            if bad:
+                raise ConfigError(f"config field `rope_scaling.{bad[0]}`: must be a finite number (got {rs[bad[0]]!r})")
             if kind == "yarn" and not (float(rs.get("factor", 0)) >= 1.0):
                 raise ConfigError(f"config field `rope_scaling`: YaRN factor must be >= 1 (got {rs.get('factor')!r})")
 

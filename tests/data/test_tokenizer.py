@@ -119,6 +119,13 @@ def test_save_and_load(small_tok, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer_config.json: not a JSON file"):
         Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("[1]")
+    with pytest.raises(ValueError, match="tokenizer_config.json: expected a JSON object"):
+        Tokenizer.from_pretrained(tmp_path)
+    for bos in (5, ["a"], {"x": 1}):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos}))
+        with pytest.raises(ValueError, match="a special token must be a string"):
+            Tokenizer.from_pretrained(tmp_path)
     small_tok.save_pretrained(tmp_path)
     (tmp_path / "tokenizer.json").write_text('{"model": 1}')
     with pytest.raises(ValueError, match="tokenizer.json: not a tokenizers file"):

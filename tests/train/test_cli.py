@@ -31,6 +31,22 @@ def test_train_eval_sample(make_run, loop_corpus, tmp_path, capsys):
                  "--max-batches", "2"]) == 0
     own = capsys.readouterr()
     assert loss(own.out) == loss(first) and "val_fraction 0.2 from" in own.err and "train.toml" in own.err
+    # checkpoints kept on another disk through a symlinked RUN/checkpoints: still the run's split
+    run_dir = tmp_path / "cli"
+    (tmp_path / "elsewhere").mkdir()
+    (run_dir / "checkpoints").rename(tmp_path / "elsewhere" / "ckpts")
+    (run_dir / "checkpoints").symlink_to(tmp_path / "elsewhere" / "ckpts")
+    assert main(["eval", "--model", latest, "--data", loop_corpus, "--split", "val", "--seq-len", "32",
+                 "--max-batches", "2"]) == 0
+    assert loss(capsys.readouterr().out) == loss(first)
+    # a run file eval cannot read is an error that says what to pass instead
+    toml = (run_dir / "train.toml").read_text()
+    (run_dir / "train.toml").write_bytes(b"\xff\xfe")
+    assert main(["eval", "--model", latest, "--data", loop_corpus, "--split", "val", "--seq-len", "32"]) == 2
+    assert "pass --val-fraction" in capsys.readouterr().err
+    (run_dir / "train.toml").write_text(toml)
+    (run_dir / "checkpoints").unlink()
+    (tmp_path / "elsewhere" / "ckpts").rename(run_dir / "checkpoints")
 
     # --sample: the same number of sequences drawn across the split, so another set and another loss; all of
     # them (no --max-batches) in any order give the same loss as in stream order

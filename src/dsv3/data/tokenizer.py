@@ -88,7 +88,11 @@ def _bos_post_processor(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
 
 def _content(token: str | dict | None) -> str | None:
     """tokenizer_config.json writes a special token as a string or as an AddedToken dict."""
-    return token["content"] if isinstance(token, dict) else token
+    content = token.get("content") if isinstance(token, dict) else token
+    if (content is not None or isinstance(token, dict)) and not isinstance(content, str):
+        raise ValueError(f"tokenizer_config.json: a special token must be a string or an object with a string "
+                         f"`content` (got {token!r})")
+    return content
 
 
 class Tokenizer:

@@ -69,7 +69,16 @@ def sampling_params(args: argparse.Namespace, model_dir: Path) -> SamplingParams
     defaults: dict[str, Any] = {}
     gen = model_dir / "generation_config.json"
     if gen.is_file():
-        defaults = json.loads(gen.read_text())
+        try:
+            defaults = json.loads(gen.read_text("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{gen}: not a JSON file ({e})") from None
+        if not isinstance(defaults, dict):
+            raise ValueError(f"{gen}: expected a JSON object of generation settings")
+        for key in ("temperature", "top_p", "top_k"):
+            v = defaults.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ValueError(f"{gen}: `{key}` must be a number or null (got {v!r})")
         if defaults.get("do_sample") is False:
             defaults["temperature"] = 0.0
 

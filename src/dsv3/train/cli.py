@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import torch
@@ -113,12 +115,24 @@ def _val_fraction(args: argparse.Namespace) -> float:
 
     if args.val_fraction is not None:
         return args.val_fraction
-    run_file = Path(args.model).resolve().parent.parent / "train.toml"
-    if Path(args.model).resolve().parent.name == "checkpoints" and run_file.is_file():
-        fraction = RunConfig.load(run_file).data.val_fraction
-        print(f"--split {args.split}: val_fraction {fraction} from {run_file}", file=sys.stderr)
-        return fraction
-    return RunConfig().data.val_fraction
+    model = Path(os.path.abspath(args.model))  # as given (RUN/checkpoints/latest), then with links resolved
+    for ckpt in dict.fromkeys((model, model.resolve())):
+        run_file = ckpt.parent.parent / "train.toml"
+        if ckpt.parent.name == "checkpoints" and run_file.is_file():
+            try:
+                fraction = tomllib.loads(run_file.read_text("utf-8")).get("data", {}).get("val_fraction", None)
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError) as e:
+                raise ConfigError(f"{run_file}: cannot read data.val_fraction ({e}); pass --val-fraction") from None
+            if fraction is None:
+                fraction = RunConfig().data.val_fraction  # the run kept training's default
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+                raise ConfigError(f"{run_file}: data.val_fraction {fraction!r} is not in (0, 1); pass --val-fraction")
+            print(f"--split {args.split}: val_fraction {fraction} from {run_file}", file=sys.stderr)
+            return fraction
+    fraction = RunConfig().data.val_fraction
+    print(f"--split {args.split}: val_fraction {fraction} (training's default; --model is not in a run directory)",
+          file=sys.stderr)
+    return fraction
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -134,7 +134,7 @@ class RunConfig:
                 raise FileNotFoundError(f"run file {path} does not exist")
             try:
                 data = tomllib.loads(path.read_text("utf-8"))
-            except tomllib.TOMLDecodeError as e:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"run file {path}: not valid TOML ({e})") from None
             run = cls.from_dict(data, where=f"run file {path}")
         for key, value in parse_overrides(overrides or []):
