@@ -195,7 +195,7 @@ def test_config_json_that_is_not_json_or_not_an_object(tmp_path):
     with pytest.raises(ConfigError, match="config.json: not a JSON file"):
         ModelConfig.from_json(tmp_path)
     (tmp_path / "config.json").write_text("[1, 2]")
-    with pytest.raises(ConfigError, match="expected a JSON object of config fields, found list"):
+    with pytest.raises(ConfigError, match="expected a JSON object, found list"):
         ModelConfig.from_json(tmp_path)
 
 

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from dsv3.config import ModelConfig
+from dsv3.config import ModelConfig, read_json_object
 from dsv3.fp8 import cache_dense_weights_, dequantize_blockwise, quantize_blockwise, to_fp8_
 from dsv3.model import DeepSeekV3
 
@@ -288,11 +288,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
     """Every tensor name in the checkpoint -> the shard file holding it (from the index, or the one file)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index (a JSON object with a `weight_map`): "
-                                  f"{type(e).__name__}: {e}") from None
+        weight_map = read_json_object(index, CheckpointError).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{index}: `weight_map` must map tensor names to shard file names")
     elif (path / "model.safetensors").is_file():

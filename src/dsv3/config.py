@@ -19,6 +19,18 @@ class ConfigError(ValueError):
     """A config field has a value the model cannot use; the message names the field."""
 
 
+def read_json_object(path: str | Path, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """The JSON object in file `path`; a file that is not UTF-8 JSON or holds no object raises `error` naming it
+    (config.json, tokenizer_config.json, generation_config.json, a safetensors index: hand-edited files)."""
+    try:
+        d = json.loads(Path(path).read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: expected a JSON object, found {type(d).__name__}")
+    return d
+
+
 # annotation -> (accepted JSON-decoded types, what to tell the user); other fields are not type-checked
 _JSON_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "int": ((int,), "an integer"), "int | None": ((int, type(None)), "an integer or null"),
@@ -248,13 +260,7 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            d = json.loads(path.read_text("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not a JSON file ({e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a JSON object of config fields, found {type(d).__name__}")
-        return cls.from_dict(d)
+        return cls.from_dict(read_json_object(path))
 
     def save_json(self, path: str | Path) -> None:
         path = Path(path)

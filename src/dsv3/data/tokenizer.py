@@ -22,6 +22,8 @@ import numpy as np
 import tokenizers
 from tokenizers import AddedToken, pre_tokenizers, processors, trainers
 
+from dsv3.config import read_json_object
+
 # The real spellings: full-width bars (U+FF5C) and U+2581 for spaces, not the paper's ASCII `<|fim_begin|>`.
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -134,12 +136,7 @@ class Tokenizer:
                                     "and tokenizer_config.json")
         config = {}
         if (path / "tokenizer_config.json").is_file():
-            try:
-                config = json.loads((path / "tokenizer_config.json").read_text("utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path / 'tokenizer_config.json'}: not a JSON file ({e})") from None
-            if not isinstance(config, dict):
-                raise ValueError(f"{path / 'tokenizer_config.json'}: expected a JSON object")
+            config = read_json_object(path / "tokenizer_config.json")
         if (path / "chat_template.jinja").is_file():  # newer transformers save the template beside the config
             config["chat_template"] = (path / "chat_template.jinja").read_text("utf-8")
         try:

@@ -8,7 +8,6 @@ checked before the weights load, and raises FileNotFoundError or ValueError with
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from dsv3.argtypes import nonneg_int, positive_int, resolve_device
+from dsv3.config import read_json_object
 from dsv3.infer.engine import Engine, GenerationResult, check_prompt_length
 from dsv3.infer.sampling import SamplingParams
 
@@ -69,12 +69,7 @@ def sampling_params(args: argparse.Namespace, model_dir: Path) -> SamplingParams
     defaults: dict[str, Any] = {}
     gen = model_dir / "generation_config.json"
     if gen.is_file():
-        try:
-            defaults = json.loads(gen.read_text("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{gen}: not a JSON file ({e})") from None
-        if not isinstance(defaults, dict):
-            raise ValueError(f"{gen}: expected a JSON object of generation settings")
+        defaults = read_json_object(gen)
         for key in ("temperature", "top_p", "top_k"):
             v = defaults.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
