@@ -31,6 +31,11 @@ def read_json_object(path: str | Path, error: type[Exception] = ConfigError) -> 
     return d
 
 
+def is_json_number(v: Any) -> bool:
+    """Whether a JSON-decoded value is a finite number (an int or float; JSON's true/false decode as bools)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 # annotation -> (accepted JSON-decoded types, what to tell the user); other fields are not type-checked
 _JSON_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "int": ((int,), "an integer"), "int | None": ((int, type(None)), "an integer or null"),
@@ -212,10 +217,9 @@ class ModelConfig:
             kind = rs.get("type", rs.get("rope_type", "default"))
             if kind not in ("yarn", "default"):
                 raise ConfigError(f"config field `rope_scaling`: type must be 'yarn' or 'default' (got {kind!r})")
-            bad = [k for k in sorted(_YARN_NUMBERS & rs.keys()) if kind == "yarn" and (
-                isinstance(rs[k], bool) or not isinstance(rs[k], (int, float)) or not math.isfinite(rs[k]))]
-            if bad:
-                raise ConfigError(f"config field `rope_scaling.{bad[0]}`: must be a finite number (got {rs[bad[0]]!r})")
+            for key in sorted(_YARN_NUMBERS & rs.keys()) if kind == "yarn" else ():
+                if not is_json_number(rs[key]):
+                    raise ConfigError(f"config field `rope_scaling.{key}`: must be a finite number (got {rs[key]!r})")
             if kind == "yarn" and not (float(rs.get("factor", 0)) >= 1.0):
                 raise ConfigError(f"config field `rope_scaling`: YaRN factor must be >= 1 (got {rs.get('factor')!r})")
 

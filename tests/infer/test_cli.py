@@ -185,8 +185,8 @@ def test_null_sampling_defaults_in_generation_config_mean_unset(model_dir: Path,
     p = sampling_params(args, d)
     assert (p.temperature, p.top_p, p.top_k) == (0.6, 1.0, 0)
     # a damaged generation_config.json names itself
-    for text, match in (("[1]", "expected a JSON object"), ('{"temperature": [1]}', "`temperature` must be a number"),
-                        ("{oops", "not a JSON file")):
+    for text, match in (("[1]", "expected a JSON object"), ("{oops", "not a JSON file"),
+                        ('{"temperature": [1]}', "`temperature` must be a finite number")):
         (d / "generation_config.json").write_text(text)
         with pytest.raises(ValueError, match=f"generation_config.json: {match}"):
             sampling_params(args, d)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from dsv3.argtypes import nonneg_int, positive_int, resolve_device
-from dsv3.config import read_json_object
+from dsv3.config import is_json_number, read_json_object
 from dsv3.infer.engine import Engine, GenerationResult, check_prompt_length
 from dsv3.infer.sampling import SamplingParams
 
@@ -72,8 +72,8 @@ def sampling_params(args: argparse.Namespace, model_dir: Path) -> SamplingParams
         defaults = read_json_object(gen)
         for key in ("temperature", "top_p", "top_k"):
             v = defaults.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise ValueError(f"{gen}: `{key}` must be a number or null (got {v!r})")
+            if v is not None and not is_json_number(v):
+                raise ValueError(f"{gen}: `{key}` must be a finite number or null (got {v!r})")
         if defaults.get("do_sample") is False:
             defaults["temperature"] = 0.0
 

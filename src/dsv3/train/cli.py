@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from dsv3.argtypes import fraction, nonneg_int, positive_float, positive_int, resolve_device
-from dsv3.config import ConfigError
+from dsv3.config import ConfigError, is_json_number
 
 
 def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -111,7 +111,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - (model, tokenizer, device
 def _val_fraction(args: argparse.Namespace) -> float:
     """--val-fraction, else the data.val_fraction of the run whose checkpoint --model is (RUN/checkpoints/NAME
     with RUN/train.toml), else training's default: the split a run validated on is the one eval scores."""
-    from dsv3.train.run import RunConfig
+    from dsv3.data.corpus import VAL_FRACTION
 
     if args.val_fraction is not None:
         return args.val_fraction
@@ -123,16 +123,14 @@ def _val_fraction(args: argparse.Namespace) -> float:
                 fraction = tomllib.loads(run_file.read_text("utf-8")).get("data", {}).get("val_fraction", None)
             except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError) as e:
                 raise ConfigError(f"{run_file}: cannot read data.val_fraction ({e}); pass --val-fraction") from None
-            if fraction is None:
-                fraction = RunConfig().data.val_fraction  # the run kept training's default
-            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            fraction = VAL_FRACTION if fraction is None else fraction  # the run kept training's default
+            if not is_json_number(fraction) or not 0 < fraction < 1:
                 raise ConfigError(f"{run_file}: data.val_fraction {fraction!r} is not in (0, 1); pass --val-fraction")
             print(f"--split {args.split}: val_fraction {fraction} from {run_file}", file=sys.stderr)
             return fraction
-    fraction = RunConfig().data.val_fraction
-    print(f"--split {args.split}: val_fraction {fraction} (training's default; --model is not in a run directory)",
-          file=sys.stderr)
-    return fraction
+    print(f"--split {args.split}: val_fraction {VAL_FRACTION} (training's default; --model is not in a run "
+          "directory)", file=sys.stderr)
+    return VAL_FRACTION
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 
 from dsv3.checkpoint import write_atomic
 from dsv3.config import ConfigError, ModelConfig, preset
+from dsv3.data.corpus import VAL_FRACTION
 from dsv3.train.objective import BALANCE_MODES
 
 
@@ -47,7 +48,7 @@ class DataSection:
     tokenizer_max_mb: float = 20.0  # for tokenizer = "train": text to train the BPE on
     seq_len: int = 256
     fim_rate: float = 0.1  # share of training documents in Fill-in-the-Middle (PSM) form (paper §4.1)
-    val_fraction: float = 0.02  # documents held out for validation, by hash
+    val_fraction: float = VAL_FRACTION  # documents held out for validation, by hash
     doc_mask: bool = False  # attention stays within each packed document (the paper does not mask)
     cache_dir: str = ""  # token cache; default $DSV3_CACHE/tokens (~/.cache/dsv3/tokens)
 
