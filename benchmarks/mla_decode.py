@@ -28,7 +28,8 @@ ROPE, BLOCK_SIZE = 64, 16
 RANK = {16: 256, 128: 512}  # heads -> kv_lora_rank: `bench`, V3
 
 
-def case(B: int, T: int, H: int, S: int, bw: float, dev: torch.device, tiles: list[tuple[int, int]]) -> dict:
+def case(B: int, T: int, H: int, S: int, bw: float, dev: torch.device, tiles: list[tuple[int, int]],
+         splits: list[int]) -> dict:
     C, bs = RANK.get(H, 512), BLOCK_SIZE
     D = C + ROPE
     W = T // bs
@@ -47,8 +48,8 @@ def case(B: int, T: int, H: int, S: int, bw: float, dev: torch.device, tiles: li
         q = torch.cat([q_lat, q_pe], dim=-1).unsqueeze(1)
         return attend(q, kv.unsqueeze(1), kv[..., :C].unsqueeze(1), scale, pos)
 
-    def paged(i: int, block_q: int | None = None, warps: int | None = None) -> torch.Tensor:
-        return paged_decode(q_lat, q_pe, pools[i], tables, bs, pos, scale, block_q, warps)
+    def paged(i: int, block_q: int | None = None, warps: int | None = None, splits: int | None = None) -> torch.Tensor:
+        return paged_decode(q_lat, q_pe, pools[i], tables, bs, pos, scale, block_q, warps, splits)
 
     floor = nbytes / bw * 1e6
     row = {"heads": H, "B": B, "context": T, "drafts": S, "cache MB": round(nbytes / 1e6, 1),
@@ -66,6 +67,8 @@ def case(B: int, T: int, H: int, S: int, bw: float, dev: torch.device, tiles: li
             row[key.replace(" us", "/gathered")] = round(t / t_gather, 2)
             row[key.replace(" us", " % of bw")] = round(100 * floor / t, 1)
             row[key.replace(" us", " rel diff")] = f"{err:.1e}"
+        for n in splits:  # key splits per row other than the default (what MAX_SPLITS encodes)
+            row[f"{n} splits us"] = round(replay_us(lambda i, n=n: paged(i, splits=n), copies), 1)
     return row
 
 
@@ -77,6 +80,8 @@ def main() -> None:
     ap.add_argument("--drafts", type=int, nargs="+", default=[1], help="query positions per row (MTP: 1 + k)")
     ap.add_argument("--tiles", nargs="*", default=[],
                     help="also time these queries x warps per partial program, e.g. 16x4 32x8 64x8")
+    ap.add_argument("--splits", type=int, nargs="*", default=[],
+                    help="also time the paged kernel with these key splits per row (default: its own choice)")
     args = ap.parse_args()
     tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles]
     dev = torch.device("cuda")
@@ -86,7 +91,7 @@ def main() -> None:
         for S in args.drafts:
             for T in args.context:
                 for B in args.batch:
-                    rows.append(case(B, T, H, S, bw, dev, tiles))
+                    rows.append(case(B, T, H, S, bw, dev, tiles, args.splits))
                     print(rows[-1], flush=True)
     print(f"\ndecode attention over paged latents, {device_name(dev)}, copy bandwidth {bw / 1e12:.2f} TB/s; "
           "floor = cache bytes / bandwidth; gathered = index_select of the pages + attend (the path below "

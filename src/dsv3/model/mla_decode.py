@@ -11,12 +11,13 @@ two kernels read the cached latents in place through the block table, once per t
   scores from tl.dot of the bf16/fp16 query and key tiles (q_lat against c_kv plus q_R against k_R, so the
   query halves need no concatenation), keys past a query's position masked with -inf, unnormalised
   probabilities rounded to the value dtype for the second tl.dot as the fused kernels and the general path do,
-  float32 accumulators; it writes its running max, sum and [queries, C] partial output.
-- `_combine_kernel` rescales the splits to the global max and divides by the total sum (programs over query
-  tiles and 64-wide column chunks).
+  float32 accumulators; it writes its running max, sum and [queries, C] partial output (a row in one split
+  normalises and writes its output itself).
+- `_combine_kernel` rescales the splits to the global max and divides by the total sum, each program loading
+  every split's [queries, columns] tile at once (programs over query tiles and column chunks).
 
-The key range is split so that rows x splits x query tiles fill the GPU about twice over: one sequence's 1K
-keys spread over ~30 SMs rather than one.
+The key range is split so that rows x splits x query tiles fill the GPU about twice over (at most MAX_SPLITS a
+row): one sequence's 1K keys spread over ~18 SMs rather than one. Every step takes this path, one row included.
 """
 
 from __future__ import annotations
@@ -36,13 +37,18 @@ BLOCK_T = 32  # keys per inner step
 # tiles (64 rows at 4K: 742 -> 477 us); at 1-4 rows within 0.7-1.3x either way (the gathered path runs there).
 WIDE_BLOCK_Q = 64
 _PROGRAMS = 2 * 132  # about two waves of an H100/H200's SMs
+# Most key splits a row gets. One row of `bench` on an H200 (benchmarks/mla_decode.py --splits, 1K / 4K keys):
+# 32 splits 8.0 / 14.1 us, 16 splits 9.8 / 21.3, 8 splits 13.8 / 34.6 (each program walks its keys one
+# latency-bound step at a time, so short splits win while the combine stays small).
+MAX_SPLITS = 32
+_COMBINE_VALUES = 64 * 128  # float32 values a combine program loads at once: 64 a thread at 4 warps
 
 
-# Below this many sequences a step gathers the pages and runs `attention.attend` instead. `bench` on an H200
-# (benchmarks/decode.py, both in one run): 64 rows 8,985 vs 6,762 tok/s at 4K context and 9,260 vs 8,707 at 1K,
-# 8 rows +2%; one row at 4K 5-11% slower (one sequence's keys over 64 programs, then a combine of 64 partials
-# reading as much again), at 1K even.
-MIN_ROWS = 8
+# Below this many sequences a step would gather the pages and run `attention.attend` instead. With the combine
+# loading every split at once and up to 32 splits, one row of `bench` takes 8.0 us at 1K keys and 14.1 at 4K
+# against 21.0 and 24.5 gathered (benchmarks/mla_decode.py, H200; it was 8 rows when one row took 11-25 us
+# here), so every step reads the pages in place.
+MIN_ROWS = 1
 
 
 def paged_decode_supported(pool: torch.Tensor, kv_lora_rank: int, rows: int) -> bool:
@@ -59,10 +65,10 @@ if triton is not None:
 
     @triton.jit
     def _partial_kernel(
-        qc_ptr, qr_ptr, pool_ptr, bt_ptr, pos_ptr, o_ptr, m_ptr, l_ptr,
-        Q, T, KEYS_PER_SPLIT, scale,
+        qc_ptr, qr_ptr, pool_ptr, bt_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
+        Q, T, KEYS_PER_SPLIT, SPLITS, GROUP, scale,
         stride_qcb, stride_qcq, stride_qrb, stride_qrq, stride_pool, stride_btb, stride_posb,
-        stride_ob, stride_os, stride_oq, stride_mb, stride_ms,
+        stride_ob, stride_os, stride_oq, stride_mb, stride_ms, stride_outb, stride_outq,
         BS: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
         b = tl.program_id(0)
@@ -75,7 +81,7 @@ if triton is not None:
                      other=0.0)
         qr = tl.load(qr_ptr + b * stride_qrb + offs_q[:, None] * stride_qrq + offs_r[None, :], mask=q_ok[:, None],
                      other=0.0)
-        pos = tl.load(pos_ptr + b * stride_posb + offs_q, mask=q_ok, other=-1)
+        pos = tl.load(pos_ptr + b * stride_posb + offs_q // GROUP, mask=q_ok, other=-1)  # GROUP queries a position
         m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
         lsum = tl.zeros([BLOCK_Q], dtype=tl.float32)
         acc = tl.zeros([BLOCK_Q, C], dtype=tl.float32)
@@ -99,50 +105,56 @@ if triton is not None:
             lsum = lsum * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(kc.dtype), kc)
             m = m_new
-        o_rows = o_ptr + b * stride_ob + split * stride_os + offs_q[:, None] * stride_oq
-        tl.store(o_rows + offs_c[None, :], acc, mask=q_ok[:, None])
-        tl.store(m_ptr + b * stride_mb + split * stride_ms + offs_q, m, mask=q_ok)
-        tl.store(l_ptr + b * stride_mb + split * stride_ms + offs_q, lsum, mask=q_ok)
+        if SPLITS == 1:  # the whole row: normalise here, nothing to merge
+            out = acc / tl.where(lsum > 0, lsum, 1.0)[:, None]
+            tl.store(out_ptr + b * stride_outb + offs_q[:, None] * stride_outq + offs_c[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=q_ok[:, None])
+        else:
+            o_rows = o_ptr + b * stride_ob + split * stride_os + offs_q[:, None] * stride_oq
+            tl.store(o_rows + offs_c[None, :], acc, mask=q_ok[:, None])
+            tl.store(m_ptr + b * stride_mb + split * stride_ms + offs_q, m, mask=q_ok)
+            tl.store(l_ptr + b * stride_mb + split * stride_ms + offs_q, lsum, mask=q_ok)
 
     @triton.jit
     def _combine_kernel(
         o_ptr, m_ptr, l_ptr, out_ptr, Q, SPLITS,
         stride_ob, stride_os, stride_oq, stride_mb, stride_ms, stride_outb, stride_outq,
-        BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
+        # columns [c0, c0 + BLOCK_C) of one row's query tile: every split's partial rescaled to the global max and
+        # divided by the total sum, all splits in one [splits, queries, columns] load (a loop over the splits
+        # waits out one memory latency each)
         b = tl.program_id(0)
         offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        q_ok = offs_q < Q
         offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        m_all = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
-        for s in range(0, SPLITS):
-            m_all = tl.maximum(m_all, tl.load(m_ptr + b * stride_mb + s * stride_ms + offs_q, mask=q_ok,
-                                              other=float("-inf")))
-        m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
-        total = tl.zeros([BLOCK_Q], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_Q, BLOCK_C], dtype=tl.float32)
-        for s in range(0, SPLITS):
-            w = tl.exp(tl.load(m_ptr + b * stride_mb + s * stride_ms + offs_q, mask=q_ok, other=float("-inf"))
-                       - m_ref)
-            total += w * tl.load(l_ptr + b * stride_mb + s * stride_ms + offs_q, mask=q_ok, other=0.0)
-            part = tl.load(o_ptr + b * stride_ob + s * stride_os + offs_q[:, None] * stride_oq + offs_c[None, :],
-                           mask=q_ok[:, None], other=0.0)
-            acc += w[:, None] * part
-        out = acc / tl.where(total > 0, total, 1.0)[:, None]  # a query seeing no key gives 0 (padding rows)
+        offs_s = tl.arange(0, BLOCK_S)
+        ok = (offs_s < SPLITS)[:, None] & (offs_q < Q)[None, :]
+        ml = b * stride_mb + offs_s[:, None] * stride_ms + offs_q[None, :]
+        m = tl.load(m_ptr + ml, mask=ok, other=float("-inf"))  # [S, Q]
+        lsum = tl.load(l_ptr + ml, mask=ok, other=0.0)
+        m_all = tl.max(m, axis=0)
+        w = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all)[None, :])  # 0 for splits that saw no key
+        total = tl.sum(w * lsum, axis=0)
+        parts = tl.load(o_ptr + b * stride_ob + offs_s[:, None, None] * stride_os + offs_q[None, :, None] * stride_oq
+                        + offs_c[None, None, :], mask=ok[:, :, None], other=0.0)
+        out = tl.sum(w[:, :, None] * parts, axis=0) / tl.where(total > 0, total, 1.0)[:, None]  # no key seen: 0
         tl.store(out_ptr + b * stride_outb + offs_q[:, None] * stride_outq + offs_c[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=q_ok[:, None])
+                 out.to(out_ptr.dtype.element_ty), mask=(offs_q < Q)[:, None])
 
 
 def paged_decode(
     q_lat: torch.Tensor, q_pe: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, block_size: int,
     q_pos: torch.Tensor, scale: float, block_q: int | None = None, num_warps: int | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """softmax([q_lat; q_pe] . [c_kv; k_R] * scale) c_kv over the paged keys, for q_lat [B, Q, C], q_pe [B, Q, R]
     (Q = draft positions x heads), pool [slots, C + R] (one layer), block_tables [B, W] (key j of row b in slot
-    block_tables[b, j // block_size] * block_size + j % block_size) and q_pos [B or 1, Q] (query q sees the keys
-    at positions <= q_pos[b, q]). Returns [B, Q, C] in q_lat's dtype. block_q / num_warps: queries and warps of
+    block_tables[b, j // block_size] * block_size + j % block_size) and q_pos [B or 1, P], P dividing Q (query
+    q sees the keys at positions <= q_pos[b, q // (Q / P)]: one position per draft token serves its heads).
+    Returns [B, Q, C] in q_lat's dtype. block_q / num_warps: queries and warps of
     a partial program (a power of two >= 16; each query tile reads its split's keys once); by default 64 and 8
-    from 64 queries a row on (V3's 128 heads), else 16 and 4."""
+    from 64 queries a row on (V3's 128 heads), else 16 and 4. splits: key ranges per row, merged by a second
+    kernel (default: enough programs to fill the GPU twice, at most MAX_SPLITS, at least BLOCK_T keys each)."""
     B, Q, C = q_lat.shape
     R = q_pe.shape[-1]
     if pool.shape[-1] != C + R or pool.stride(-1) != 1 or pool.dtype != q_lat.dtype or q_pe.dtype != q_lat.dtype:
@@ -152,7 +164,8 @@ def paged_decode(
     q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
     pos = q_pos if q_pos.stride(-1) == 1 else q_pos.contiguous()  # int32 or int64, read as stored
     bt = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
-    if pos.shape not in ((B, Q), (1, Q)) or bt.shape[0] != B:
+    if pos.dim() != 2 or pos.shape[0] not in (B, 1) or not 0 < pos.shape[1] <= Q or Q % pos.shape[1] \
+            or bt.shape[0] != B:
         raise ValueError(f"paged_decode: positions {tuple(q_pos.shape)} / block tables {tuple(block_tables.shape)} "
                          f"do not fit {B} rows of {Q} queries")
     T = bt.shape[1] * block_size
@@ -165,24 +178,29 @@ def paged_decode(
     if num_warps is None:
         num_warps = 8 if block_q >= WIDE_BLOCK_Q else 4
     q_tiles = triton.cdiv(Q, block_q)
-    # at least 64 keys a split: the combine reads every split's [queries, C] float32 partial once more
-    splits = max(1, min(triton.cdiv(_PROGRAMS, B * q_tiles), triton.cdiv(T, 2 * BLOCK_T)))
+    if splits is None:
+        splits = max(1, min(triton.cdiv(_PROGRAMS, B * q_tiles), triton.cdiv(T, BLOCK_T), MAX_SPLITS))
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"paged_decode: splits must be in [1, {MAX_SPLITS}], got {splits}")
     keys_per_split = triton.cdiv(triton.cdiv(T, splits), BLOCK_T) * BLOCK_T
     splits = triton.cdiv(T, keys_per_split)  # none empty
-    o = torch.empty(B, splits, Q, C, dtype=torch.float32, device=q_lat.device)
-    ml = torch.empty(2, B, splits, Q, dtype=torch.float32, device=q_lat.device)
+    out = torch.empty(B, Q, C, dtype=q_lat.dtype, device=q_lat.device)
+    o = torch.empty(B, splits, Q, C, dtype=torch.float32, device=q_lat.device) if splits > 1 else out
+    # two tensors, not views of one: torch.compile copies views handed to a kernel that writes them
+    m, lsum = (torch.empty(B, splits, Q, dtype=torch.float32, device=q_lat.device) for _ in range(2))
+    strides = (o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1), out.stride(0), out.stride(1))
     _partial_kernel[(B, splits, q_tiles)](
-        q_lat, q_pe, pool, bt, pos, o, ml[0], ml[1],
-        Q, T, keys_per_split, scale,
+        q_lat, q_pe, pool, bt, pos, o, m, lsum, out,
+        Q, T, keys_per_split, splits, Q // pos.shape[1], scale,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), pool.stride(0), bt.stride(0),
-        pos.stride(0) if pos.shape[0] > 1 else 0, o.stride(0), o.stride(1), o.stride(2), ml.stride(1), ml.stride(2),
+        pos.stride(0) if pos.shape[0] > 1 else 0, *strides,
         BS=block_size, C=C, R=R, BLOCK_Q=block_q, BLOCK_T=BLOCK_T, num_warps=num_warps,
     )
-    out = torch.empty(B, Q, C, dtype=q_lat.dtype, device=q_lat.device)
-    block_c = min(C, 64)
-    _combine_kernel[(B, triton.cdiv(Q, BLOCK_Q), C // block_c)](
-        o, ml[0], ml[1], out, Q, splits,
-        o.stride(0), o.stride(1), o.stride(2), ml.stride(1), ml.stride(2), out.stride(0), out.stride(1),
-        BLOCK_C=block_c, BLOCK_Q=BLOCK_Q, num_warps=4,
-    )
+    if splits > 1:
+        block_s = triton.next_power_of_2(splits)
+        block_c = min(C, 64, 1 << (_COMBINE_VALUES // (block_s * BLOCK_Q)).bit_length() - 1)  # a power of two
+        _combine_kernel[(B, triton.cdiv(Q, BLOCK_Q), triton.cdiv(C, block_c))](
+            o, m, lsum, out, Q, splits, *strides, BLOCK_C=block_c, BLOCK_Q=BLOCK_Q, BLOCK_S=block_s,
+            num_warps=4,
+        )
     return out
