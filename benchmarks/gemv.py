@@ -21,19 +21,35 @@ import torch.nn.functional as F
 from benchmarks.common import copy_bandwidth, device_name, emit_json, n_copies, print_table, replay_us
 from dsv3.model.gemv import gemv
 
-LINEARS = [(768, 1536), (3072, 768), (576, 1536), (1536, 2048), (1152, 1536), (1536, 576), (32768, 1536)]
+LINEARS = [(768, 1536), (3072, 768), (576, 1536), (1536, 2048), (1152, 1536), (1536, 576), (8192, 1536),
+           (1536, 8192), (32768, 1536)]
+SWEEP = [(n, k, w) for n in (4, 8, 16) for k in (128, 256, 512, 1024) for w in (4, 8)]
+
+
+def sweep(fn, copies: int, nbytes: int, bw: float) -> dict:  # noqa: ANN001
+    """Every (BLOCK_N, BLOCK_K, warps) of SWEEP for fn(i, tiles): the default's time, the best and its tiles."""
+    times = {t: replay_us(lambda i, t=t: fn(i, t), copies) for t in SWEEP}
+    print("  sweep (BLOCK_N x BLOCK_K x warps: us):", ", ".join(f"{'x'.join(map(str, t))}: {v:.1f}"
+                                                             for t, v in times.items()), flush=True)
+    best = min(times, key=times.get)
+    return {"best us": times[best], "best tiles": "x".join(map(str, best)),
+            "best bw": f"{nbytes / (times[best] * 1e-6) / bw:.0%}"}
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", action="store_true", help="also time every program shape of SWEEP (bf16), keep the best")
+    args = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
     fp8 = torch.float8_e4m3fn
     rows = []
 
-    def add(name: str, nbytes: int, **times: float) -> None:
+    def add(name: str, nbytes: int, best: dict | None = None, **times: float) -> None:
         row = {"case": name, "MB": f"{nbytes / 1e6:.1f}", "floor us": f"{nbytes / bw * 1e6:.1f}"}
         row.update({k: f"{v:.1f}" for k, v in times.items()})
+        if best:
+            row.update({k: f"{v:.1f}" if isinstance(v, float) else v for k, v in best.items()})
         rows.append(row)
 
     for n, k in LINEARS:
@@ -42,7 +58,8 @@ def main() -> None:
         q = [x.to(fp8) for x in w]
         s = torch.rand(-(-n // 128), -(-k // 128), device=dev)
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
-        add(f"linear {n}x{k}", n * k * 2, **{
+        best = sweep(lambda i, t, x=x, w=w: gemv(x, w[i], tiles=t), c, n * k * 2, bw) if args.sweep else None
+        add(f"linear {n}x{k}", n * k * 2, best, **{
             "cuBLAS bf16 us": replay_us(lambda i, x=x, w=w: F.linear(x, w[i]), c),
             "gemv bf16 us": replay_us(lambda i, x=x, w=w: gemv(x, w[i]), c),
             "gemv e4m3 us": replay_us(lambda i, x=x, q=q, s=s: gemv(x, q[i], scale_inv=s), c),
@@ -68,18 +85,22 @@ def main() -> None:
     s_dn = torch.rand(E, d // 128, -(-inter // 128), device=dev)
     a = F.silu(h[:, :inter]) * h[:, inter:]
     c = len(idx)
+    sw = (lambda f, n: sweep(f, c, n, bw)) if args.sweep else (lambda f, n: None)
     add("experts gate_up, 8 pairs", topk * 2 * inter * d * 2,
+        sw(lambda i, t: gemv(x, gate_up, idx[i], rows_per_x=topk, tiles=t), topk * 2 * inter * d * 2),
         **{"cuBLAS bf16 us": replay_us(lambda i: grouped(xs, gate_up.transpose(1, 2), offs=offs[i]), c),
            "gemv bf16 us": replay_us(lambda i: gemv(x, gate_up, idx[i], rows_per_x=topk), c),
            "gemv e4m3 us": replay_us(lambda i: gemv(x, gate_up8, idx[i], s_gu, rows_per_x=topk, split=inter), c)})
     add("experts down (+SwiGLU), 8 pairs", topk * inter * d * 2,
+        sw(lambda i, t: gemv(h, down, idx[i], swiglu=True, tiles=t), topk * inter * d * 2),
         **{"cuBLAS bf16 us": replay_us(lambda i: grouped(a, down.transpose(1, 2), offs=offs[i]), c),
            "gemv bf16 us": replay_us(lambda i: gemv(h, down, idx[i], swiglu=True), c),
            "gemv e4m3 us": replay_us(lambda i: gemv(h, down8, idx[i], s_dn, swiglu=True), c)})
 
     print(f"few-row GEMMs, {device_name(dev)}, copy bandwidth {bw / 1e12:.2f} TB/s; floor = bf16 weight bytes / "
           "bandwidth (E4M3: half); experts: cuBLAS column = grouped_mm (grouped path, SwiGLU not included)")
-    print_table(rows, ["case", "MB", "floor us", "cuBLAS bf16 us", "gemv bf16 us", "gemv e4m3 us"])
+    print_table(rows, ["case", "MB", "floor us", "cuBLAS bf16 us", "gemv bf16 us", "gemv e4m3 us"]
+                + (["best us", "best tiles", "best bw"] if args.sweep else []))
     emit_json({"bench": "gemv", "device": device_name(dev), "copy_bandwidth": bw, "torch": torch.__version__,
                "rows": rows})
 

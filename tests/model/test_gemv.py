@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.fp8 import dequantize_blockwise, gemm, quantize_blockwise
-from dsv3.model.gemv import Extra, gemv, gemv_pair, gemv_supported, linear_pair
+from dsv3.model.gemv import Extra, gemv, gemv_pair, gemv_supported, linear, linear_pair
 from dsv3.model.moe import Experts, RouterOutput
 from tests.conftest import tiny_config
 from tests.model.test_moe import experts_reference
@@ -23,34 +23,38 @@ def within_output_rounding(got: torch.Tensor, ref: torch.Tensor, absum: torch.Te
     return bool(((got.double().cpu() - ref).abs() <= ulp * ref.abs() + 2.0**-14 * absum + 1e-30).all())
 
 
+@pytest.mark.parametrize("tiles", [None, (8, 128, 8), (4, 256, 4), (16, 512, 8)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_stacked_rows_and_swiglu_match_float64(dtype):
+def test_stacked_rows_and_swiglu_match_float64(dtype, tiles):
+    # tiles: program shapes (rows, K step, warps) other than the default, K = 333 ragged against each step
     g = torch.Generator().manual_seed(0)
     E, N, K, T, topk = 6, 200, 333, 3, 2  # N and K off every tile size
     w = torch.randn(E, N, K, generator=g).to(dtype)
     x = torch.randn(T, K, generator=g).to(dtype)
     idx = torch.randint(0, E, (T * topk,), generator=g)
-    got = gemv(x.cuda(), w.cuda(), idx.cuda(), rows_per_x=topk)
+    got = gemv(x.cuda(), w.cuda(), idx.cuda(), rows_per_x=topk, tiles=tiles)
     rows = x.double().repeat_interleave(topk, 0)
     ref = torch.einsum("pnk,pk->pn", w[idx].double(), rows)
     absum = torch.einsum("pnk,pk->pn", w[idx].double().abs(), rows.abs())
     assert got.dtype == dtype and within_output_rounding(got, ref, absum, dtype)
 
     h = torch.randn(len(idx), 2 * K, generator=g).to(dtype)  # the down projection's input: SwiGLU while loading
-    got = gemv(h.cuda(), w.cuda(), idx.cuda(), swiglu=True)
+    got = gemv(h.cuda(), w.cuda(), idx.cuda(), swiglu=True, tiles=tiles)
     a = F.silu(h[:, :K].double()) * h[:, K:].double()
     ref = torch.einsum("pnk,pk->pn", w[idx].double(), a)
     absum = torch.einsum("pnk,pk->pn", w[idx].double().abs(), a.abs())
     assert within_output_rounding(got, ref, absum, dtype)
 
 
-def test_e4m3_block_scales_match_float64_including_split_grids():
+@pytest.mark.parametrize("tiles", [None, (8, 256, 8), (4, 512, 4)])
+def test_e4m3_block_scales_match_float64_including_split_grids(tiles):
+    # K steps of 256 and 512 span two and four scale blocks (each column takes its own)
     g = torch.Generator().manual_seed(1)
     # one weight, ragged in both dims: the last block row and column are partial
     w = torch.randn(300, 260, generator=g)
     q, s = quantize_blockwise(w)
     x = torch.randn(5, 260, generator=g).to(torch.bfloat16)
-    got = gemv(x.cuda(), q.cuda(), scale_inv=s.cuda())
+    got = gemv(x.cuda(), q.cuda(), scale_inv=s.cuda(), tiles=tiles)
     wd = dequantize_blockwise(q, s, torch.float64)
     assert within_output_rounding(got, x.double() @ wd.T, x.double().abs() @ wd.abs().T, torch.bfloat16)
 
@@ -62,7 +66,7 @@ def test_e4m3_block_scales_match_float64_including_split_grids():
     wd = torch.cat([dequantize_blockwise(qg, sg, torch.float64), dequantize_blockwise(qu, su, torch.float64)], 1)
     x = torch.randn(2, d, generator=g)
     idx = torch.tensor([3, 0, 3, 1])
-    got = gemv(x.cuda(), q.cuda(), idx.cuda(), s.cuda(), rows_per_x=2, split=inter)
+    got = gemv(x.cuda(), q.cuda(), idx.cuda(), s.cuda(), rows_per_x=2, split=inter, tiles=tiles)
     rows = x.double().repeat_interleave(2, 0)
     ref = torch.einsum("pnk,pk->pn", wd[idx], rows)
     absum = torch.einsum("pnk,pk->pn", wd[idx].abs(), rows.abs())
@@ -76,7 +80,8 @@ def test_e4m3_block_scales_match_float64_including_split_grids():
     wd = dequantize_blockwise(qd, sd, torch.float64)
     h = torch.randn(len(idx), 2 * inter, generator=g).to(torch.bfloat16)
     idx2 = torch.stack([idx, idx], 1)[:, 0]  # stride 2
-    got = gemv(h.cuda(), qd.cuda(), idx2.cuda(), sd.cuda().transpose(1, 2).contiguous().transpose(1, 2), swiglu=True)
+    got = gemv(h.cuda(), qd.cuda(), idx2.cuda(), sd.cuda().transpose(1, 2).contiguous().transpose(1, 2), swiglu=True,
+               tiles=tiles)
     a = F.silu(h[:, :inter].double()) * h[:, inter:].double()
     ref = torch.einsum("pnk,pk->pn", wd[idx], a)
     absum = torch.einsum("pnk,pk->pn", wd[idx].abs(), a.abs())
@@ -167,6 +172,25 @@ def test_linear_pair_takes_one_bf16_row_or_few_e4m3_rows():
         assert linear_pair(torch.cat([x8, x8[:1]]), qa, qb) is None
         assert linear_pair(x[0], a, qb) is None  # bf16 beside E4M3
     assert linear_pair(x[0], a, b) is None  # under autograd: no gemv
+
+
+def test_linear_streams_one_bf16_row_and_leaves_the_rest_to_the_module(monkeypatch):
+    import dsv3.model.gemv as gv
+
+    g = torch.Generator().manual_seed(8)
+    m = torch.nn.Linear(2048, 1536, bias=False).cuda().bfloat16()  # `bench`'s o_proj
+    calls = []
+    monkeypatch.setattr(gv, "gemv", lambda *a, **k: calls.append(1) or gemv(*a, **k))
+    with torch.no_grad():
+        x = torch.randn(1, 1, 2048, generator=g).to("cuda", torch.bfloat16)
+        y = linear(x, m)
+        w = m.weight.double().cpu()
+        assert y.shape == (1, 1, 1536) and calls == [1]
+        assert within_output_rounding(y[0], x[0].double().cpu() @ w.T, x[0].double().cpu().abs() @ w.abs().T,
+                                      torch.bfloat16)
+        x2 = torch.randn(2, 1, 2048, generator=g).to("cuda", torch.bfloat16)
+        assert torch.equal(linear(x2, m), m(x2)) and calls == [1]  # two rows: the module's own GEMM
+    assert linear(x, m).requires_grad and calls == [1]  # under autograd: the module (gemv has no backward)
 
 
 def test_extra_matrix_must_match():

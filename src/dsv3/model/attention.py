@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dsv3.config import ModelConfig
-from dsv3.model.gemv import linear_pair
+from dsv3.model.gemv import linear, linear_pair
 from dsv3.model.layers import RMSNorm, dense_weight
 from dsv3.model.mla_decode import paged_decode
 from dsv3.model.rope import apply_rope
@@ -177,7 +177,7 @@ class MLA(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """eqs. 6-9: q_C [B,S,H,nope] and rotated q_R [B,S,H,rope]. q_a: W_DQ x when already computed."""
         if self.q_lora_rank:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x) if q_a is None else q_a))
+            q = linear(self.q_a_layernorm(self.q_a_proj(x) if q_a is None else q_a), self.q_b_proj)
         else:
             q = self.q_proj(x)
         q = q.unflatten(-1, (self.n_heads, -1))
@@ -222,11 +222,12 @@ class MLA(nn.Module):
         w = dense_weight(self.kv_b_proj, q_nope.dtype).unflatten(0, (H, -1))  # [H, nope+v, C]
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
-        # per-row positions [B|1, S*H] (query s*H + h), always given with pages
-        pos = q_pos.unsqueeze(-1).expand(*q_pos.shape, H).flatten(-2) if isinstance(q_pos, torch.Tensor) else None
-        if pages is not None:
-            o_lat = paged_decode(q_lat.flatten(1, 2), q_pe.flatten(1, 2), *pages, pos, self.softmax_scale)
+        if pages is not None:  # per-row positions [B|1, S] always come with pages; query s*H + h is at q_pos[:, s]
+            o_lat = paged_decode(q_lat.flatten(1, 2), q_pe.flatten(1, 2), *pages, q_pos, self.softmax_scale)
         else:
+            # per-row positions [B|1, S*H] (query s*H + h)
+            pos = q_pos.unsqueeze(-1).expand(*q_pos.shape, H).flatten(-2) if isinstance(q_pos, torch.Tensor) \
+                else None
             q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, 1, S * H, -1)  # [B,1,S*H,C+rope]
             k = kv if kv is not None else torch.cat([c_kv, k_pe], dim=-1)
             T = k.shape[1]
@@ -258,4 +259,4 @@ class MLA(nn.Module):
             o = self.expanded(q_nope, q_pe, c_kv, k_pe, 0, doc_ids)
         else:
             o = self.absorbed(q_nope, q_pe, cached.c_kv, cached.k_pe, cached.q_pos, cached.kv, cached.pages)
-        return self.o_proj(o.flatten(2))
+        return linear(o.flatten(2), self.o_proj)

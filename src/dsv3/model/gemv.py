@@ -1,12 +1,13 @@
-"""Few-row GEMMs that read each weight byte once at memory speed: decode's routed experts and FP8 linears.
+"""Few-row GEMMs that read each weight byte once at memory speed: decode's routed experts, its single-row
+linears (`linear`, `linear_pair`) and FP8 linears.
 
 At decode a MoE layer multiplies T*K (token, expert) pairs, one row each, by K of E experts. Both general
 kernels waste the step there: grouped_mm tiles every expert's segment for 64+ rows (~19 us a call for 8 rows of
 the `bench` experts on an H200, ~4x the time their bytes take), and cuBLAS's blockwise FP8 GEMM needs K a
 multiple of 512, so FP8 weights otherwise get dequantised to bf16 every step (three times the bytes). `gemv`
 is one Triton kernel for both: program (p, n-tile) streams the [BLOCK_N, K] slab of weight `idx[p]` once,
-multiplies it by its activation row in float32, and applies FP8's 128x128 block scales per 128-deep partial
-sum (the paper's promotion interval), so the activation is never quantised (more exact than the GEMM path).
+multiplies it by its activation row in float32, and scales each FP8 weight by its 128x128 block's scale as it
+is loaded, so the activation is never quantised (more exact than the GEMM path).
 With `swiglu=True` the activation is silu(h[:, :I]) * h[:, I:] of the gate_up output, computed as it is
 loaded: the down projection never materialises the hidden activation.
 
@@ -55,7 +56,7 @@ if triton is not None:
         N, K, P, ROWS_PER_X, EXTRA_X0, SPLIT, SPLIT_BLOCKS,
         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ym,
         HAS_IDX: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_EXTRA: tl.constexpr, SWIGLU: tl.constexpr,
-        BLOCK_N: tl.constexpr, ACC2D: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC2D: tl.constexpr,
     ):
         p = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -84,16 +85,17 @@ if triton is not None:
         rest = tl.maximum(offs_n - SPLIT, 0).to(tl.int64)
         w_rows = tl.where(first, lo + offs_n.to(tl.int64) * stride_wn, hi + rest * stride_wn)[:, None]
         if HAS_SCALE:
-            s_rows = tl.where(first, s_lo + (offs_n // 128) * stride_sn, s_hi + (rest // 128) * stride_sn)
+            s_rows = tl.where(first, s_lo + (offs_n // 128) * stride_sn, s_hi + (rest // 128) * stride_sn)[:, None]
         # ACC2D: elementwise products summed over K, one cross-lane sum at the end. A sum per 128-deep step
         # left the kernel latency-bound: 1.5-2x slower for the linears, 1.2-1.4x for gate_up (weights read
         # from HBM, benchmarks/gemv.py). The SwiGLU-on-load variant keeps it: ~2x slower with ACC2D in a sweep.
+        # BLOCK_K: a multiple of 128 (FP8's scale block), each column scaled by its own block's scale
         if ACC2D:
-            acc = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         else:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, 128):
-            offs_k = k0 + tl.arange(0, 128)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
             if SWIGLU:
                 g = tl.load(x_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)
@@ -102,15 +104,12 @@ if triton is not None:
             else:
                 a = tl.load(x_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            if HAS_SCALE:  # each column's 128x128 block scale (one per row and step when BLOCK_K is 128)
+                w = w * tl.load(s_rows + offs_k[None, :] // 128, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             if ACC2D:
-                if HAS_SCALE:
-                    w = w * tl.load(s_rows + k0 // 128, mask=n_ok, other=0.0)[:, None]
                 acc += w * a[None, :]
             else:
-                part = tl.sum(w * a[None, :], axis=1)
-                if HAS_SCALE:
-                    part = part * tl.load(s_rows + k0 // 128, mask=n_ok, other=0.0)
-                acc += part
+                acc += tl.sum(w * a[None, :], axis=1)
         if ACC2D:
             y = tl.sum(acc, axis=1)
         else:
@@ -132,7 +131,7 @@ class Extra(NamedTuple):
 def gemv(
     x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor | None = None, scale_inv: torch.Tensor | None = None,
     rows_per_x: int = 1, swiglu: bool = False, split: int | None = None, extra: Extra | None = None,
-    extra_rows: int = 0,
+    extra_rows: int = 0, tiles: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """y[p] = W_p a_p for p < P, in x's dtype (float32 accumulation).
 
@@ -144,6 +143,7 @@ def gemv(
       its own grid (the second's block rows start after ceil(split/128)); default: one grid.
     - extra, extra_rows: `extra_rows` more outputs y[P + j] = W_extra a, a from x's last `extra_rows` rows (which
       may be the ones the indexed rows read: decode's shared expert on each token beside its routed pairs).
+    - tiles: (BLOCK_N, BLOCK_K, warps) of a program instead of the default (`_tiles`; benchmarks sweep them).
     """
     if idx is None:
         if rows_per_x != 1:
@@ -167,12 +167,12 @@ def gemv(
     w3 = w3 if w3.stride(-1) == 1 else w3.contiguous()
     s3 = None if s3 is None else s3.contiguous()
     return _launch(x, w3, s3, idx if P else None, P, N, K, rows_per_x, swiglu, split, extra,
-                   extra_rows if extra is not None else 0)
+                   extra_rows if extra is not None else 0, tiles)
 
 
 def gemv_pair(
     x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale_inv1: torch.Tensor | None = None,
-    scale_inv2: torch.Tensor | None = None,
+    scale_inv2: torch.Tensor | None = None, tiles: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """x [M, K] times two weights that share it, [N1, K] and [N2, K], in one launch: [M, N1 + N2] = x [W1; W2]^T
     (MLA's W_DQ and [W_DKV; W_KR] at decode), without concatenating the weights."""
@@ -181,7 +181,7 @@ def gemv_pair(
     x = x if x.stride(-1) == 1 else x.contiguous()
     extra = Extra(w1, scale_inv1, w2, scale_inv2)
     return _launch(x, w1.unsqueeze(0), None if scale_inv1 is None else scale_inv1.unsqueeze(0), None, 0,
-                   w1.shape[0] + w2.shape[0], w1.shape[1], 1, False, w1.shape[0], extra, x.shape[0])
+                   w1.shape[0] + w2.shape[0], w1.shape[1], 1, False, w1.shape[0], extra, x.shape[0], tiles)
 
 
 def extra_fits(
@@ -217,6 +217,7 @@ def extra_fits(
 def _launch(
     x: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor | None, idx: torch.Tensor | None, P: int, N: int, K: int,
     rows_per_x: int, swiglu: bool, split: int | None, extra: Extra | None, extra_rows: int,
+    tiles: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     if extra is not None and not extra_fits(extra, w3, s3, N, split):
         raise ValueError("gemv: the extra matrix does not match the indexed weights' shape, dtype, row stride "
@@ -230,16 +231,29 @@ def _launch(
     s = s3 if s3 is not None else w3
     xs = extra.scale_inv if extra is not None and s3 is not None else s
     xs2 = extra.scale_inv2 if extra is not None and extra.scale_inv2 is not None else xs
-    block_n = 16 if N * y.shape[0] >= 16 * 132 * 4 else 8  # enough programs to keep every SM streaming
+    block_n, block_k, warps = tiles or _tiles(y.shape[0] * N, swiglu)
+    if block_k % BLOCK or block_n & (block_n - 1) or block_k & (block_k - 1):
+        raise ValueError(f"gemv: tiles {tiles}: BLOCK_N a power of two, BLOCK_K a power-of-two multiple of {BLOCK}")
     _gemv_kernel[(y.shape[0], triton.cdiv(N, block_n))](
         x, w3, s, idx if idx is not None else x, y, xw, xs, xw2, xs2,
         N, K, P, rows_per_x, x.shape[0] - extra_rows, split, triton.cdiv(split, BLOCK),
         x.stride(0), w3.stride(0), w3.stride(1),
         s3.stride(0) if s3 is not None else 0, s3.stride(1) if s3 is not None else 0, y.stride(0),
         HAS_IDX=idx is not None, HAS_SCALE=s3 is not None, HAS_EXTRA=extra is not None, SWIGLU=swiglu,
-        BLOCK_N=block_n, ACC2D=not swiglu, num_warps=4 if swiglu else 8,  # the fastest of a sweep on the H200
+        BLOCK_N=block_n, BLOCK_K=block_k, ACC2D=not swiglu, num_warps=warps,
     )
     return y
+
+
+def _tiles(rows: int, swiglu: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps) for `rows` output values (all programs' together): the fastest of a sweep on
+    the H200 (`python -m benchmarks.gemv --sweep`, weights from HBM). A linear's single row: 4-row programs, so
+    that twice as many programs stream the weight (W_DQ 768 x 1536: 3.2 us against 6.0 with 8 rows); 16-row
+    programs stepping 256 columns from four per SM on (the routed experts: 8 pairs' gate_up 10.6 -> 10.1 us,
+    down 7.4 -> 6.8 against 128-column steps)."""
+    if rows >= 16 * 132 * 4:
+        return 16, 2 * BLOCK, 4 if swiglu else 8
+    return 4, BLOCK, 4 if swiglu else 8
 
 
 def plain_linear(m: torch.nn.Module) -> bool:
@@ -251,22 +265,40 @@ def plain_linear(m: torch.nn.Module) -> bool:
             and getattr(m, "bias", None) is None and not (m._forward_hooks or m._forward_pre_hooks))
 
 
+def _streams(x: torch.Tensor, *mods: torch.nn.Module) -> bool:
+    """Whether gemv should run bias-free linears `mods` (sharing the input x) instead of their forwards: a single
+    row of 16/32-bit weights in x's dtype (cuBLAS's GEMV takes about as long per launch, and gemv streams each
+    weight once per row, so more rows lose), or up to GEMV_MAX_ROWS rows of E4M3 ones (dsv3.fp8's FP8Linear:
+    `weight` and `weight_scale_inv`, which stream through gemv one launch each anyway); not under autocast."""
+    if not all(plain_linear(m) for m in mods):
+        return False
+    w = mods[0].weight
+    scaled = getattr(mods[0], "weight_scale_inv", None) is not None
+    rows = x.numel() // max(1, x.shape[-1])
+    return (rows <= (GEMV_MAX_ROWS if scaled else 1) and all(m.weight.shape[1] == x.shape[-1] for m in mods)
+            and gemv_supported(x, *(m.weight for m in mods)) and (scaled or w.dtype == x.dtype)
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+def linear(x: torch.Tensor, m: torch.nn.Module) -> torch.Tensor:
+    """m(x) for a bias-free linear layer: through one gemv launch where that pays (`_streams`: decode's single
+    row, where cuBLAS reads MLA's W_UQ and W_O at a fraction of the bandwidth: 4.6 / 8.0 us against gemv's 3.9 /
+    4.6 on the H200, benchmarks/gemv.py), else m's own forward."""
+    if not _streams(x, m):
+        return m(x)
+    return gemv(x.reshape(-1, x.shape[-1]), m.weight, scale_inv=getattr(m, "weight_scale_inv", None)).view(
+        *x.shape[:-1], -1)
+
+
 def linear_pair(x: torch.Tensor, a: torch.nn.Module, b: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(a(x), b(x)) for two bias-free linear layers reading the same x, in one `gemv_pair` launch where that
-    pays, else None (the caller runs them itself). It pays for a single row of 16/32-bit weights (cuBLAS's GEMV
-    costs about as much per launch, and gemv streams the weight once per row, so more rows lose) and up to
-    GEMV_MAX_ROWS rows of E4M3 ones (dsv3.fp8's FP8Linear: `weight` and `weight_scale_inv`), which stream
-    through gemv one launch each anyway."""
-    if not (plain_linear(a) and plain_linear(b)):
+    pays (`_streams`), else None (the caller runs them itself)."""
+    if not _streams(x, a, b):
         return None
     wa, wb = a.weight, b.weight
     sa, sb = getattr(a, "weight_scale_inv", None), getattr(b, "weight_scale_inv", None)
-    rows = x.reshape(-1, x.shape[-1])
-    limit = GEMV_MAX_ROWS if sa is not None else 1
     n = wa.shape[0]
-    if (rows.shape[0] > limit or x.shape[-1] != wa.shape[1] or not gemv_supported(x, wa, wb)
-            or (sa is None and wa.dtype != x.dtype) or torch.is_autocast_enabled(x.device.type)
-            or not extra_fits(Extra(wa, sa, wb, sb), wa, sa, n + wb.shape[0], split=n)):  # as gemv_pair reads them
+    if not extra_fits(Extra(wa, sa, wb, sb), wa, sa, n + wb.shape[0], split=n):  # as gemv_pair reads them
         return None
-    y = gemv_pair(rows, wa, wb, sa, sb)
+    y = gemv_pair(x.reshape(-1, x.shape[-1]), wa, wb, sa, sb)
     return y[:, :n].view(*x.shape[:-1], n), y[:, n:].view(*x.shape[:-1], -1)
