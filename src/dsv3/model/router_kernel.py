@@ -53,6 +53,13 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _select_warps(elems: int) -> int:
+    """Warps of the selection program over `elems` scores: its K rounds of max / min / sum reductions stay
+    within one warp's shuffles up to 16 values a lane (a decode token's 64 or 256 experts), where more warps
+    would meet in shared memory at every reduction."""
+    return 1 if elems <= 512 else 4 if elems <= 4096 else 8
+
+
 def router_kernel_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `fused_router` runs for activations x [T, d] and gate weight [E, d]: CUDA with Triton, 1 to
     ROUTER_MAX_ROWS tokens, 16- or 32-bit floats (the router computes in float32 there; float64 models route
@@ -92,8 +99,8 @@ if triton is not None:
 
     @triton.jit
     def _select_kernel(
-        z_ptr, bias_ptr, scores_ptr, weights_ptr, idx_ptr, load_ptr, T, SPLIT, routed_scaling_factor,
-        E: tl.constexpr, N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr,
+        z_ptr, bias_ptr, scores_ptr, weights_ptr, idx_ptr, load_ptr, T, routed_scaling_factor,
+        SPLIT: tl.constexpr, E: tl.constexpr, N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr,
         TOP_K: tl.constexpr, NORM_TOPK_PROB: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -106,7 +113,7 @@ if triton is not None:
         e_ok = (g < N_GROUP) & (j < GROUP_SIZE)
         ok = e_ok & (t < T)
         z = tl.zeros([BLOCK_T, BLOCK_G, BLOCK_S], dtype=tl.float32)
-        for split in range(SPLIT):
+        for split in tl.static_range(SPLIT):  # unrolled: the loads issue together, not one latency each
             z += tl.load(z_ptr + (split * T + t) * E + e, mask=ok, other=0.0)
         # s_i = sigmoid(z) as torch writes it, 1 / (1 + exp(-z)), with an IEEE division (Triton's `/` is 2 ulp)
         s = tl.math.div_rn(tl.full(z.shape, 1.0, tl.float32), 1.0 + tl.exp(-z))
@@ -200,9 +207,9 @@ def fused_router(
     group_size = E // n_group
     block_g, block_s = _pow2(n_group), _pow2(group_size)
     _select_kernel[(1,)](
-        z, bias, scores, weights, idx, load, T, split, float(routed_scaling_factor),
-        E=E, N_GROUP=n_group, GROUP_SIZE=group_size, TOPK_GROUP=topk_group, TOP_K=top_k,
+        z, bias, scores, weights, idx, load, T, float(routed_scaling_factor),
+        SPLIT=split, E=E, N_GROUP=n_group, GROUP_SIZE=group_size, TOPK_GROUP=topk_group, TOP_K=top_k,
         NORM_TOPK_PROB=norm_topk_prob, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_S=block_s,
-        BLOCK_K=_pow2(top_k), num_warps=4 if block_t * block_g * block_s <= 1024 else 8,
+        BLOCK_K=_pow2(top_k), num_warps=_select_warps(block_t * block_g * block_s),
     )
     return weights, idx, scores, load
