@@ -8,7 +8,8 @@ GPU (the `bench` preset, random weights, bf16; one run of about 6 minutes, every
 For every batch B and context C: B random prompts of C tokens are prefilled, then decode steps are timed
 (only decode). Rows:
   dsv3         the engine, decode steps replayed from CUDA graphs (static buffers, bucketed shapes), greedy;
-               tokens/s over whole engine steps (scheduling, staging, replay, sampling, the one host read);
+               tokens/s over whole engine steps (scheduling, staging, replay, sampling, the one host read),
+               each step's host work overlapping the device's next step (--no-overlap: one after the other);
                `model ms` is the replayed forward alone, back to back.
   dsv3-eager   the same engine and static buffers without graphs (what the graphs save).
   hf           transformers DeepseekV3ForCausalLM.generate with the same weights (saved in the HF layout,
@@ -120,7 +121,7 @@ def run_dsv3(
     bs = args.block_size
     engine = Engine(model, None, block_size=bs, cache_tokens=B * (ctx + total + bs) + bs, max_num_seqs=B,
                     max_model_len=ctx + total + bs, max_num_batched_tokens=max(16384, ctx), cuda_graphs=graphs,
-                    compile=compile)
+                    compile=compile, overlap=not args.no_overlap)
     g = torch.Generator().manual_seed(B * 100003 + ctx)
     params = SamplingParams(max_tokens=total, temperature=0, ignore_eos=True)
     for _ in range(B):
@@ -131,6 +132,7 @@ def run_dsv3(
         t0 = time.perf_counter()
         while engine.scheduler.waiting:
             engine.step()
+        engine.sync()  # the runner is used directly next (capture): no step may be in flight
         sync(dev)
         prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -145,16 +147,17 @@ def run_dsv3(
             graphs, shapes, name = False, 0, name + " (capture failed: eager)"
         for _ in range(args.warmup):
             engine.step()
-        start_ctx = engine.scheduler.running[0].num_cached
         sync(dev)
         t0 = time.perf_counter()
         for _ in range(args.steps):
             engine.step()
         sync(dev)
         step_s = (time.perf_counter() - t0) / args.steps
-        mean_ctx = start_ctx + (args.steps - 1) / 2
-        # the forward alone: replay the next step's shape back to back (it rewrites the same slots)
+        # the forward alone: replay the next step's shape back to back (it rewrites the same slots); the step
+        # launched ahead (overlap) is completed first, so the sequences' state is the device's
+        engine.sync()
         runner, seqs = engine.runner, list(engine.scheduler.running)
+        mean_ctx = seqs[0].num_cached - (args.steps + 1) / 2  # the timed steps wrote positions num_cached - steps..
         for s in seqs:
             engine.blocks.reserve(s.seq_id, s.num_cached + 1)
         with torch.inference_mode():
@@ -280,7 +283,8 @@ def speed(args: argparse.Namespace) -> None:
     cfg = preset(args.preset)
     torch.manual_seed(0)
     result: dict = {"bench": "decode", "preset": args.preset, "device": device_name(device), "dtype": str(dtype),
-                    "torch": torch.__version__, "steps": args.steps, "block_size": args.block_size, "rows": [],
+                    "torch": torch.__version__, "steps": args.steps, "block_size": args.block_size,
+                    "overlap": not args.no_overlap, "rows": [],
                     "errors": [], "skipped": []}
     rows: list[dict] = result["rows"]
 
@@ -510,6 +514,8 @@ def main() -> None:
                     help="batch x context points for dsv3+compile (torch.compile of the decode forward inside the "
                          "graphs; each compiles; default 1x1024 1x4096)")
     ap.add_argument("--no-graphs", action="store_true", help="dsv3 without CUDA graphs")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="dsv3 without overlap: each step's host work after its device work, not during the next")
     ap.add_argument("--profile", action="store_true", help="print the kernels of one replayed decode step")
     ap.add_argument("--fp8-weights", choices=["bf16", "keep"], default="bf16",
                     help="keep: quantise dsv3's block linears and experts to FP8 E4M3 (128x128 scales) and serve "

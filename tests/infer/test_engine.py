@@ -11,6 +11,7 @@ import torch
 
 from dsv3.infer import Engine, SamplingParams, generate
 from dsv3.infer.block_manager import CacheExhausted
+from dsv3.infer.scheduler import Scheduler
 from tests.infer.conftest import CharTokenizer
 from tests.infer.test_sampling import _reference
 
@@ -229,3 +230,204 @@ def test_max_model_len_beyond_the_positions_is_refused(model64) -> None:
         Engine(model64, None, max_model_len=model64.cfg.max_position_embeddings + 1)
     with pytest.raises(ValueError, match="stop strings need a tokenizer"):  # they would be ignored silently
         Engine(model64, None).generate([1, 2], SamplingParams(stop=["x"]))
+
+
+# -- overlap: the next decode step launched before the current one is read ------------------------------------
+def _overlap_matches_plain(model, prompts, params, tokenizer=None, **kw) -> list:
+    """Stream `prompts` with overlap on and off: the same deltas (tokens, text, finish reasons, statistics,
+    in the same calls), and every cache block back afterwards. Returns the results."""
+    runs = []
+    for overlap in (True, False):
+        engine = Engine(model, tokenizer, block_size=4, overlap=overlap, **kw)
+        runs.append(list(engine.generate(prompts, params, stream=True)))
+        engine.blocks.check()
+        assert engine.blocks.num_free == engine.blocks.num_blocks - 1 and not engine.has_unfinished()
+    assert runs[0] == runs[1]
+    return sorted((d.result for d in runs[0] if d.result is not None), key=lambda r: r.prompt_token_ids)
+
+
+def _step_trace(model, prompts, params, tokenizer=None, **kw) -> list:
+    """What each step() call returns, with overlap on and off (asserted equal): per call, each sequence's id,
+    output and finish reason, so a sequence is reported once when it finishes and never again."""
+    runs = []
+    for overlap in (True, False):
+        engine = Engine(model, tokenizer, block_size=4, overlap=overlap, **kw)
+        for p, sp in zip(prompts, params, strict=True):
+            engine.add_request(p, sp)
+        trace = []
+        while engine.has_unfinished():
+            trace.append([(s.seq_id, list(s.output), s.finish_reason) for s in engine.step()])
+        runs.append(trace)
+    assert runs[0] == runs[1]
+    return runs[0]
+
+
+def test_overlap_ragged_greedy_batches_and_a_small_pool(model64, monkeypatch) -> None:
+    """Rows finish at different steps (max_tokens 1 ends at the prefill), so the batch launched ahead drops
+    rows; a pool too small for all preempts, and the blocks to reserve ahead are refused rather than taken."""
+    prompts = _prompts(model64.cfg.vocab_size, (1, 5, 12, 3, 20))
+    params = [SamplingParams(max_tokens=n, temperature=0) for n in (3, 9, 1, 14, 6)]
+    results = _overlap_matches_plain(model64, prompts, params)
+    ref = sorted((p, greedy_reference(model64, p, sp.max_tokens)) for p, sp in zip(prompts, params, strict=True))
+    assert [(r.prompt_token_ids, r.token_ids) for r in results] == ref
+    reserve_ahead, answers = Scheduler.reserve_ahead, []
+
+    def counted(self, seqs):  # noqa: ANN001, ANN202
+        answers.append(reserve_ahead(self, seqs))
+        return answers[-1]
+
+    monkeypatch.setattr(Scheduler, "reserve_ahead", counted)
+    _overlap_matches_plain(model64, prompts, params, cache_tokens=40)
+    assert False in answers and True in answers
+
+
+def test_overlap_stops_mid_run(model64) -> None:
+    """Stop ids, EOS and stop strings end rows while others go on: the row launched ahead is dropped."""
+    prompts = _prompts(model64.cfg.vocab_size, (6, 3, 9, 4), seed=3)
+    ref = [greedy_reference(model64, p, 16) for p in prompts]
+    text = [CharTokenizer().decode(r) for r in ref]
+    params = [SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[ref[0][5]]),
+              SamplingParams(max_tokens=16, temperature=0, stop=[text[1][7:9]]),
+              SamplingParams(max_tokens=16, temperature=0, stop=[text[2][3:4], "never"]),
+              SamplingParams(max_tokens=16, temperature=0)]
+    results = _overlap_matches_plain(model64, prompts, params, CharTokenizer(eos_id=ref[3][10]))
+    assert sorted(r.finish_reason for r in results) == ["stop"] * 4
+    assert all(len(r.token_ids) < 16 for r in results)
+    trace = _step_trace(model64, prompts, params, CharTokenizer(eos_id=ref[3][10]))
+    finished = [sid for call in trace for sid, _, reason in call if reason]
+    assert sorted(finished) == [0, 1, 2, 3]  # each reported once
+
+
+def test_overlap_seeded_sampling(model64) -> None:
+    """Sampled rows (with a greedy one) draw their uniforms in the same order: the same tokens. Stop ids
+    that end rows at random steps, and the max_tokens of others."""
+    prompts = _prompts(model64.cfg.vocab_size, (4, 9, 2, 7))
+    params = [SamplingParams(max_tokens=n, temperature=0.9, top_k=40, top_p=0.9, seed=s,
+                             stop_token_ids=list(range(0, 300, 23)))
+              for n, s in ((12, 1), (5, 2), (15, 3))] + [SamplingParams(max_tokens=10, temperature=0)]
+    results = _overlap_matches_plain(model64, prompts, params)
+    assert {r.finish_reason for r in results} == {"stop", "length"}
+    _step_trace(model64, prompts, params)
+
+
+def test_overlap_up_to_max_model_len(model64) -> None:
+    prompts = _prompts(model64.cfg.vocab_size, (3, 9, 14, 15))
+    results = _overlap_matches_plain(model64, prompts, SamplingParams(max_tokens=50, temperature=0),
+                                     max_model_len=16)
+    assert all(r.finish_reason == "length" and len(r.prompt_token_ids + r.token_ids) == 16 for r in results)
+
+
+def test_overlap_request_added_while_others_decode(model64) -> None:
+    """The next step() completes the step in flight without launching another; the one after prefills."""
+    prompts = _prompts(model64.cfg.vocab_size, (4, 9, 6))
+    runs = []
+    for overlap in (True, False):
+        engine = Engine(model64, None, block_size=4, overlap=overlap)
+        ids = [engine.add_request(prompts[0], SamplingParams(max_tokens=12, temperature=0)),
+               engine.add_request(prompts[1], SamplingParams(max_tokens=7, temperature=0.8, seed=3))]
+        for _ in range(4):
+            engine.step()
+        ids.append(engine.add_request(prompts[2], SamplingParams(max_tokens=9, temperature=0.8, seed=4)))
+        if overlap:
+            assert [s.seq_id for s in engine.step()] == ids[:2] and engine._inflight is None
+        assert [s.seq_id for s in engine.step()] == ids[2:]  # the prefill
+        while engine.has_unfinished():
+            engine.step()
+        runs.append([engine.result(i) for i in ids])
+        assert engine.blocks.num_free == engine.blocks.num_blocks - 1
+    assert runs[0] == runs[1]
+    assert runs[0][0].token_ids == greedy_reference(model64, prompts[0], 12)
+
+
+def test_overlap_abort_mid_stream(model64) -> None:
+    prompts = _prompts(model64.cfg.vocab_size, (4, 9, 6))
+    params = SamplingParams(max_tokens=20, temperature=0.7, seed=5)
+    runs = []
+    for overlap in (True, False):
+        engine = Engine(model64, None, block_size=4, overlap=overlap)
+        stream = engine.generate(prompts, params, stream=True)
+        deltas = [next(stream) for _ in range(7)]
+        assert (engine._inflight is not None) == overlap  # its step ahead holds a row of the aborted one
+        engine.abort(min(engine._seqs))
+        deltas += list(stream)
+        runs.append(deltas)
+        engine.blocks.check()
+        assert engine.blocks.num_free == engine.blocks.num_blocks - 1
+    assert runs[0] == runs[1]
+    assert [(d.index, d.finish_reason) for d in runs[0] if d.finish_reason] == [(0, "abort"), (1, "length"),
+                                                                                (2, "length")]
+
+
+def test_overlap_abandoned_stream_frees_its_cache(model64) -> None:
+    """The step in flight when the consumer stops is dropped unread; its blocks serve the next request."""
+    engine = Engine(model64, None, block_size=4)
+    stream = engine.generate(_prompts(model64.cfg.vocab_size, (3, 7)), SamplingParams(max_tokens=50), stream=True)
+    for _ in range(5):
+        next(stream)
+    assert engine._inflight is not None
+    stream.close()
+    assert not engine.has_unfinished() and engine.sync() == []
+    engine.blocks.check()
+    assert engine.blocks.num_free == engine.blocks.num_blocks - 1
+    prompt = _prompts(model64.cfg.vocab_size, (5,), seed=7)[0]
+    assert engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0))[0].token_ids == \
+        greedy_reference(model64, prompt, 8)
+
+
+def test_sync_before_using_the_runner_directly(model64) -> None:
+    """The decode benchmark's pattern: steps, sync(), a forward of other inputs through the runner's buffers
+    (and the cache slot it writes), then more steps. Without sync() the step in flight would be fed from the
+    overwritten outputs and its predecessor's slot left wrong."""
+    prompt = _prompts(model64.cfg.vocab_size, (6,), seed=1)[0]
+    engine = Engine(model64, None, block_size=4)
+    sid = engine.add_request(prompt, SamplingParams(max_tokens=10, temperature=0))
+    for _ in range(3):
+        engine.step()
+    assert [s.seq_id for s in engine.sync()] == [sid] and engine.sync() == []
+    seq = engine.scheduler.running[0]
+    with torch.inference_mode():
+        engine.runner.prepare_decode([seq], [[(seq.tokens[-1] + 1) % model64.cfg.vocab_size]])
+        engine.runner.decode()
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.result(sid).token_ids == greedy_reference(model64, prompt, 10)
+
+
+def test_overlap_step_interrupted_while_read(model64, monkeypatch) -> None:
+    """An exception while a step is read (Ctrl-C during the wait) loses that step and the one launched ahead,
+    which follows its tokens: the next steps recompute from the host's state, so the output stays right."""
+    prompt = _prompts(model64.cfg.vocab_size, (6,), seed=1)[0]  # ten distinct tokens: a lost one shows
+    engine = Engine(model64, None, block_size=4)
+    read, reads = engine._read, []
+
+    def interrupted(cur):  # noqa: ANN001, ANN202
+        reads.append(cur)
+        if len(reads) == 3:
+            raise KeyboardInterrupt
+        return read(cur)
+
+    monkeypatch.setattr(engine, "_read", interrupted)
+    sid = engine.add_request(prompt, SamplingParams(max_tokens=10, temperature=0))
+    with pytest.raises(KeyboardInterrupt):
+        while engine.has_unfinished():
+            engine.step()
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.result(sid).token_ids == greedy_reference(model64, prompt, 10)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_overlap_launches_before_reading(model64, monkeypatch, overlap) -> None:
+    """The order of launches (L) and host reads (R) of decode steps. Two rows of 4 and 7 tokens: 6 decode
+    steps. With overlap each step after the first is launched before the previous one is read (the 4th
+    without the row that the 3rd step's token ends)."""
+    engine = Engine(model64, None, block_size=4, overlap=overlap)
+    log = []
+    decode, read = engine.runner.decode, engine._read
+    monkeypatch.setattr(engine.runner, "decode", lambda *a: log.append("L") or decode(*a))
+    monkeypatch.setattr(engine, "_read", lambda cur: log.append("R") or read(cur))
+    prompts = _prompts(model64.cfg.vocab_size, (5, 3))
+    results = engine.generate(prompts, [SamplingParams(max_tokens=n, temperature=0) for n in (4, 7)])
+    assert "".join(log) == ("LL" + "RL" * 4 + "RR" if overlap else "LR" * 6)
+    assert [r.token_ids for r in results] == [greedy_reference(model64, p, n)
+                                              for p, n in zip(prompts, (4, 7), strict=True)]

@@ -6,6 +6,7 @@ debugging."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -182,27 +183,33 @@ def test_tables_under_random_workload(make_cfg, make_model) -> None:
 @pytest.mark.parametrize("greedy", [True, False])
 def test_decode_step_has_no_host_sync(make_cfg, make_model, mtp, greedy) -> None:
     """Every decode step from staging to the sampled tokens (the graph body strictly: no Python data baked
-    in) runs without an operation that would wait for a CUDA device; the engine's one sync comes after."""
+    in), and the launch of the next one before it is read (overlap), runs without an operation that would wait
+    for a CUDA device; the engine's one sync comes after."""
     model = make_model(make_cfg(), dtype=torch.float32)
     engine = Engine(model, None, mtp=mtp, block_size=4)
     runner = engine.runner
-    launch, forward = engine._launch_decode, runner._forward
+    launch, launch_next, forward = engine._launch_decode, engine._launch_next, runner._forward
     calls = []
 
-    def checked_launch(seqs):
+    def checked_launch(seqs, *args):
         with NoHostSync():
             calls.append(len(seqs))
-            return launch(seqs)
+            return launch(seqs, *args)
+
+    def checked_launch_next(cur):
+        with NoHostSync():
+            return launch_next(cur)
 
     def checked_forward(Bp, Wp):
         with NoHostSync(strict=True):
             return forward(Bp, Wp)
 
-    engine._launch_decode, runner._forward = checked_launch, checked_forward
+    engine._launch_decode, engine._launch_next, runner._forward = checked_launch, checked_launch_next, checked_forward
     params = SamplingParams(max_tokens=8, temperature=0) if greedy else \
         SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, top_k=20, seed=1)
-    results = engine.generate(_prompts(model.cfg.vocab_size, (3, 8, 5)), params)
-    assert calls and all(len(r.token_ids) == 8 for r in results)
+    prompts = _prompts(model.cfg.vocab_size, (3, 8, 5))
+    results = engine.generate(prompts, [dataclasses.replace(params, max_tokens=n) for n in (8, 5, 8)])
+    assert calls and [len(r.token_ids) for r in results] == [8, 5, 8]  # a row leaves: the next step's gather
 
 
 def test_failed_capture_falls_back_to_eager(make_cfg, make_model) -> None:
@@ -215,6 +222,32 @@ def test_failed_capture_falls_back_to_eager(make_cfg, make_model) -> None:
         results = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
     assert [r.token_ids for r in results] == [greedy_reference(model, p, 6) for p in prompts]
     assert engine.runner.capture_error and not engine.runner.cuda_graphs
+
+
+def test_new_shapes_under_overlap_keep_the_fed_tokens(make_cfg, make_model, monkeypatch) -> None:
+    """A CUDA capture's warm-up runs write the outputs, which the token fed to a step launched ahead (overlap)
+    may view. Here the CPU twin runs the forward once on zeroed inputs for each new shape, as the warm-up does,
+    while ragged rows take the batch through new shapes mid-run: the tokens stay those of full recompute."""
+    model = make_model(make_cfg(num_nextn_predict_layers=0), dtype=torch.float64)
+    engine = Engine(model, None, block_size=4)
+    runner, graph = engine.runner, engine.runner.graph
+    runner.min_blocks = 1  # no floor under the table width: new widths mid-run
+
+    def graph_with_warm_up(Bp: int, Wp: int):
+        new = (Bp, Wp) not in runner._graphs
+        g = graph(Bp, Wp)
+        if new:
+            runner._inputs.zero_()
+            g.fn()
+        return g
+
+    monkeypatch.setattr(runner, "graph", graph_with_warm_up)
+    prompts = _prompts(model.cfg.vocab_size, (2, 9, 5, 1, 14))
+    max_tokens = [6 + 3 * i for i in range(len(prompts))]
+    results = engine.generate(prompts, [SamplingParams(max_tokens=n, temperature=0) for n in max_tokens])
+    assert [r.token_ids for r in results] == [greedy_reference(model, p, n)
+                                              for p, n in zip(prompts, max_tokens, strict=True)]
+    assert len(runner._graphs) >= 4
 
 
 def test_detector_catches_syncs() -> None:
@@ -271,8 +304,9 @@ def test_cuda_graph_decode_equals_eager(mtp, compile, paged, monkeypatch) -> Non
 @cuda
 @pytest.mark.parametrize(("mtp", "compile"), [(0, False), (2, False), (0, True)])
 def test_cuda_graph_step_never_syncs(mtp, compile) -> None:
-    """A whole decode step (staging, replay, greedy acceptance, MTP drafting) under set_sync_debug_mode
-    ("error"), once its graph is captured; its rows then equal those of an eager engine in the same state."""
+    """A whole decode step (staging, replay, greedy acceptance, MTP drafting), and without drafts the next one
+    launched before it is read, under set_sync_debug_mode("error") once the graph is captured; their rows then
+    equal those of an eager engine in the same state."""
     model = _gpu_model()
     engines = [Engine(model, None, mtp=mtp, block_size=4, cuda_graphs=g, compile=compile) for g in (True, False)]
     for e in engines:
@@ -280,6 +314,7 @@ def test_cuda_graph_step_never_syncs(mtp, compile) -> None:
             e.add_request(p, SamplingParams(max_tokens=20, temperature=0))
         for _ in range(3):  # the prefill and two decode steps (lazy initialisation of every kernel)
             e.step()
+        e.sync()  # the step launched ahead (overlap): the scheduler is used directly below
     engine, eager = engines
     seqs, is_prefill = engine.scheduler.schedule()
     eager_seqs, _ = eager.scheduler.schedule()
@@ -290,13 +325,17 @@ def test_cuda_graph_step_never_syncs(mtp, compile) -> None:
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.inference_mode():
-            rows = engine._launch_decode(seqs)
+            got = [engine._launch_decode(seqs)]
+            got.append(engine._launch_next(got[0]))  # without drafts: the next step, fed on the device
     finally:
         torch.cuda.set_sync_debug_mode("default")
     with torch.inference_mode():
-        want = eager._launch_decode(eager_seqs)
-    assert rows.shape == (len(seqs), 2 + mtp)
-    assert torch.equal(rows, want)  # accepted counts, next tokens and drafts: the replay did the eager step's work
+        want = [eager._launch_decode(eager_seqs)]
+        want.append(eager._launch_next(want[0]))
+    assert (got[1] is None) == (want[1] is None) == bool(mtp)
+    assert got[0].host.shape == ((len(seqs), 2 + mtp) if mtp else (len(seqs),))
+    for g, w in zip(got, want, strict=True):  # accepted counts, next tokens and drafts: the eager step's work
+        assert (g and engine._read(g)) == (w and eager._read(w))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -11,6 +11,11 @@ device (`_launch_decode`: static buffers, a CUDA graph replay, sampling on the d
 host transfer of the sampled tokens, which the stop checks need. When every row is greedy the argmax computed
 inside the graph is the result (the acceptance rule with one-hot distributions reduces to comparing drafts
 with it), so no probabilities or uniforms are formed.
+
+Overlap (plain decoding, on by default): when the next step's batch is already certain, it is launched before
+the current step's tokens are read back, each row fed its token on the device, so the host's per-step work
+(the read, stop checks, text, scheduling, staging) no longer leaves the device idle. `step()` still completes
+one step per call with the same results; `sync()` completes the step left in flight.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ import torch
 from dsv3.infer.block_manager import BlockManager
 from dsv3.infer.model_runner import ModelRunner
 from dsv3.infer.paged_cache import PagedLatentCache
-from dsv3.infer.sampling import SamplingParams, probabilities, sample, uniforms
+from dsv3.infer.sampling import SamplingParams, probabilities, sample, to_device, uniforms
 from dsv3.infer.scheduler import Scheduler
-from dsv3.infer.sequence import Sequence, TokenizerLike
+from dsv3.infer.sequence import Sequence, Status, TokenizerLike
 from dsv3.infer.speculative import Drafter, MTPDrafter, accept_drafts
 from dsv3.model import DeepSeekV3
 
@@ -68,6 +73,18 @@ class GenerationDelta:
     result: GenerationResult | None = None
 
 
+@dataclass
+class _Launch:
+    """A decode step queued on the device: next tokens [B] on the device, and its rows on their way to the
+    host (`host`: the next tokens alone without drafts; else [B, 2 + k] accepted drafts, next token, drafts),
+    there once `done` has passed (None: off CUDA, already there)."""
+
+    seqs: list[Sequence]
+    nxt: torch.Tensor
+    host: torch.Tensor
+    done: torch.cuda.Event | None
+
+
 class Engine:
     """Batched generation over a paged latent cache, optionally with MTP speculative decoding.
 
@@ -75,13 +92,16 @@ class Engine:
     instead. cache_tokens: token slots in the pool (default: one sequence of max_model_len, shared by all).
     cuda_graphs: replay decode steps from CUDA graphs (default: when the model is on a CUDA device).
     compile: torch.compile the decode forward first (faster steps, a compilation per decode shape).
+    overlap: without drafts, launch the next decode step before reading the current one's tokens when its
+    batch is certain, so the host's per-step work runs while the device computes (the same tokens either way).
+    Call `sync()` before using `runner` directly: a step may be in flight between calls of `step()`.
     """
 
     def __init__(
         self, model: DeepSeekV3, tokenizer: TokenizerLike | None = None, *, mtp: int = 0,
         drafter: Drafter | None = None, block_size: int = 16, cache_tokens: int | None = None,
         max_num_seqs: int = 256, max_num_batched_tokens: int = 16384, max_model_len: int | None = None,
-        cuda_graphs: bool | None = None, compile: bool = False,
+        cuda_graphs: bool | None = None, compile: bool = False, overlap: bool = True,
     ):
         cfg = model.cfg
         dtype = model.embed_tokens.weight.dtype
@@ -114,6 +134,8 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, lookahead=k)
         self._seqs: dict[int, Sequence] = {}
         self._next_id = 0
+        self.overlap = overlap
+        self._inflight: _Launch | None = None  # a decode step launched before its predecessor was read
 
     # -- requests ------------------------------------------------------------------------------------
     def _sequence(self, prompt: str | Seq[int], params: SamplingParams) -> Sequence:
@@ -149,17 +171,17 @@ class Engine:
         self._seqs[seq.seq_id] = seq
 
     def abort(self, seq_id: int) -> None:
-        """Drop a request, finished or not, and free its cache blocks."""
+        """Drop a request, finished or not, and free its cache blocks (its row in a step in flight is dropped
+        when read: see `_launch_next` for that step's cache write)."""
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             return
-        for queue in (self.scheduler.waiting, self.scheduler.running):
-            if seq in queue:
-                queue.remove(seq)
-        self.blocks.free(seq_id)
+        if seq in self.scheduler.waiting:
+            self.scheduler.waiting.remove(seq)
+        self.scheduler.finish([seq])
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work()  # a step in flight counts through its sequences, which are running
 
     def result(self, seq_id: int) -> GenerationResult:
         s = self._seqs[seq_id]
@@ -169,20 +191,48 @@ class Engine:
     # -- one step ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """Run one batch; returns the sequences it advanced (finished ones included)."""
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
-            return []
-        new = self._prefill(seqs) if is_prefill else self._decode(seqs)
+        """Run one batch; returns the sequences it advanced (finished ones included). With overlap the step
+        may have been launched by the previous call: this one launches the next, then reads it back."""
+        cur = self._take_inflight()
+        if cur is None:
+            seqs, is_prefill = self.scheduler.schedule()
+            if not seqs:
+                return []
+            if is_prefill:
+                return self._advance(seqs, self._prefill(seqs), prefill=True)
+            cur = self._launch_decode(seqs)
+        self._inflight = self._launch_next(cur)
+        try:
+            return self._complete(cur)
+        except BaseException:  # the step ahead follows tokens the host did not take: the next step recomputes
+            self._inflight = None
+            raise
+
+    @torch.inference_mode()
+    def sync(self) -> list[Sequence]:
+        """Complete the decode step in flight, if any, as `step()` would (its sequences are returned). After
+        it the sequences' state is the device's and nothing is launched ahead: the runner can be used directly."""
+        cur = self._take_inflight()
+        return [] if cur is None else self._complete(cur)
+
+    def _take_inflight(self) -> _Launch | None:
+        """The step in flight, unless every sequence in it finished or was aborted since (then it is dropped
+        unread)."""
+        cur, self._inflight = self._inflight, None
+        return cur if cur is not None and any(s.status is Status.RUNNING for s in cur.seqs) else None
+
+    def _advance(self, seqs: list[Sequence], new: list[list[int]], prefill: bool) -> list[Sequence]:
+        """Hand each sequence its new tokens: stop rules, text, cache bookkeeping; finished ones leave."""
+        ahead = {s.seq_id for s in self._inflight.seqs} if self._inflight else set()
         for seq, tokens in zip(seqs, new, strict=True):
             before = len(seq.tokens)
             seq.append(tokens, self.max_model_len)
             seq.update_text(self.tokenizer)
             seq.num_cached = len(seq.tokens) - 1
-            if not is_prefill:  # tokens kept beyond one per step (a stop can cut accepted drafts off)
+            if not prefill:  # tokens kept beyond one per step (a stop can cut accepted drafts off)
                 seq.accepted += min(len(tokens) - 1, len(seq.tokens) - before - 1)
             if seq.finish_reason is None:
-                self.scheduler.rollback(seq)
+                self.scheduler.rollback(seq, in_flight=seq.seq_id in ahead)
         self.scheduler.finish([s for s in seqs if s.finish_reason is not None])
         return seqs
 
@@ -194,21 +244,54 @@ class Engine:
             self.drafter.after_prefill(self.runner, seqs, h, tokens, lengths, nxt)
         return [[t] for t in nxt.tolist()]
 
-    def _decode(self, seqs: list[Sequence]) -> list[list[int]]:
+    def _complete(self, cur: _Launch) -> list[Sequence]:
+        """Read a launched decode step back (the step's one host sync) and advance its sequences; rows of
+        sequences that finished or were aborted after the launch are dropped."""
         k = self.drafter.k if self.drafter else 0
-        rows = self._launch_decode(seqs).tolist()  # the step's one host sync
-        out = []
-        for seq, (a, x, *d) in zip(seqs, rows, strict=True):
+        seqs, new = [], []
+        for seq, row in zip(cur.seqs, self._read(cur), strict=True):
+            if seq.status is not Status.RUNNING:
+                continue
+            a, x, *d = row if k else (0, row)
             seq.steps += 1
             seq.drafted += k
-            out.append(d[:a] + [x])  # (step() counts the accepted drafts that the output keeps)
-        return out
+            seqs.append(seq)
+            new.append(d[:a] + [x])  # (_advance counts the accepted drafts that the output keeps)
+        return self._advance(seqs, new, prefill=False)
 
-    def _launch_decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Everything a decode step does, queued on the device without waiting for it: returns [B, 2 + k]
-        device tensor rows (accepted drafts, next token, the k drafts)."""
+    def _read(self, cur: _Launch) -> list:
+        """The launched step's rows on the host (as `_Launch.host`, in lists)."""
+        if cur.done is not None:
+            cur.done.synchronize()  # this step's copy only: a step launched after it keeps running
+        return cur.host.tolist()
+
+    def _launch_next(self, cur: _Launch) -> _Launch | None:
+        """Launch the decode step after `cur` before `cur` is read (overlap), each row fed its token from `cur`
+        on the device. Only when that step's batch is certain now: no drafts (their count per row depends on
+        `cur`'s acceptance), no request waiting (its prefill goes first) and blocks for every row's next
+        position at hand without preempting; else None, and the next step is scheduled after `cur` is read.
+        A row that `cur`'s token ends by length leaves the batch, as it would without overlap. A row that a
+        stop token or string ends (or an abort) is computed and dropped when read; its write at one slot of
+        blocks freed meanwhile is harmless: it is queued on the device's one stream before anything launched
+        after the freeing, so a new owner of the block, which writes every position before a step reads it
+        (its prefill, its decode steps), overwrites it."""
+        if not self.overlap or self.drafter is not None or self.scheduler.waiting:
+            return None
+        row = {s.seq_id: b for b, s in enumerate(cur.seqs)}
+        seqs = [s for s in self.scheduler.running if s.room(self.max_model_len) > 1]
+        if not seqs or any(s.seq_id not in row for s in seqs) or not self.scheduler.reserve_ahead(seqs):
+            return None
+        idx = [row[s.seq_id] for s in seqs]
+        same = idx == list(range(len(cur.seqs)))
+        nxt = cur.nxt if same else cur.nxt[to_device(torch.tensor(idx), cur.nxt.device)]
+        return self._launch_decode(seqs, nxt)
+
+    def _launch_decode(self, seqs: list[Sequence], follow: torch.Tensor | None = None) -> _Launch:
+        """Everything a decode step does, queued on the device without waiting for it, its rows' copy to the
+        host included. follow [B] (device): each row feeds this token, which a step in flight samples, at the
+        position after its newest token's."""
         runner = self.runner
-        runner.prepare_decode(seqs)
+        runner.prepare_decode(seqs, follow=follow)
         if self.drafter is not None:
             drafts, q = self.drafter.propose(runner, seqs)
             drafts = drafts.to(runner.device, non_blocking=True)
@@ -218,19 +301,30 @@ class Engine:
         if drafts is None:
             drafts = greedy.new_empty(len(seqs), 0)
         k = drafts.shape[1]
-        if all(s.params.greedy for s in seqs):
-            # one-hot p: a draft is accepted iff it is the argmax, and the next token is the argmax after them
-            accepted = (drafts == greedy[:, :k]).long().cumprod(-1).sum(-1)
-            nxt = greedy.gather(1, accepted.unsqueeze(1)).squeeze(1)
-        else:
+        if not all(s.params.greedy for s in seqs):
             if q is None:
                 q = torch.empty(len(seqs), 0, logits.shape[-1], device=runner.device)
             p = probabilities(logits, [s.params for s in seqs])
             u = uniforms([s.generator for s in seqs], k + 1, runner.device)
             accepted, nxt = accept_drafts(p, q.to(runner.device), drafts, u)
+        elif k:
+            # one-hot p: a draft is accepted iff it is the argmax, and the next token is the argmax after them
+            accepted = (drafts == greedy[:, :k]).long().cumprod(-1).sum(-1)
+            nxt = greedy.gather(1, accepted.unsqueeze(1)).squeeze(1)
+        else:  # nothing to accept: the argmax is the next token, with no kernel to find it
+            accepted, nxt = None, greedy[:, 0]
         if self.drafter is not None:
             self.drafter.after_verify(runner, seqs, h, drafts, accepted, nxt)
-        return torch.cat([accepted.unsqueeze(1), nxt.unsqueeze(1), drafts], dim=1)
+        rows = torch.cat([accepted.unsqueeze(1), nxt.unsqueeze(1), drafts], dim=1) if k else nxt
+        cuda = runner.device.type == "cuda"
+        # a copy (nxt may be a view of the runner's outputs, which the next step rewrites) into pinned memory,
+        # so that reading it waits for this step alone
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=cuda).copy_(rows, non_blocking=True)
+        done = None
+        if cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return _Launch(seqs, nxt, host, done)
 
     # -- whole requests ------------------------------------------------------------------------------
     def generate(

@@ -8,11 +8,12 @@ tokens (the newest one, then the drafts it verifies), runs padded to a batch buc
 table padded to a width bucket Wp (`bucket`; at least MIN_TABLE_TOKENS positions, so short contexts share one
 shape, at most the longest table the engine allows). Its inputs live in one preallocated device buffer: tokens
 [Bp, S], start positions [Bp] and block tables [Bp, Wp], staged in pinned host memory and copied with one
-non-blocking transfer; positions, slots and the gathered keys are computed from them on the device. Padding
-rows have start 0 and an all-null block table: they write only into the null block and no real row reads
-them. The host keeps the block tables in a persistent array and rewrites a row only when its table changed.
-The forward (`hidden_states`, `lm_head`, argmax) writes into preallocated outputs: logits [Bp, S, V], greedy
-tokens [Bp, S] and, for the drafter, hidden [Bp, S, d]. On CUDA each (Bp, Wp) is captured once in a
+non-blocking transfer (a step launched before the previous one is read takes its tokens from that step's
+outputs with a device copy after it); positions, slots and the gathered keys are computed from them on the
+device. Padding rows have start 0 and an all-null block table: they write only into the null block and no real
+row reads them. The host keeps the block tables in a persistent array and rewrites a row only when its table
+changed. The forward (`hidden_states`, `lm_head`, argmax) writes into preallocated outputs: logits [Bp, S, V],
+greedy tokens [Bp, S] and, for the drafter, hidden [Bp, S, d]. On CUDA each (Bp, Wp) is captured once in a
 `torch.cuda.CUDAGraph` (warm-up on a side stream, one memory pool shared by all graphs, as vLLM does) and
 replayed; elsewhere, or with cuda_graphs=False, the very same function runs eagerly, so the CPU tests cover
 the buffer bookkeeping of the graph path. Nothing between staging and the outputs waits on the device.
@@ -286,13 +287,19 @@ class ModelRunner:
         """Table width bucket of a longest table of `blocks` blocks (at least min_blocks, at most max_blocks)."""
         return bucket(min(max(blocks, self.min_blocks), self.max_blocks), WIDTH_STEPS_PER_OCTAVE, self.max_blocks)
 
-    def prepare_decode(self, seqs: list[Sequence], tokens: list[list[int]] | None = None) -> DecodeStep:
+    def prepare_decode(
+        self, seqs: list[Sequence], tokens: list[list[int]] | None = None, follow: torch.Tensor | None = None,
+    ) -> DecodeStep:
         """Stage a decode step of `seqs` and copy its inputs to the device (non-blocking). Row b feeds
         tokens[b] (at most S; default: its newest token), the rest of its S tokens come from `decode(drafts)`,
-        at positions num_cached.. . Blocks for all S positions must be reserved."""
+        at positions num_cached.. . follow [B] (device; S = 1): row b feeds follow[b] at num_cached + 1 instead,
+        the token a step still in flight samples, copied on the device. Blocks for all positions must be
+        reserved."""
         B, S = len(seqs), self.S
         tables = [self.blocks.table(s.seq_id) for s in seqs]
         Bp, Wp = self.shape(seqs)
+        if follow is not None and (Bp, Wp) not in self._graphs:
+            follow = follow.clone()  # it may view the outputs, which a capture's warm-up runs rewrite
         self.graph(Bp, Wp)  # capture (on zeroed inputs) before this step's inputs are staged
         # the persistent tables: entries past what a row holds are always the null block
         for b in range(Bp):
@@ -311,7 +318,7 @@ class ModelRunner:
             for b, row in enumerate(tokens):
                 tok[b, : len(row)] = row
         start.fill(0)
-        start[:B] = [s.num_cached for s in seqs]
+        start[:B] = [s.num_cached + (follow is not None) for s in seqs]
         tab[:] = self._tables[:Bp, :Wp]
         n = Bp * (S + 1 + Wp)
         self._inputs[:n].copy_(host[:n], non_blocking=True)
@@ -320,6 +327,8 @@ class ModelRunner:
             event.record()
             self._staged[self._turn] = event
         self.step = DecodeStep(B, Bp, Wp, *self._views(self._inputs, Bp, Wp))
+        if follow is not None:  # after the staged copy, in stream order: no host sync
+            self.step.tokens[:B, 0].copy_(follow, non_blocking=True)
         return self.step
 
     def decode(self, drafts: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:

@@ -100,9 +100,20 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preempted += 1
 
-    def rollback(self, seq: Sequence) -> None:
-        """After a step: drop the blocks beyond the cached positions (rejected draft slots)."""
-        self.blocks.truncate(seq.seq_id, seq.num_cached)
+    def reserve_ahead(self, seqs: list[Sequence]) -> bool:
+        """For a step launched while the one writing each sequence's position num_cached is in flight: reserve
+        position num_cached + 1 for every sequence, all or none, never preempting (False: the pool is short)."""
+        need = sum(max(0, self.blocks.blocks_for(s.num_cached + 2) - len(self.blocks.table(s.seq_id))) for s in seqs)
+        if need > self.blocks.num_free:
+            return False
+        for seq in seqs:
+            self.blocks.reserve(seq.seq_id, seq.num_cached + 2)
+        return True
+
+    def rollback(self, seq: Sequence, in_flight: bool = False) -> None:
+        """After a step: drop the blocks beyond the cached positions (rejected draft slots), and beyond
+        position num_cached when a step in flight writes it."""
+        self.blocks.truncate(seq.seq_id, seq.num_cached + in_flight)
 
     def finish(self, seqs: list[Sequence]) -> None:
         """Free the blocks of the finished sequences and drop them from the running queue (one pass)."""

@@ -73,14 +73,17 @@ class Sequence:
         the context (tokens after that point, e.g. accepted drafts past an EOS, are dropped)."""
         for tok in new:
             self.tokens.append(tok)
-            n_out = len(self.tokens) - self.num_prompt
             if tok in self.stop_ids:
                 self.finish_reason = "stop"
                 break
-            self._text_tokens = n_out
-            if n_out >= self.params.max_tokens or len(self.tokens) >= max_model_len:
+            self._text_tokens = len(self.tokens) - self.num_prompt
+            if self.room(max_model_len) <= 0:
                 self.finish_reason = "length"
                 break
+
+    def room(self, max_model_len: int) -> int:
+        """Tokens it may still append before max_tokens or the end of the context."""
+        return min(self.params.max_tokens - (len(self.tokens) - self.num_prompt), max_model_len - len(self.tokens))
 
     def update_text(self, tokenizer: TokenizerLike | None) -> None:
         """Decode the output and apply stop strings; sets finish_reason 'stop' when one appears. When the step
