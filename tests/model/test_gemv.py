@@ -238,6 +238,9 @@ def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="block grid"):
         gemv(torch.randn(3, 32, device="cuda"), q3, zeros, torch.ones(2, 2, 1, device="cuda"), split=100)
     gemv(torch.randn(3, 32, device="cuda"), q3, zeros, torch.ones(2, 3, 1, device="cuda"), split=100)
+    for tiles in [(4, 0, 4), (0, 128, 4), (3, 128, 4), (4, 192, 4), (4, 64, 4)]:  # K steps: powers of two >= 128
+        with pytest.raises(ValueError, match="tiles"):
+            gemv(torch.randn(3, 32, device="cuda"), w, zeros, tiles=tiles)
     assert not gemv_supported(torch.randn(2, 32, device="cuda", requires_grad=True))
     assert not gemv_supported(torch.randn(2, 32, device="cuda"), w.requires_grad_())  # a weight being trained
     with torch.no_grad():

@@ -93,7 +93,9 @@ class Engine:
     cuda_graphs: replay decode steps from CUDA graphs (default: when the model is on a CUDA device).
     compile: torch.compile the decode forward first (faster steps, a compilation per decode shape).
     overlap: without drafts, launch the next decode step before reading the current one's tokens when its
-    batch is certain, so the host's per-step work runs while the device computes (the same tokens either way).
+    batch is certain, so the host's per-step work runs while the device computes (the same tokens either way, but
+    for the GPU's batch-size dependence of low bits that plain decoding has too: a row a stop token ends still
+    runs in the step already launched, so its batch's other rows may run at another batch size).
     Call `sync()` before using `runner` directly: a step may be in flight between calls of `step()`.
     """
 
@@ -323,7 +325,7 @@ class Engine:
         done = None
         if cuda:
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(runner.device))  # the model's device, current or not
         return _Launch(seqs, nxt, host, done)
 
     # -- whole requests ------------------------------------------------------------------------------

@@ -324,7 +324,7 @@ class ModelRunner:
         self._inputs[:n].copy_(host[:n], non_blocking=True)
         if self.device.type == "cuda":
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
             self._staged[self._turn] = event
         self.step = DecodeStep(B, Bp, Wp, *self._views(self._inputs, Bp, Wp))
         if follow is not None:  # after the staged copy, in stream order: no host sync

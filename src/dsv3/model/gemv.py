@@ -232,7 +232,7 @@ def _launch(
     xs = extra.scale_inv if extra is not None and s3 is not None else s
     xs2 = extra.scale_inv2 if extra is not None and extra.scale_inv2 is not None else xs
     block_n, block_k, warps = tiles or _tiles(y.shape[0] * N, swiglu)
-    if block_k % BLOCK or block_n & (block_n - 1) or block_k & (block_k - 1):
+    if block_k < BLOCK or block_k % BLOCK or block_n < 1 or block_n & (block_n - 1) or block_k & (block_k - 1):
         raise ValueError(f"gemv: tiles {tiles}: BLOCK_N a power of two, BLOCK_K a power-of-two multiple of {BLOCK}")
     _gemv_kernel[(y.shape[0], triton.cdiv(N, block_n))](
         x, w3, s, idx if idx is not None else x, y, xw, xs, xw2, xs2,

@@ -17,7 +17,7 @@ two kernels read the cached latents in place through the block table, once per t
   every split's [queries, columns] tile at once (programs over query tiles and column chunks).
 
 The key range is split so that rows x splits x query tiles fill the GPU about twice over (at most MAX_SPLITS a
-row): one sequence's 1K keys spread over ~18 SMs rather than one. Every step takes this path, one row included.
+row): one sequence's 1K keys spread over 18-32 SMs rather than one. Every step takes this path, one row included.
 """
 
 from __future__ import annotations
