@@ -378,7 +378,8 @@ def test_bad_checkpoint_raises_listing_every_problem(make_cfg, make_model, tmp_p
         assert needle in str(e.value)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "index-not-json", "index-without-map", "map-not-names"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "index-not-json", "index-without-map", "map-not-names",
+                                    "map-outside", "map-absolute"])
 def test_damaged_files_raise_naming_the_file(make_cfg, make_model, tmp_path, damage):
     # a half-copied download or a hand-edited index: a CheckpointError naming the file, not a library traceback
     save_model(make_model(make_cfg()), tmp_path / "ck")
@@ -392,10 +393,17 @@ def test_damaged_files_raise_naming_the_file(make_cfg, make_model, tmp_path, dam
         index.write_text("{not json")
     elif damage == "index-without-map":
         index.write_text("{}")
-    else:
+    elif damage == "map-not-names":
         index.write_text(json.dumps({"weight_map": {"model.norm.weight": 3}}))
+    else:  # a shard moved out of the directory, where the index points (so only the path is wrong)
+        moved = tmp_path / shard.name
+        shard.rename(moved)
+        name = f"../{shard.name}" if damage == "map-outside" else str(moved)
+        m = json.loads(index.read_text())
+        m["weight_map"] = {k: name if f == shard.name else f for k, f in m["weight_map"].items()}
+        index.write_text(json.dumps(m))
     bad = shard if damage in ("truncated", "garbage") else index
-    with pytest.raises(CheckpointError, match=f"{bad.name}: (not a|`weight_map` must map)"):
+    with pytest.raises(CheckpointError, match=f"{bad.name}: (not a|`weight_map` (must map|names shards outside))"):
         load_model(tmp_path / "ck", dtype=torch.float32)
 
 

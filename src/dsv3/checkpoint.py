@@ -291,6 +291,11 @@ def _weight_files(path: Path) -> dict[str, Path]:
         weight_map = read_json_object(index, CheckpointError).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{index}: `weight_map` must map tensor names to shard file names")
+        # a shard lies in the checkpoint's own directory: a path out of it ("../", absolute) would read any file
+        outside = sorted({f for f in weight_map.values() if Path(f).name != f or f in ("", ".", "..")})
+        if outside:
+            raise CheckpointError(f"{index}: `weight_map` names shards outside the checkpoint directory: "
+                                  f"{', '.join(map(repr, outside))} (shards are file names in {path})")
     elif (path / "model.safetensors").is_file():
         with _open_shard(path / "model.safetensors") as f:
             weight_map = dict.fromkeys(f.keys(), "model.safetensors")
