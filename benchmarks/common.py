@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -128,6 +130,34 @@ def profile_kernels(fn: Callable[[], object], device: torch.device, label: str, 
               flush=True)
     except Exception as e:  # noqa: BLE001 - a profiler failure must not lose the measurements
         print(f"profile failed: {type(e).__name__}: {e}", flush=True)
+
+
+def kernel_timeline(fn: Callable[[], object], device: torch.device, path: str, n: int = 3) -> None:
+    """Write the device kernels of the last of `n` calls of fn (already warm) to `path` in launch order: start
+    (us from the first), the gap since the previous kernel ended, duration and name, under a line with the
+    count, busy time and span. Where a step's time goes kernel by kernel (per layer, between kernels)."""
+    if device.type != "cuda":
+        return
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                fn()
+            sync(device)
+        with tempfile.TemporaryDirectory() as d:
+            prof.export_chrome_trace(f"{d}/trace.json")
+            events = json.loads(Path(f"{d}/trace.json").read_text())["traceEvents"]
+        kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+        last = kernels[-(len(kernels) // n):]
+        t0 = end = last[0]["ts"]
+        lines = []
+        for k in last:
+            lines.append(f"{k['ts'] - t0:9.1f} gap {k['ts'] - end:5.1f} dur {k['dur']:6.1f}  {k['name'][:150]}")
+            end = k["ts"] + k["dur"]
+        head = f"{len(last)} kernels, busy {sum(k['dur'] for k in last):.1f} us, span {end - t0:.1f} us"
+        Path(path).write_text(head + "\n" + "\n".join(lines) + "\n")
+        print(f"kernel timeline of one call: {head} -> {path}", flush=True)
+    except Exception as e:  # noqa: BLE001 - a profiler failure must not lose the measurements
+        print(f"timeline failed: {type(e).__name__}: {e}", flush=True)
 
 
 COLD_BYTES = 256e6  # each timed call reads weights the previous ~256 MB of calls did not (L2: 60 MB)

@@ -64,6 +64,7 @@ from benchmarks.common import (  # noqa: E402
     copy_bandwidth,
     device_name,
     emit_json,
+    kernel_timeline,
     print_table,
     profile_kernels,
     sync,
@@ -164,7 +165,7 @@ def run_dsv3(
             runner.prepare_decode(seqs)
             model_s = time_fn(runner.decode, dev, warmup=2, iters=max(args.steps // 4, 3))
             if profile:
-                profile_step(runner, dev)
+                profile_step(runner, dev, args.timeline and f"{args.timeline}.{name.replace(' ', '_')}")
         nbytes = step_bytes(cfg, B, mean_ctx, bytes_per_value=engine.model.embed_tokens.weight.element_size(),
                             fp8=args.fp8_weights == "keep")
         roof = nbytes["total"] / bw
@@ -197,9 +198,12 @@ def run_dsv3(
     return rows
 
 
-def profile_step(runner, dev: torch.device) -> None:
-    """Kernels of the replayed decode forward (the captured function, run eagerly): count and top ones."""
+def profile_step(runner, dev: torch.device, timeline: str | None = None) -> None:
+    """Kernels of the replayed decode forward (the captured function, run eagerly): count and top ones; with
+    `timeline`, the replayed graph's kernels in order, written there."""
     profile_kernels(runner.graph(runner.step.Bp, runner.step.Wp).fn, dev, "the decode forward", n=5, rows=25)
+    if timeline:
+        kernel_timeline(runner.decode, dev, timeline)
 
 
 # -- transformers ----------------------------------------------------------------------------------------
@@ -517,6 +521,9 @@ def main() -> None:
     ap.add_argument("--no-overlap", action="store_true",
                     help="dsv3 without overlap: each step's host work after its device work, not during the next")
     ap.add_argument("--profile", action="store_true", help="print the kernels of one replayed decode step")
+    ap.add_argument("--timeline", default=None, metavar="FILE",
+                    help="with --profile: also write each profiled row's replayed step, kernel by kernel in launch "
+                         "order with the gaps between them, to FILE.<row>")
     ap.add_argument("--fp8-weights", choices=["bf16", "keep"], default="bf16",
                     help="keep: quantise dsv3's block linears and experts to FP8 E4M3 (128x128 scales) and serve "
                          "them so (roofline bytes count 1 byte per such weight); the peer stays bf16")
