@@ -288,7 +288,7 @@ def speed(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     result: dict = {"bench": "decode", "preset": args.preset, "device": device_name(device), "dtype": str(dtype),
                     "torch": torch.__version__, "steps": args.steps, "block_size": args.block_size,
-                    "overlap": not args.no_overlap, "rows": [],
+                    "overlap": not args.no_overlap, "inductor": args.inductor, "rows": [],
                     "errors": [], "skipped": []}
     rows: list[dict] = result["rows"]
 
@@ -498,6 +498,28 @@ def mtp(args: argparse.Namespace) -> None:
                        "repeats": args.repeats, "torch": torch.__version__, "rows": rows}))
 
 
+def inductor_options(pairs: list[str]) -> None:
+    """Apply KEY=VALUE settings to torch._inductor.config (values parsed as Python literals: True, 4, 'x');
+    an unknown key or a value of another type than the setting's exits with a message."""
+    import ast
+
+    import torch._inductor.config as inductor
+
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not hasattr(inductor, key):
+            raise SystemExit(f"--inductor {pair}: not KEY=VALUE with KEY a torch._inductor.config setting")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        old = getattr(inductor, key)
+        if old is not None and type(value) is not type(old):
+            raise SystemExit(f"--inductor {pair}: {key} is a {type(old).__name__} (now {old!r})")
+        setattr(inductor, key, value)
+        log(f"torch._inductor.config.{key} = {value!r}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="bench")
@@ -521,6 +543,9 @@ def main() -> None:
     ap.add_argument("--no-overlap", action="store_true",
                     help="dsv3 without overlap: each step's host work after its device work, not during the next")
     ap.add_argument("--profile", action="store_true", help="print the kernels of one replayed decode step")
+    ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="torch._inductor.config settings for the compiled rows, e.g. combo_kernels=True (an "
+                         "experiment: horizontal fusion of the decode step's independent small kernels)")
     ap.add_argument("--timeline", default=None, metavar="FILE",
                     help="with --profile: also write each profiled row's replayed step, kernel by kernel in launch "
                          "order with the gaps between them, to FILE.<row>")
@@ -537,6 +562,7 @@ def main() -> None:
     ap.add_argument("--prompts", default=None, help="MTP mode: a text file of prompts separated by blank lines")
     ap.add_argument("--repeats", type=int, default=2, help="MTP mode: runs per setting, fastest kept")
     args = ap.parse_args()
+    inductor_options(args.inductor)
     if args.model:
         args.device = args.device or "cpu"
         mtp(args)
