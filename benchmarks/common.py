@@ -111,16 +111,22 @@ def emit_json(obj: dict) -> None:
     print(json.dumps(obj, sort_keys=True))
 
 
+def _profiled(fn: Callable[[], object], device: torch.device, n: int) -> torch.profiler.profile:
+    """The finished CUDA-kernel profile of `n` calls of fn, the device synchronised inside it."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        sync(device)
+    return prof
+
+
 def profile_kernels(fn: Callable[[], object], device: torch.device, label: str, n: int = 3, rows: int = 30) -> None:
     """Print the device kernels of `n` calls of fn (already warm): count and kernel time per call, then the
     top `rows` by self device time. Profiler failures are printed, never raised (measurements come first)."""
     if device.type != "cuda":
         return
     try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(n):
-                fn()
-            sync(device)
+        prof = _profiled(fn, device, n)
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
         kernels = sum(e.count for e in events) / n
         total = sum(e.self_device_time_total for e in events) / n
@@ -139,10 +145,7 @@ def kernel_timeline(fn: Callable[[], object], device: torch.device, path: str, n
     if device.type != "cuda":
         return
     try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(n):
-                fn()
-            sync(device)
+        prof = _profiled(fn, device, n)
         with tempfile.TemporaryDirectory() as d:
             prof.export_chrome_trace(f"{d}/trace.json")
             events = json.loads(Path(f"{d}/trace.json").read_text())["traceEvents"]
