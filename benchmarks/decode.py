@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import sys
 import tempfile
 import time
@@ -165,7 +166,7 @@ def run_dsv3(
             runner.prepare_decode(seqs)
             model_s = time_fn(runner.decode, dev, warmup=2, iters=max(args.steps // 4, 3))
             if profile:
-                profile_step(runner, dev, args.timeline and f"{args.timeline}.{name.replace(' ', '_')}")
+                profile_step(runner, dev, args.timeline and f"{args.timeline}.{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}")
         nbytes = step_bytes(cfg, B, mean_ctx, bytes_per_value=engine.model.embed_tokens.weight.element_size(),
                             fp8=args.fp8_weights == "keep")
         roof = nbytes["total"] / bw
@@ -507,16 +508,20 @@ def inductor_options(pairs: list[str]) -> None:
 
     for pair in pairs:
         key, sep, text = pair.partition("=")
-        if not sep or not hasattr(inductor, key):
+        *path, leaf = key.split(".")  # nested settings: triton.enable_pdl
+        owner = inductor
+        for part in path:
+            owner = getattr(owner, part, None)
+        if not sep or owner is None or not hasattr(owner, leaf):
             raise SystemExit(f"--inductor {pair}: not KEY=VALUE with KEY a torch._inductor.config setting")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
-        old = getattr(inductor, key)
+        old = getattr(owner, leaf)
         if old is not None and type(value) is not type(old):
             raise SystemExit(f"--inductor {pair}: {key} is a {type(old).__name__} (now {old!r})")
-        setattr(inductor, key, value)
+        setattr(owner, leaf, value)
         log(f"torch._inductor.config.{key} = {value!r}")
 
 
