@@ -120,7 +120,7 @@ def test_cuda_decode_reads_the_pages_in_place_as_accurately(make_cfg, make_model
     model = make_model(cfg, dtype=torch.float64)
     calls = []
     real = attention.paged_decode
-    monkeypatch.setattr(attention, "paged_decode", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(attention, "paged_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     fast, full, lengths = _decode_logits(model.to("cuda", torch.bfloat16), cfg, "cuda", torch.bfloat16)
     assert calls
     monkeypatch.setattr(pc, "paged_decode_supported", lambda pool, C, rows: False)

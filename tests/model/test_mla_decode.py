@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv3.model.mla_decode import paged_decode, paged_decode_supported
+from dsv3.model.mla_decode import paged_decode, paged_decode_supported, store_latents
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -118,3 +118,57 @@ def test_one_position_row_broadcasts_and_supported_conditions():
     with pytest.raises(ValueError, match="do not fit"):  # a column-major pool would be read wrongly
         paged_decode(q_lat.cuda(), q_pe.cuda(), pool.T.contiguous().T.cuda(), block_tables.cuda(), bs,
                      q_pos.cuda(), 0.1)
+
+
+@pytest.mark.parametrize("src_dtype", [torch.bfloat16, torch.float32])
+def test_store_latents_writes_each_token_at_its_slot(src_dtype, device="cuda"):
+    """Token i's [c_kv; k_R] lands in pool row slots[i], cast to the pool's dtype (exactly: bf16 values, or
+    float32 rounded once); every other row keeps its value. Strided inputs (views into a wider tensor)."""
+    g = torch.Generator().manual_seed(3)
+    C, R, N = 64, 32, 5
+    pool = torch.randn(40, C + R, generator=g).to(torch.bfloat16)
+    wide = torch.randn(N, C + R + 8, generator=g).to(src_dtype)
+    c_kv, k_pe = wide[:, :C], wide[:, C + 8:]
+    slots = torch.tensor([17, 0, 39, 5, 6])
+    want = pool.clone()
+    for i, s in enumerate(slots.tolist()):  # row by row, by hand
+        want[s, :C] = c_kv[i].to(torch.bfloat16)
+        want[s, C:] = k_pe[i].to(torch.bfloat16)
+    got = pool.to(device)
+    store_latents(got, slots.to(device), c_kv.to(device), k_pe.to(device))
+    assert torch.equal(got.cpu(), want)
+    with pytest.raises(ValueError, match="do not fit"):
+        store_latents(got, slots.to(device), c_kv.to(device), k_pe[:, :16].to(device))
+
+
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("merged", [True, False])
+def test_w_uv_product_matches_float64(splits, merged, monkeypatch, device="cuda", dtype=torch.bfloat16):
+    """paged_decode(..., w_uv) = W_UV of each query's head times its float64 attention output: merged into the
+    split merge (float32 o_lat), or (one split, or past _UV_BYTES: forced here) o_lat rounded and a batched
+    product. Two draft positions of 4 heads, V = 48 (not a multiple of BLOCK_V)."""
+    import dsv3.model.mla_decode as mla
+
+    if not merged:
+        monkeypatch.setattr(mla, "_UV_BYTES", 0)
+    g = torch.Generator().manual_seed(11)
+    C, R, H, S, bs, V = 64, 32, 4, 2, 16, 48
+    W, n_blocks, B = 5, 12, 2
+    pool = (torch.randn(n_blocks * bs, C + R, generator=g) * 0.5).to(dtype)
+    block_tables = torch.stack([torch.randperm(n_blocks, generator=g)[:W] for _ in range(B)])
+    q_pos = torch.tensor([[40, 41], [78, 79]])  # [B, S]: one position per draft token, shared by its heads
+    q_lat = torch.randn(B, S * H, C, generator=g).to(dtype)
+    q_pe = torch.randn(B, S * H, R, generator=g).to(dtype)
+    w_uv = (torch.randn(H, V, C + 8, generator=g) * C**-0.5).to(dtype)[..., :C]  # a strided view, as MLA's
+    got = mla.paged_decode(q_lat.to(device), q_pe.to(device), pool.to(device), block_tables.to(device), bs,
+                           q_pos.to(device), 0.2, splits=splits, w_uv=w_uv.to(device))
+    o_lat = reference(q_lat, q_pe, pool, block_tables, bs, q_pos.repeat_interleave(H, 1), 0.2)  # float64
+    heads = w_uv.double()[torch.arange(S * H) % H]  # [Q, V, C]
+    want = torch.einsum("bqc,qvc->bqv", o_lat, heads)
+    bound = torch.einsum("bqc,qvc->bqv", o_lat.abs(), heads.abs())
+    assert got.shape == (B, S * H, V) and got.dtype == dtype
+    ulp = 2.0**-8
+    assert ((got.double().cpu() - want).abs() <= 4 * ulp * bound + 1e-6).all()
+    with pytest.raises(ValueError, match="W_UV"):
+        mla.paged_decode(q_lat.to(device), q_pe.to(device), pool.to(device), block_tables.to(device), bs,
+                         q_pos.to(device), 0.2, w_uv=w_uv[:3].to(device))

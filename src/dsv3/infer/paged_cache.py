@@ -17,7 +17,7 @@ import torch
 
 from dsv3.config import ModelConfig
 from dsv3.model.attention import CachedLatents, PagedLatents
-from dsv3.model.mla_decode import paged_decode_supported
+from dsv3.model.mla_decode import paged_decode_supported, store_latents
 
 
 class PagedLatentCache:
@@ -76,11 +76,15 @@ class PagedStep:
         padding latents; they sit at positions past every query of that row, so the causal mask hides them.
         """
         pool = self.cache.pool[layer_idx]
-        pool.index_copy_(0, self.slots, torch.cat([c_kv, k_pe], dim=-1).flatten(0, 1).to(pool.dtype))
+        bs, C = self.cache.block_size, self.cache.kv_lora_rank
+        rows = c_kv.shape[0] if self.block_tables is None else self.block_tables.shape[0]
+        if paged_decode_supported(pool, C, rows):  # one kernel, no concatenated copy
+            store_latents(pool, self.slots, c_kv.flatten(0, 1), k_pe.flatten(0, 1))
+        else:
+            pool.index_copy_(0, self.slots, torch.cat([c_kv, k_pe], dim=-1).flatten(0, 1).to(pool.dtype))
         if self.block_tables is None:
             return None
         B, W = self.block_tables.shape
-        bs, C = self.cache.block_size, self.cache.kv_lora_rank
         if paged_decode_supported(pool, C, B):  # attention reads the pages in place: nothing to copy out
             return CachedLatents(None, None, self.positions, pages=PagedLatents(pool, self.block_tables, bs))
         blocks = pool.view(-1, bs, pool.shape[-1])  # [num_blocks, block_size, C + rope]

@@ -216,24 +216,23 @@ class MLA(nn.Module):
         it already concatenated) and value c_kv. The heads share that key, so they are folded into the query
         axis: one single-head attention of S*H queries (query s*H + h is head h at position s). SDPA's fused
         CUDA kernels take that for these head widths, where enable_gqa would leave only its unfused math path.
-        `pages`: the keys still in a paged pool, read in place by `paged_decode` (the same math in two kernels).
-        """
+        `pages`: the keys still in a paged pool, read in place by `paged_decode` (the same math in two kernels,
+        the second also applying W_UV at a few rows)."""
         B, S, H, _ = q_nope.shape
         w = dense_weight(self.kv_b_proj, q_nope.dtype).unflatten(0, (H, -1))  # [H, nope+v, C]
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
         if pages is not None:  # per-row positions [B|1, S] always come with pages; query s*H + h is at q_pos[:, s]
-            o_lat = paged_decode(q_lat.flatten(1, 2), q_pe.flatten(1, 2), *pages, q_pos, self.softmax_scale)
-        else:
-            # per-row positions [B|1, S*H] (query s*H + h)
-            pos = q_pos.unsqueeze(-1).expand(*q_pos.shape, H).flatten(-2) if isinstance(q_pos, torch.Tensor) \
-                else None
-            q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, 1, S * H, -1)  # [B,1,S*H,C+rope]
-            k = kv if kv is not None else torch.cat([c_kv, k_pe], dim=-1)
-            T = k.shape[1]
-            if pos is None and q_pos is not None and not (S == 1 and q_pos == T - 1):  # else every key is visible
-                pos = torch.arange(q_pos, q_pos + S, device=q.device).unsqueeze(-1).expand(S, H).reshape(1, S * H)
-            o_lat = attend(q, k.unsqueeze(1), c_kv.unsqueeze(1), self.softmax_scale, pos)  # [B,1,S*H,C]
+            o = paged_decode(q_lat.flatten(1, 2), q_pe.flatten(1, 2), *pages, q_pos, self.softmax_scale, w_uv=w_uv)
+            return o.view(B, S, H, -1)  # W_UV applied by the kernel that merges the key splits
+        # per-row positions [B|1, S*H] (query s*H + h)
+        pos = q_pos.unsqueeze(-1).expand(*q_pos.shape, H).flatten(-2) if isinstance(q_pos, torch.Tensor) else None
+        q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, 1, S * H, -1)  # [B,1,S*H,C+rope]
+        k = kv if kv is not None else torch.cat([c_kv, k_pe], dim=-1)
+        T = k.shape[1]
+        if pos is None and q_pos is not None and not (S == 1 and q_pos == T - 1):  # else every key is visible
+            pos = torch.arange(q_pos, q_pos + S, device=q.device).unsqueeze(-1).expand(S, H).reshape(1, S * H)
+        o_lat = attend(q, k.unsqueeze(1), c_kv.unsqueeze(1), self.softmax_scale, pos)  # [B,1,S*H,C]
         return torch.einsum("bshc,hdc->bshd", o_lat.view(B, S, H, -1), w_uv)
 
     def forward(

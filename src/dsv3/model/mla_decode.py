@@ -15,6 +15,11 @@ two kernels read the cached latents in place through the block table, once per t
   normalises and writes its output itself).
 - `_combine_kernel` rescales the splits to the global max and divides by the total sum, each program loading
   every split's [queries, columns] tile at once (programs over query tiles and column chunks).
+- `_combine_uv_kernel` instead (a few rows, `paged_decode(..., w_uv=)`): the same merge in float32, each column
+  chunk multiplied at once by the query's head's W_UV columns, so MLA's output product rides in the merge and
+  o_lat is never written (one launch where the combine and a batched GEMM took two).
+
+`store_latents` is the paged cache's write: each new token's c_kv and k_R into its slot in one launch.
 
 The key range is split so that rows x splits x query tiles fill the GPU about twice over (at most MAX_SPLITS a
 row): one sequence's 1K keys spread over 18-32 SMs rather than one. Every step takes this path, one row included.
@@ -119,6 +124,20 @@ if triton is not None:
             tl.store(l_ptr + b * stride_mb + split * stride_ms + offs_q, lsum, mask=q_ok)
 
     @triton.jit
+    def _store_kernel(
+        ckv_ptr, kpe_ptr, slots_ptr, pool_ptr, stride_c, stride_r, stride_pool,
+        C: tl.constexpr, R: tl.constexpr,
+    ):
+        # token i's c_kv and k_R side by side into its pool slot: the concatenation never materialised
+        i = tl.program_id(0)
+        row = pool_ptr + tl.load(slots_ptr + i).to(tl.int64) * stride_pool
+        offs_c, offs_r = tl.arange(0, C), tl.arange(0, R)
+        c = tl.load(ckv_ptr + i * stride_c + offs_c)
+        r = tl.load(kpe_ptr + i * stride_r + offs_r)
+        tl.store(row + offs_c, c.to(pool_ptr.dtype.element_ty))
+        tl.store(row + C + offs_r, r.to(pool_ptr.dtype.element_ty))
+
+    @triton.jit
     def _combine_kernel(
         o_ptr, m_ptr, l_ptr, out_ptr, Q, SPLITS,
         stride_ob, stride_os, stride_oq, stride_mb, stride_ms, stride_outb, stride_outq,
@@ -145,10 +164,53 @@ if triton is not None:
                  out.to(out_ptr.dtype.element_ty), mask=(offs_q < Q)[:, None])
 
 
+    @triton.jit
+    def _combine_uv_kernel(
+        o_ptr, m_ptr, l_ptr, w_ptr, out_ptr, H, V, SPLITS,
+        stride_ob, stride_os, stride_oq, stride_mb, stride_ms, stride_outb, stride_outq, stride_wh, stride_wv,
+        C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        # query q of row b, values [v0, v0 + BLOCK_V): the splits merged column chunk by column chunk in float32
+        # and each chunk multiplied by its head's W_UV columns at once, so o_lat is never written
+        b = tl.program_id(0)
+        q = tl.program_id(1)
+        offs_v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+        v_ok = offs_v < V
+        offs_s = tl.arange(0, BLOCK_S)
+        s_ok = offs_s < SPLITS
+        ml = b * stride_mb + offs_s * stride_ms + q
+        m = tl.load(m_ptr + ml, mask=s_ok, other=float("-inf"))
+        lsum = tl.load(l_ptr + ml, mask=s_ok, other=0.0)
+        m_all = tl.max(m, axis=0)
+        w = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # 0 for splits that saw no key
+        total = tl.sum(w * lsum, axis=0)
+        w = w / tl.where(total > 0, total, 1.0)  # no key seen: 0
+        parts = o_ptr + b * stride_ob + offs_s[:, None] * stride_os + q * stride_oq
+        w_rows = w_ptr + (q % H) * stride_wh + offs_v[:, None] * stride_wv
+        acc = tl.zeros([BLOCK_V, BLOCK_C], dtype=tl.float32)
+        for c0 in tl.static_range(0, C, BLOCK_C):  # unrolled: every chunk's loads issue together
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            o_c = tl.sum(w[:, None] * tl.load(parts + offs_c[None, :], mask=s_ok[:, None], other=0.0), axis=0)
+            acc += tl.load(w_rows + offs_c[None, :], mask=v_ok[:, None], other=0.0).to(tl.float32) * o_c[None, :]
+        tl.store(out_ptr + b * stride_outb + q * stride_outq + offs_v, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty),
+                 mask=v_ok)
+
+
+# The merged W_UV product reads a head's [v, C] matrix once per query (from L2 after the first): it pays while
+# that is a few MB (`bench`'s 16 heads at 1-8 rows: 1-8 MB; V3's 128 heads at one row: 16 MB, where it ties),
+# beyond which the combine's o_lat and one batched GEMM, which reads each head's matrix once, win. Program shape
+# from a sweep (H200, 1K keys, attention + W_UV against combine + einsum): 64 values, 4 warps, [splits, columns]
+# chunks of 4096 float32 values; `bench` 1 row 7.96 vs 10.88 us, 8 rows 13.8 vs 14.4, V3 1 row 25.7 vs 25.8.
+_UV_BYTES = 16 << 20
+BLOCK_V = 64  # values per merged-W_UV program
+_UV_WARPS = 4
+_UV_TILE = 4096
+
+
 def paged_decode(
     q_lat: torch.Tensor, q_pe: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, block_size: int,
     q_pos: torch.Tensor, scale: float, block_q: int | None = None, num_warps: int | None = None,
-    splits: int | None = None,
+    splits: int | None = None, w_uv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax([q_lat; q_pe] . [c_kv; k_R] * scale) c_kv over the paged keys, for q_lat [B, Q, C], q_pe [B, Q, R]
     (Q = draft positions x heads), pool [slots, C + R] (one layer), block_tables [B, W] (key j of row b in slot
@@ -157,7 +219,9 @@ def paged_decode(
     Returns [B, Q, C] in q_lat's dtype. block_q / num_warps: queries and warps of
     a partial program (a power of two >= 16; each query tile reads its split's keys once); by default 64 and 8
     from 64 queries a row on (V3's 128 heads), else 16 and 4. splits: key ranges per row, merged by a second
-    kernel (default: enough programs to fill the GPU twice, at most MAX_SPLITS, at least BLOCK_T keys each)."""
+    kernel (default: enough programs to fill the GPU twice, at most MAX_SPLITS, at least BLOCK_T keys each).
+    w_uv [H, V, C] (H dividing Q; query q is head q % H): return each query's W_UV o_lat [B, Q, V] instead, the
+    product taken inside the merge of the splits where that pays (float32 o_lat, rounded once at the end)."""
     B, Q, C = q_lat.shape
     R = q_pe.shape[-1]
     if pool.shape[-1] != C + R or pool.stride(-1) != 1 or pool.dtype != q_lat.dtype or q_pe.dtype != q_lat.dtype:
@@ -171,9 +235,12 @@ def paged_decode(
             or bt.shape[0] != B:
         raise ValueError(f"paged_decode: positions {tuple(q_pos.shape)} / block tables {tuple(block_tables.shape)} "
                          f"do not fit {B} rows of {Q} queries")
+    if w_uv is not None and (w_uv.dim() != 3 or w_uv.shape[2] != C or Q % w_uv.shape[0] or w_uv.dtype != q_lat.dtype):
+        raise ValueError(f"paged_decode: W_UV {tuple(w_uv.shape)} {w_uv.dtype} does not fit {Q} queries of {C} "
+                         f"{q_lat.dtype} values ([heads, v, C] with heads dividing the queries)")
     T = bt.shape[1] * block_size
     if T == 0:  # no keys: every query sees none, as a padding row does
-        return q_lat.new_zeros(B, Q, C)
+        return q_lat.new_zeros(B, Q, C if w_uv is None else w_uv.shape[1])
     if block_q is None:
         block_q = WIDE_BLOCK_Q if Q >= WIDE_BLOCK_Q else BLOCK_Q
     if block_q < 16 or block_q & (block_q - 1):
@@ -199,11 +266,47 @@ def paged_decode(
         pos.stride(0) if pos.shape[0] > 1 else 0, *strides,
         BS=block_size, C=C, R=R, BLOCK_Q=block_q, BLOCK_T=BLOCK_T, ONE_SPLIT=splits == 1, num_warps=num_warps,
     )
-    if splits > 1:
+    if w_uv is not None:
+        H, V = w_uv.shape[:2]
+        if splits == 1 or B * Q // H * w_uv.numel() * w_uv.element_size() > _UV_BYTES:
+            o_lat = _combine(o, m, lsum, out, splits, strides) if splits > 1 else out
+            return torch.einsum("bshc,hvc->bshv", o_lat.view(B, Q // H, H, C), w_uv).reshape(B, Q, V)
+        w_uv = w_uv if w_uv.stride(-1) == 1 else w_uv.contiguous()
+        y = torch.empty(B, Q, V, dtype=q_lat.dtype, device=q_lat.device)
         block_s = triton.next_power_of_2(splits)
-        block_c = min(C, 64, 1 << (_COMBINE_VALUES // (block_s * BLOCK_Q)).bit_length() - 1)  # a power of two
-        _combine_kernel[(B, triton.cdiv(Q, BLOCK_Q), triton.cdiv(C, block_c))](
-            o, m, lsum, out, Q, splits, *strides, BLOCK_C=block_c, BLOCK_Q=BLOCK_Q, BLOCK_S=block_s,
-            num_warps=4,
+        block_c = min(C, max(16, _UV_TILE // block_s))  # a [splits, columns] tile of _UV_TILE float32 values
+        _combine_uv_kernel[(B, Q, triton.cdiv(V, BLOCK_V))](
+            o, m, lsum, w_uv, y, H, V, splits, *strides[:5], y.stride(0), y.stride(1), w_uv.stride(0),
+            w_uv.stride(1), C=C, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_V=BLOCK_V, num_warps=_UV_WARPS,
         )
+        return y
+    return _combine(o, m, lsum, out, splits, strides) if splits > 1 else out
+
+
+def _combine(o: torch.Tensor, m: torch.Tensor, lsum: torch.Tensor, out: torch.Tensor, splits: int,
+             strides: tuple[int, ...]) -> torch.Tensor:
+    """`_combine_kernel` over the partials of `splits` key ranges into `out` [B, Q, C]."""
+    B, Q, C = out.shape
+    block_s = triton.next_power_of_2(splits)
+    block_c = min(C, 64, 1 << (_COMBINE_VALUES // (block_s * BLOCK_Q)).bit_length() - 1)  # a power of two
+    _combine_kernel[(B, triton.cdiv(Q, BLOCK_Q), triton.cdiv(C, block_c))](
+        o, m, lsum, out, Q, splits, *strides, BLOCK_C=block_c, BLOCK_Q=BLOCK_Q, BLOCK_S=block_s, num_warps=4,
+    )
     return out
+
+
+def store_latents(pool: torch.Tensor, slots: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+    """pool[slots[i]] = [c_kv[i]; k_pe[i]] (cast to the pool's dtype) for c_kv [N, C], k_pe [N, R], slots [N]: the
+    paged cache's write, one launch for what `index_copy_` of a concatenation does in two. Where
+    `paged_decode_supported` holds (C and R powers of two, a CUDA pool of unit-stride rows)."""
+    N, C = c_kv.shape
+    R = k_pe.shape[-1]
+    if pool.shape[-1] != C + R or k_pe.shape[0] != N or slots.numel() != N or pool.stride(-1) != 1:
+        raise ValueError(f"store_latents: latents {tuple(c_kv.shape)} + {tuple(k_pe.shape)} at {slots.numel()} slots "
+                         f"do not fit the pool {tuple(pool.shape)}")
+    if N == 0:
+        return
+    c_kv = c_kv if c_kv.stride(-1) == 1 else c_kv.contiguous()
+    k_pe = k_pe if k_pe.stride(-1) == 1 else k_pe.contiguous()
+    _store_kernel[(N,)](c_kv, k_pe, slots.contiguous(), pool, c_kv.stride(0), k_pe.stride(0), pool.stride(0),
+                        C=C, R=R, num_warps=1 if C + R <= 512 else 2)
