@@ -164,7 +164,10 @@ class ModelRunner:
         self._stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         self.step: DecodeStep | None = None  # the decode step being run (prepare_decode .. the next one)
         self.min_blocks = blocks.blocks_for(MIN_TABLE_TOKENS)
-        self.compiled = torch.compile(self._forward, dynamic=False) if compile else None
+        # combo_kernels: inductor launches independent small kernels of the step (the norms and RoPE of MLA's
+        # two latents, ...) as one: batch 1, `bench`, H200: 247 -> 235 kernels, +2% tok/s in three pairs of runs
+        options = {"combo_kernels": True} if dev.type == "cuda" else None
+        self.compiled = torch.compile(self._forward, dynamic=False, options=options) if compile else None
         self.capture_error: str | None = None  # set when a capture failed and decoding fell back to eager
 
     # -- prefill -------------------------------------------------------------------------------------
