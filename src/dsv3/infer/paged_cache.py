@@ -77,16 +77,17 @@ class PagedStep:
         """
         pool = self.cache.pool[layer_idx]
         bs, C = self.cache.block_size, self.cache.kv_lora_rank
-        rows = c_kv.shape[0] if self.block_tables is None else self.block_tables.shape[0]
-        if paged_decode_supported(pool, C, rows):  # one kernel, no concatenated copy
+        # where the Triton kernels run: the write in one kernel, and attention reads the pages in place
+        in_place = paged_decode_supported(pool, C, c_kv.shape[0])
+        if in_place:
             store_latents(pool, self.slots, c_kv.flatten(0, 1), k_pe.flatten(0, 1))
         else:
             pool.index_copy_(0, self.slots, torch.cat([c_kv, k_pe], dim=-1).flatten(0, 1).to(pool.dtype))
         if self.block_tables is None:
             return None
-        B, W = self.block_tables.shape
-        if paged_decode_supported(pool, C, B):  # attention reads the pages in place: nothing to copy out
+        if in_place:  # nothing to copy out
             return CachedLatents(None, None, self.positions, pages=PagedLatents(pool, self.block_tables, bs))
+        B, W = self.block_tables.shape
         blocks = pool.view(-1, bs, pool.shape[-1])  # [num_blocks, block_size, C + rope]
         kv = blocks.index_select(0, self.block_tables.flatten()).view(B, W * bs, -1)
         return CachedLatents(kv[..., :C], kv[..., C:], self.positions, kv)

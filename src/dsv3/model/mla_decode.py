@@ -138,6 +138,14 @@ if triton is not None:
         tl.store(row + C + offs_r, r.to(pool_ptr.dtype.element_ty))
 
     @triton.jit
+    def _split_weights(m, lsum):
+        """Each split's weight exp(m_s - max_s m_s) [S, X] (0 for splits that saw no key) and the total sum over
+        the splits, sum_s weight * lsum_s [X], from the splits' running maxima m and sums lsum [S, X]."""
+        m_all = tl.max(m, axis=0)
+        w = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all)[None, :])
+        return w, tl.sum(w * lsum, axis=0)
+
+    @triton.jit
     def _combine_kernel(
         o_ptr, m_ptr, l_ptr, out_ptr, Q, SPLITS,
         stride_ob, stride_os, stride_oq, stride_mb, stride_ms, stride_outb, stride_outq,
@@ -152,11 +160,8 @@ if triton is not None:
         offs_s = tl.arange(0, BLOCK_S)
         ok = (offs_s < SPLITS)[:, None] & (offs_q < Q)[None, :]
         ml = b * stride_mb + offs_s[:, None] * stride_ms + offs_q[None, :]
-        m = tl.load(m_ptr + ml, mask=ok, other=float("-inf"))  # [S, Q]
-        lsum = tl.load(l_ptr + ml, mask=ok, other=0.0)
-        m_all = tl.max(m, axis=0)
-        w = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all)[None, :])  # 0 for splits that saw no key
-        total = tl.sum(w * lsum, axis=0)
+        w, total = _split_weights(tl.load(m_ptr + ml, mask=ok, other=float("-inf")),  # [S, Q]
+                                  tl.load(l_ptr + ml, mask=ok, other=0.0))
         parts = tl.load(o_ptr + b * stride_ob + offs_s[:, None, None] * stride_os + offs_q[None, :, None] * stride_oq
                         + offs_c[None, None, :], mask=ok[:, :, None], other=0.0)
         out = tl.sum(w[:, :, None] * parts, axis=0) / tl.where(total > 0, total, 1.0)[:, None]  # no key seen: 0
@@ -176,21 +181,18 @@ if triton is not None:
         q = tl.program_id(1)
         offs_v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
         v_ok = offs_v < V
-        offs_s = tl.arange(0, BLOCK_S)
+        offs_s = tl.arange(0, BLOCK_S)[:, None]  # [S, 1]: the query's splits
         s_ok = offs_s < SPLITS
         ml = b * stride_mb + offs_s * stride_ms + q
-        m = tl.load(m_ptr + ml, mask=s_ok, other=float("-inf"))
-        lsum = tl.load(l_ptr + ml, mask=s_ok, other=0.0)
-        m_all = tl.max(m, axis=0)
-        w = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # 0 for splits that saw no key
-        total = tl.sum(w * lsum, axis=0)
-        w = w / tl.where(total > 0, total, 1.0)  # no key seen: 0
-        parts = o_ptr + b * stride_ob + offs_s[:, None] * stride_os + q * stride_oq
+        w, total = _split_weights(tl.load(m_ptr + ml, mask=s_ok, other=float("-inf")),
+                                  tl.load(l_ptr + ml, mask=s_ok, other=0.0))
+        w = w / tl.where(total > 0, total, 1.0)[None, :]  # no key seen: 0
+        parts = o_ptr + b * stride_ob + offs_s * stride_os + q * stride_oq
         w_rows = w_ptr + (q % H) * stride_wh + offs_v[:, None] * stride_wv
         acc = tl.zeros([BLOCK_V, BLOCK_C], dtype=tl.float32)
         for c0 in tl.static_range(0, C, BLOCK_C):  # unrolled: every chunk's loads issue together
             offs_c = c0 + tl.arange(0, BLOCK_C)
-            o_c = tl.sum(w[:, None] * tl.load(parts + offs_c[None, :], mask=s_ok[:, None], other=0.0), axis=0)
+            o_c = tl.sum(w * tl.load(parts + offs_c[None, :], mask=s_ok, other=0.0), axis=0)
             acc += tl.load(w_rows + offs_c[None, :], mask=v_ok[:, None], other=0.0).to(tl.float32) * o_c[None, :]
         tl.store(out_ptr + b * stride_outb + q * stride_outq + offs_v, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty),
                  mask=v_ok)
