@@ -118,11 +118,13 @@ def test_cuda_decode_reads_the_pages_in_place_as_accurately(make_cfg, make_model
     cfg = make_cfg(num_nextn_predict_layers=0)
     cfg = make_cfg(num_nextn_predict_layers=0, first_k_dense_replace=cfg.num_hidden_layers)  # no routing flips
     model = make_model(cfg, dtype=torch.float64)
-    calls = []
-    real = attention.paged_decode
-    monkeypatch.setattr(attention, "paged_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = []  # every decode layer: the query through absorb_query, latents finished as stored, paged attention
+    for mod, name in [(attention, "paged_decode"), (attention, "absorb_query"), (pc, "store_latents")]:
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, real=real, name=name, **k: calls.append(
+            name if name != "store_latents" or k.get("finish") is None else "finish") or real(*a, **k))
     fast, full, lengths = _decode_logits(model.to("cuda", torch.bfloat16), cfg, "cuda", torch.bfloat16)
-    assert calls
+    assert calls.count("paged_decode") == calls.count("absorb_query") == calls.count("finish") > 0
     monkeypatch.setattr(pc, "paged_decode_supported", lambda pool, C, rows: False)
     slow, _, _ = _decode_logits(model, cfg, "cuda", torch.bfloat16)
     model = model.to("cpu", torch.float64)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv3.model.mla_decode import paged_decode, paged_decode_supported, store_latents
+from dsv3.model.mla_decode import absorb_query, paged_decode, paged_decode_supported, store_latents
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -172,3 +172,70 @@ def test_w_uv_product_matches_float64(splits, merged, monkeypatch, device="cuda"
     with pytest.raises(ValueError, match="W_UV"):
         mla.paged_decode(q_lat.to(device), q_pe.to(device), pool.to(device), block_tables.to(device), bs,
                          q_pos.to(device), 0.2, w_uv=w_uv[:3].to(device))
+
+
+def rope64(x, cos, sin):
+    """float64 rotation of adjacent pairs of x [..., R] by angles [..., R/2]."""
+    x0, x1 = x.double()[..., 0::2], x.double()[..., 1::2]
+    cos, sin = cos.double(), sin.double()
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2)
+
+
+def angles(B, S, R, g):
+    """cos / sin [B, S, R/2] of random positions and RoPE-like frequencies, float32 as the model's table."""
+    pos = torch.randint(0, 4096, (B, S), generator=g).double()
+    a = pos[..., None] * 10000.0 ** (-torch.arange(0, R, 2, dtype=torch.float64) / R)
+    return a.cos().float(), a.sin().float()
+
+
+@pytest.mark.parametrize("B,S,H,D,per_row", [(1, 1, 16, 128, True), (3, 7, 3, 48, True), (2, 2, 5, 64, False)])
+def test_absorb_query_matches_float64(B, S, H, D, per_row, device="cuda", dtype=torch.bfloat16):
+    """q_lat = q_C W_UK per head and RoPE'd q_R, queries ordered s*H + h, against float64: 21 rows (two row
+    tiles), a nope width that is no power of two (48), angles per row or one row for all (broadcast), W_UK a
+    strided view of kv_b's head-major rows as MLA's."""
+    g = torch.Generator().manual_seed(D + S)
+    C, R, V = 128, 32, 24
+    q = torch.randn(B, S, H, D + R, generator=g).to(dtype)
+    w = (torch.randn(H, D + V, C, generator=g) * D**-0.5).to(dtype)
+    w_uk = w[:, :D]
+    cos, sin = angles(B if per_row else 1, S, R, g)
+    q_lat, q_pe = absorb_query(q.to(device), cos.to(device), sin.to(device), w_uk.to(device))
+    assert q_lat.shape == (B, S * H, C) and q_pe.shape == (B, S * H, R) and q_lat.dtype == q_pe.dtype == dtype
+    want = torch.einsum("bshd,hdc->bshc", q[..., :D].double(), w_uk.double()).reshape(B, S * H, C)
+    bound = torch.einsum("bshd,hdc->bshc", q[..., :D].double().abs(), w_uk.double().abs()).reshape(B, S * H, C)
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    assert ((q_lat.double().cpu() - want).abs() <= ulp * want.abs() + D * 2.0**-24 * bound + 1e-6).all()
+    want_pe = rope64(q[..., D:], cos[:, :, None], sin[:, :, None]).reshape(B, S * H, R)  # float32, rounded once
+    assert ((q_pe.double().cpu() - want_pe).abs() <= ulp * want_pe.abs() + 2.0**-20 * q.abs().max() + 1e-6).all()
+    with pytest.raises(ValueError, match="do not fit"):
+        absorb_query(q.to(device), cos.to(device), sin.to(device), w_uk[:2].to(device))
+
+
+@pytest.mark.parametrize("src_dtype,per_row", [(torch.bfloat16, True), (torch.float32, False)])
+def test_store_latents_finishes_norm_and_rope(src_dtype, per_row, device="cuda"):
+    """finish=(weight, eps, cos, sin): RMSNorm(c_kv) and rotated k_R land at each token's slot as MLA.latent
+    computes them, against float64 (the normalised value rounded to the source dtype before the weight, then
+    the product rounded to the pool's bf16: two roundings of 2^-8 relative at most); other rows untouched.
+    Tokens are B rows x S positions, their angles per row or broadcast."""
+    g = torch.Generator().manual_seed(5)
+    C, R, B, S, eps = 64, 32, 2, 3, 1e-6
+    pool = torch.randn(40, C + R, generator=g).to(torch.bfloat16)
+    kv_a = (torch.randn(B * S, C + R + 8, generator=g) * 3).to(src_dtype)[:, : C + R]  # strided rows
+    weight = (1 + torch.randn(C, generator=g) * 0.1).to(torch.bfloat16)
+    cos, sin = angles(B if per_row else 1, S, R, g)
+    slots = torch.tensor([17, 0, 39, 5, 6, 21])
+    got = pool.to(device)
+    store_latents(got, slots.to(device), kv_a[:, :C].to(device), kv_a[:, C:].to(device),
+                  finish=(weight.to(device), eps, cos.to(device), sin.to(device)))
+    got = got.cpu()
+    c = kv_a[:, :C].double()
+    want_c = c * (c.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * weight.double()
+    want_r = rope64(kv_a[:, C:], cos.expand(B, S, -1).reshape(B * S, -1), sin.expand(B, S, -1).reshape(B * S, -1))
+    want = torch.cat([want_c, want_r], -1)
+    u = 2.0**-8  # bf16's unit roundoff
+    assert ((got[slots].double() - want).abs() <= (2 * u + 2.0**-18) * want.abs() + 1e-6).all()
+    others = torch.ones(40, dtype=torch.bool)
+    others[slots] = False
+    assert torch.equal(got[others], pool[others])
+    with pytest.raises(ValueError, match="do not fit"):
+        store_latents(got, slots, kv_a[:, :C], kv_a[:, C:], finish=(weight[:8], eps, cos, sin))

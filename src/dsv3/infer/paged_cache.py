@@ -17,6 +17,7 @@ import torch
 
 from dsv3.config import ModelConfig
 from dsv3.model.attention import CachedLatents, PagedLatents
+from dsv3.model.layers import RMSNorm
 from dsv3.model.mla_decode import paged_decode_supported, store_latents
 
 
@@ -61,6 +62,23 @@ class PagedStep:
         self.slots = slots.flatten()
         self.positions = positions
         self.block_tables = block_tables
+
+    @torch.compiler.disable  # as `update`
+    def update_unfinished(
+        self, layer_idx: int, kv_a: torch.Tensor, kv_norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor
+    ) -> CachedLatents | None:
+        """`update` from kv_a = [W_DKV; W_KR] h [B, S, C + rope] at a decode step whose pages are read in place
+        (`paged_decode_supported`): kv_norm (MLA's RMSNorm of c_kv) and the rotation of k_R by cos / sin applied
+        as the latents are written, one launch (`store_latents`). NotImplemented otherwise (a prefill's own
+        attention needs the finished latents; the general path copies pages out)."""
+        pool = self.cache.pool[layer_idx]
+        C = self.cache.kv_lora_rank
+        if self.block_tables is None or not paged_decode_supported(pool, C, kv_a.shape[0]):
+            return NotImplemented
+        kv = kv_a.flatten(0, 1)
+        store_latents(pool, self.slots, kv[:, :C], kv[:, C:], finish=(kv_norm.weight, kv_norm.eps, cos, sin))
+        return CachedLatents(None, None, self.positions, pages=PagedLatents(pool, self.block_tables,
+                                                                            self.cache.block_size))
 
     # torch.compile (ModelRunner(compile=True)) stops at this call and runs it eagerly: traced, the in-place
     # write into the pool would be functionalised into a copy of the whole pool per layer and step

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from dsv3.config import ModelConfig
 from dsv3.model.gemv import linear, linear_pair
 from dsv3.model.layers import RMSNorm, dense_weight
-from dsv3.model.mla_decode import paged_decode
+from dsv3.model.mla_decode import absorb_query, paged_decode
 from dsv3.model.rope import apply_rope
 
 
@@ -56,7 +56,13 @@ class CachedLatents(NamedTuple):
 
 
 class LatentCache(Protocol):
-    """What attention needs from a KV cache (the contiguous StaticLatentCache, the engine's paged pool)."""
+    """What attention needs from a KV cache (the contiguous StaticLatentCache, the engine's paged pool).
+
+    A cache may also offer `update_unfinished(layer_idx, kv_a, kv_norm, cos, sin)`: the same store from
+    kv_a = [W_DKV; W_KR] h [B, S, C + rope], finishing eqs. 1 and 3 (kv_norm, an `RMSNorm`, on c_kv; RoPE by
+    cos / sin on k_R) as it writes, and returning what `update` would, or NotImplemented where it cannot (then
+    attention finishes the latents and calls `update`). The engine's pool does at decode: one launch for three.
+    """
 
     def update(
         self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos: int
@@ -172,16 +178,19 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * self.v_head_dim, d, bias=False)
 
     # -- projections shared by both paths ----------------------------------------------------------
-    def query(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_a: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """eqs. 6-9: q_C [B,S,H,nope] and rotated q_R [B,S,H,rope]. q_a: W_DQ x when already computed."""
+    def project_query(self, x: torch.Tensor, q_a: torch.Tensor | None = None) -> torch.Tensor:
+        """eqs. 6-8 before RoPE: [q_C; q_R] per head [B,S,H,nope+rope]. q_a: W_DQ x when already computed."""
         if self.q_lora_rank:
             q = linear(self.q_a_layernorm(self.q_a_proj(x) if q_a is None else q_a), self.q_b_proj)
         else:
             q = self.q_proj(x)
-        q = q.unflatten(-1, (self.n_heads, -1))
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return q.unflatten(-1, (self.n_heads, -1))
+
+    def query(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_a: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """eqs. 6-9: q_C [B,S,H,nope] and rotated q_R [B,S,H,rope]. q_a: W_DQ x when already computed."""
+        q_nope, q_pe = self.project_query(x, q_a).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin)
 
     def latent(
@@ -207,24 +216,18 @@ class MLA(nn.Module):
         return o.transpose(1, 2)
 
     def absorbed(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor | None, k_pe: torch.Tensor | None,
-        q_pos: int | torch.Tensor | None, kv: torch.Tensor | None = None, pages: PagedLatents | None = None,
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+        q_pos: int | torch.Tensor | None, kv: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Same result in latent space: q_C^T W_UK c = (W_UK^T q_C)^T c, and W_UV applied after attention.
 
         Attention becomes multi-query with one shared key [c_kv; k_R] (C + rope wide; `kv` when the cache holds
         it already concatenated) and value c_kv. The heads share that key, so they are folded into the query
         axis: one single-head attention of S*H queries (query s*H + h is head h at position s). SDPA's fused
-        CUDA kernels take that for these head widths, where enable_gqa would leave only its unfused math path.
-        `pages`: the keys still in a paged pool, read in place by `paged_decode` (the same math in two kernels,
-        the second also applying W_UV at a few rows)."""
+        CUDA kernels take that for these head widths, where enable_gqa would leave only its unfused math path."""
         B, S, H, _ = q_nope.shape
-        w = dense_weight(self.kv_b_proj, q_nope.dtype).unflatten(0, (H, -1))  # [H, nope+v, C]
-        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+        w_uk, w_uv = self._absorbed_weights(q_nope.dtype)
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
-        if pages is not None:  # per-row positions [B|1, S] always come with pages; query s*H + h is at q_pos[:, s]
-            o = paged_decode(q_lat.flatten(1, 2), q_pe.flatten(1, 2), *pages, q_pos, self.softmax_scale, w_uv=w_uv)
-            return o.view(B, S, H, -1)  # W_UV applied by the kernel that merges the key splits
         # per-row positions [B|1, S*H] (query s*H + h)
         pos = q_pos.unsqueeze(-1).expand(*q_pos.shape, H).flatten(-2) if isinstance(q_pos, torch.Tensor) else None
         q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, 1, S * H, -1)  # [B,1,S*H,C+rope]
@@ -234,6 +237,22 @@ class MLA(nn.Module):
             pos = torch.arange(q_pos, q_pos + S, device=q.device).unsqueeze(-1).expand(S, H).reshape(1, S * H)
         o_lat = attend(q, k.unsqueeze(1), c_kv.unsqueeze(1), self.softmax_scale, pos)  # [B,1,S*H,C]
         return torch.einsum("bshc,hdc->bshd", o_lat.view(B, S, H, -1), w_uv)
+
+    def absorbed_paged(
+        self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pages: PagedLatents, q_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        """`absorbed` with the keys still in a paged pool (per-row positions q_pos [B|1, S]), from the unrotated
+        q [B,S,H,nope+rope]: `mla_decode` kernels throughout, W_UK and q_R's RoPE in one (`absorb_query`), the
+        attention reading the pages in place, W_UV applied by the kernel that merges the key splits."""
+        B, S, H, _ = q.shape
+        w_uk, w_uv = self._absorbed_weights(q.dtype)
+        q_lat, q_pe = absorb_query(q, cos, sin, w_uk)
+        return paged_decode(q_lat, q_pe, *pages, q_pos, self.softmax_scale, w_uv=w_uv).view(B, S, H, -1)
+
+    def _absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [H, nope, C], W_UV [H, v, C]): views of kv_b_proj's head-major rows."""
+        w = dense_weight(self.kv_b_proj, dtype).unflatten(0, (self.n_heads, -1))  # [H, nope+v, C]
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
     def forward(
         self,
@@ -251,11 +270,23 @@ class MLA(nn.Module):
             raise ValueError("document masking (doc_ids) is for training forwards without a KV cache")
         # decode's few rows read W_DQ and [W_DKV; W_KR], which share the input, in one launch
         both = linear_pair(x, self.q_a_proj, self.kv_a_proj_with_mqa) if self.q_lora_rank else None
-        q_nope, q_pe = self.query(x, cos, sin, None if both is None else both[0])
-        c_kv, k_pe = self.latent(x, cos, sin, None if both is None else both[1])
-        cached = None if cache is None else cache.update(self.layer_idx, c_kv, k_pe, start_pos)
-        if cached is None:
-            o = self.expanded(q_nope, q_pe, c_kv, k_pe, 0, doc_ids)
+        q = self.project_query(x, None if both is None else both[0])
+        kv_a = self.kv_a_proj_with_mqa(x) if both is None else both[1]
+        # a cache that can finish eqs. 1 and 3 as it stores the latents (the engine's pool at decode) takes them
+        # unfinished; NotImplemented: it cannot here, so they are finished first
+        cached = NotImplemented
+        if cache is not None and hasattr(cache, "update_unfinished"):
+            cached = cache.update_unfinished(self.layer_idx, kv_a, self.kv_a_layernorm, cos, sin)
+        if cached is NotImplemented:
+            c_kv, k_pe = self.latent(x, cos, sin, kv_a)
+            cached = None if cache is None else cache.update(self.layer_idx, c_kv, k_pe, start_pos)
+        if cached is not None and cached.pages is not None:
+            o = self.absorbed_paged(q, cos, sin, cached.pages, cached.q_pos)
         else:
-            o = self.absorbed(q_nope, q_pe, cached.c_kv, cached.k_pe, cached.q_pos, cached.kv, cached.pages)
+            q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+            q_pe = apply_rope(q_pe, cos, sin)
+            if cached is None:
+                o = self.expanded(q_nope, q_pe, c_kv, k_pe, 0, doc_ids)
+            else:
+                o = self.absorbed(q_nope, q_pe, cached.c_kv, cached.k_pe, cached.q_pos, cached.kv)
         return linear(o.flatten(2), self.o_proj)

@@ -19,7 +19,11 @@ two kernels read the cached latents in place through the block table, once per t
   chunk multiplied at once by the query's head's W_UV columns, so MLA's output product rides in the merge and
   o_lat is never written (one launch where the combine and a batched GEMM took two).
 
-`store_latents` is the paged cache's write: each new token's c_kv and k_R into its slot in one launch.
+Around them, two launches that each replace two or three at decode:
+- `store_latents`, the paged cache's write: each new token's c_kv and k_R into its slot, at decode finishing
+  them on the way (RMSNorm of c_kv, RoPE of k_R: eqs. 1 and 3);
+- `absorb_query`: q_C W_UK of every head (a tl.dot a program) and q_R's RoPE, the queries as `_partial_kernel`
+  takes them.
 
 The key range is split so that rows x splits x query tiles fill the GPU about twice over (at most MAX_SPLITS a
 row): one sequence's 1K keys spread over 18-32 SMs rather than one. Every step takes this path, one row included.
@@ -41,7 +45,8 @@ BLOCK_T = 32  # keys per inner step
 # split's keys. On an H200 (benchmarks/mla_decode.py --tiles, C 512): 8-64 rows 1.3-1.9x faster than 16-query
 # tiles (64 rows at 4K: 742 -> 477 us); at 1-4 rows within 0.7-1.3x either way (the gathered path runs there).
 WIDE_BLOCK_Q = 64
-_PROGRAMS = 2 * 132  # about two waves of an H100/H200's SMs
+_SMS = 132  # an H100/H200's SMs
+_PROGRAMS = 2 * _SMS  # about two waves
 # Most key splits a row gets. One row of `bench` on an H200 (benchmarks/mla_decode.py --splits, 1K / 4K keys):
 # 32 splits 8.0 / 14.1 us, 16 splits 9.8 / 21.3, 8 splits 13.8 / 34.6 (each program walks its keys one
 # latency-bound step at a time, so short splits win while the combine stays small).
@@ -124,18 +129,67 @@ if triton is not None:
             tl.store(l_ptr + b * stride_mb + split * stride_ms + offs_q, lsum, mask=q_ok)
 
     @triton.jit
+    def _rope(x_ptrs, cos_ptrs, sin_ptrs, out_ptrs, mask):
+        """RoPE of adjacent pairs as `rope.apply_rope` computes it: (x[2i], x[2i+1]) from x_ptrs (pointers to the
+        even elements) rotated by the angles' cos/sin in float32, stored at out_ptrs in out's dtype."""
+        x0 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(x_ptrs + 1, mask=mask, other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptrs, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, (x0 * cos - x1 * sin).to(out_ptrs.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs + 1, (x0 * sin + x1 * cos).to(out_ptrs.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _store_kernel(
-        ckv_ptr, kpe_ptr, slots_ptr, pool_ptr, stride_c, stride_r, stride_pool,
-        C: tl.constexpr, R: tl.constexpr,
+        ckv_ptr, kpe_ptr, slots_ptr, pool_ptr, nw_ptr, cos_ptr, sin_ptr, eps, S,
+        stride_c, stride_r, stride_pool, stride_cb, stride_cs,
+        C: tl.constexpr, R: tl.constexpr, FINISH: tl.constexpr,
     ):
-        # token i's c_kv and k_R side by side into its pool slot: the concatenation never materialised
+        # token i's c_kv and k_R side by side into its pool slot: the concatenation never materialised. FINISH:
+        # they are still W_DKV h and W_KR h, RMSNorm'd and rotated here (eqs. 1 and 3) as `layers.RMSNorm` and
+        # `rope.apply_rope` compute them: float32, the normalised c_kv rounded to its dtype before the weight
         i = tl.program_id(0)
         row = pool_ptr + tl.load(slots_ptr + i).to(tl.int64) * stride_pool
-        offs_c, offs_r = tl.arange(0, C), tl.arange(0, R)
+        offs_c = tl.arange(0, C)
         c = tl.load(ckv_ptr + i * stride_c + offs_c)
-        r = tl.load(kpe_ptr + i * stride_r + offs_r)
+        if FINISH:
+            cf = c.to(tl.float32)
+            cn = (cf * tl.rsqrt(tl.sum(cf * cf, axis=0) / C + eps)).to(c.dtype)
+            c = tl.load(nw_ptr + offs_c).to(tl.float32) * cn.to(tl.float32)
+            offs_p = tl.arange(0, R // 2)
+            angle = (i // S) * stride_cb + (i % S) * stride_cs + offs_p  # token i is position i % S of row i // S
+            _rope(kpe_ptr + i * stride_r + 2 * offs_p, cos_ptr + angle, sin_ptr + angle, row + C + 2 * offs_p,
+                  offs_p < R // 2)
+        else:
+            offs_r = tl.arange(0, R)
+            tl.store(row + C + offs_r, tl.load(kpe_ptr + i * stride_r + offs_r).to(pool_ptr.dtype.element_ty))
         tl.store(row + offs_c, c.to(pool_ptr.dtype.element_ty))
-        tl.store(row + C + offs_r, r.to(pool_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _absorb_kernel(
+        q_ptr, cos_ptr, sin_ptr, w_ptr, qlat_ptr, qpe_ptr, M, S, D,
+        stride_qm, stride_qh, stride_cb, stride_cs, stride_wh, stride_wd, stride_lm, stride_lh, stride_pm, stride_ph,
+        R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        # head h, latent columns [c0, c0 + BLOCK_C), query rows (token m = b * S + s) of a tile: q_C W_UK[h] from
+        # one tl.dot (float32, rounded once); the first column tile's programs also rotate the rows' q_R
+        h = tl.program_id(0)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok, d_ok = offs_m < M, offs_d < D
+        q_rows = q_ptr + offs_m[:, None] * stride_qm + h * stride_qh
+        q_c = tl.load(q_rows + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + h * stride_wh + offs_d[:, None] * stride_wd + offs_c[None, :], mask=d_ok[:, None],
+                    other=0.0)
+        q_lat = tl.dot(q_c, w)
+        tl.store(qlat_ptr + offs_m[:, None] * stride_lm + h * stride_lh + offs_c[None, :],
+                 q_lat.to(qlat_ptr.dtype.element_ty), mask=m_ok[:, None])
+        if tl.program_id(1) == 0:
+            offs_p = tl.arange(0, R // 2)[None, :]
+            angle = (offs_m // S)[:, None] * stride_cb + (offs_m % S)[:, None] * stride_cs + offs_p
+            _rope(q_rows + D + 2 * offs_p, cos_ptr + angle, sin_ptr + angle,
+                  qpe_ptr + offs_m[:, None] * stride_pm + h * stride_ph + 2 * offs_p, m_ok[:, None])
 
     @triton.jit
     def _split_weights(m, lsum):
@@ -297,10 +351,18 @@ def _combine(o: torch.Tensor, m: torch.Tensor, lsum: torch.Tensor, out: torch.Te
     return out
 
 
-def store_latents(pool: torch.Tensor, slots: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+def store_latents(
+    pool: torch.Tensor, slots: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+    finish: tuple[torch.Tensor, float, torch.Tensor, torch.Tensor] | None = None,
+) -> None:
     """pool[slots[i]] = [c_kv[i]; k_pe[i]] (cast to the pool's dtype) for c_kv [N, C], k_pe [N, R], slots [N]: the
     paged cache's write, one launch for what `index_copy_` of a concatenation does in two. Where
-    `paged_decode_supported` holds (C and R powers of two, a CUDA pool of unit-stride rows)."""
+    `paged_decode_supported` holds (C and R powers of two, a CUDA pool of unit-stride rows).
+
+    finish (weight, eps, cos, sin): c_kv and k_pe are still W_DKV h and W_KR h, and what is stored is MLA's
+    cached pair (eqs. 1 and 3), RMSNorm(c_kv) with that weight and eps and k_pe rotated by the angles cos / sin
+    [B or 1, S, R/2] of the N = B * S tokens (token i at [i // S, i % S]): the norm, the rotation and the write
+    in one launch (three at decode otherwise)."""
     N, C = c_kv.shape
     R = k_pe.shape[-1]
     if pool.shape[-1] != C + R or k_pe.shape[0] != N or slots.numel() != N or pool.stride(-1) != 1:
@@ -310,5 +372,55 @@ def store_latents(pool: torch.Tensor, slots: torch.Tensor, c_kv: torch.Tensor, k
         return
     c_kv = c_kv if c_kv.stride(-1) == 1 else c_kv.contiguous()
     k_pe = k_pe if k_pe.stride(-1) == 1 else k_pe.contiguous()
-    _store_kernel[(N,)](c_kv, k_pe, slots.contiguous(), pool, c_kv.stride(0), k_pe.stride(0), pool.stride(0),
-                        C=C, R=R, num_warps=1 if C + R <= 512 else 2)
+    if finish is None:
+        weight, eps, cos, sin, S, angle_strides = pool, 0.0, pool, pool, 1, (0, 0)
+    else:
+        weight, eps, cos, sin = finish
+        S = cos.shape[-2]
+        if weight.shape != (C,) or cos.dim() != 3 or N % S or cos.shape[-1] * 2 != R \
+                or cos.shape[0] not in (1, N // S) or sin.shape != cos.shape:
+            raise ValueError(f"store_latents: norm weight {tuple(weight.shape)} and angles {tuple(cos.shape)} do not "
+                             f"fit {N} tokens of {C} + {R} latents")
+        weight, cos, sin = weight.contiguous(), cos.contiguous(), sin.contiguous()
+        angle_strides = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2))
+    _store_kernel[(N,)](c_kv, k_pe, slots.contiguous(), pool, weight, cos, sin, eps, S, c_kv.stride(0),
+                        k_pe.stride(0), pool.stride(0), *angle_strides, C=C, R=R, FINISH=finish is not None,
+                        num_warps=1 if C + R <= 512 else 2)
+
+
+# Latent columns per `absorb_query` program: about one program an SM (the columns rounded up to a power of
+# two, 16 to 128). At a few rows each program's W_UK tile comes from HBM and the launch is latency-bound: an
+# H200, W_UK from HBM, 16 / 32 / 64 / 128 columns: `bench`'s 16 heads 2.44 / 2.27 / 2.41 / 2.78 us at one row,
+# 2.93 / 2.85 / 2.89 / 3.14 at 8; V3's 128 heads 10.8 / 9.2 / 7.3 / 7.1 at one row.
+_ABSORB_MAX_C = 128
+
+
+def absorb_query(
+    q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_uk: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA's absorbed decode query in one launch (CUDA, Triton): for q [B, S, H, nope + rope] (eqs. 7-8, q_R not
+    yet rotated), the angles cos / sin [B or 1, S, rope/2] and W_UK [H, nope, C], returns q_lat = q_C W_UK of
+    each head [B, S*H, C] (float32 sums, rounded once, as a batched GEMM) and q_R rotated as `rope.apply_rope`
+    rotates it [B, S*H, rope]: query s*H + h is head h at position s, as `paged_decode` takes them. One
+    batched GEMM and a RoPE kernel otherwise."""
+    B, S, H, _ = q.shape
+    _, D, C = w_uk.shape
+    R = q.shape[-1] - D
+    if w_uk.shape[0] != H or R < 2 or R & (R - 1) or C < 16 or C & (C - 1) or w_uk.stride(-1) != 1 \
+            or cos.dim() != 3 or cos.shape[-1] * 2 != R or cos.shape[0] not in (1, B) or cos.shape[1] != S \
+            or sin.shape != cos.shape:
+        raise ValueError(f"absorb_query: queries {tuple(q.shape)}, angles {tuple(cos.shape)} and W_UK "
+                         f"{tuple(w_uk.shape)} do not fit (C a power of two >= 16, an even power-of-two rope)")
+    q = q if q.stride(-1) == 1 and q.stride(0) == S * q.stride(1) else q.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    q_lat = torch.empty(B, S * H, C, dtype=q.dtype, device=q.device)
+    q_pe = torch.empty(B, S * H, R, dtype=q.dtype, device=q.device)
+    M, block_m = B * S, 16  # 16 rows: tl.dot's smallest tile
+    block_c = min(C, _ABSORB_MAX_C, max(16, triton.next_power_of_2(triton.cdiv(H * C * triton.cdiv(M, block_m), _SMS))))
+    _absorb_kernel[(H, C // block_c, triton.cdiv(M, block_m))](
+        q, cos, sin, w_uk, q_lat, q_pe, M, S, D, q.stride(1), q.stride(2),
+        cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2), w_uk.stride(0), w_uk.stride(1),
+        H * C, C, H * R, R, R=R, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_C=block_c,
+        num_warps=4,
+    )
+    return q_lat, q_pe
