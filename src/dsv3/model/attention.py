@@ -181,7 +181,7 @@ class MLA(nn.Module):
     def project_query(self, x: torch.Tensor, q_a: torch.Tensor | None = None) -> torch.Tensor:
         """eqs. 6-8 before RoPE: [q_C; q_R] per head [B,S,H,nope+rope]. q_a: W_DQ x when already computed."""
         if self.q_lora_rank:
-            q = linear(self.q_a_layernorm(self.q_a_proj(x) if q_a is None else q_a), self.q_b_proj)
+            q = linear(self.q_a_proj(x) if q_a is None else q_a, self.q_b_proj, norm=self.q_a_layernorm)
         else:
             q = self.q_proj(x)
         return q.unflatten(-1, (self.n_heads, -1))

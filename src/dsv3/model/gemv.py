@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 
+from dsv3.model.layers import RMSNorm
+
 try:
     import triton
     import triton.language as tl
@@ -27,6 +29,7 @@ except ImportError:  # CPU-only installs: the callers' general paths run
     triton = None
 
 BLOCK = 128  # FP8 scale block, and the kernel's K step
+NORM_MAX_K = 16384  # a fused RMSNorm loads its row at once
 GEMV_MAX_ROWS = 8  # decode batches: below a GEMM tile, where cuBLAS would pad M (and quantise x for FP8)
 
 
@@ -52,11 +55,11 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, s_ptr, idx_ptr, y_ptr, xw_ptr, xs_ptr, xw2_ptr, xs2_ptr,
+        x_ptr, w_ptr, s_ptr, idx_ptr, y_ptr, xw_ptr, xs_ptr, xw2_ptr, xs2_ptr, nw_ptr, eps,
         N, K, P, ROWS_PER_X, EXTRA_X0, SPLIT, SPLIT_BLOCKS,
         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ym,
         HAS_IDX: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_EXTRA: tl.constexpr, SWIGLU: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC2D: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC2D: tl.constexpr, NORM_K: tl.constexpr,
     ):
         p = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -81,6 +84,10 @@ if triton is not None:
             s_hi = tl.where(extra, xs2_ptr, s_hi)
             row = tl.where(extra, EXTRA_X0 + p - P, row)
         x_row = x_ptr + row.to(tl.int64) * stride_xm
+        if NORM_K:  # the activation is RMSNorm(x) (`layers.RMSNorm`): its row's 1/rms first, in one load
+            offs = tl.arange(0, NORM_K)
+            xf = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
         first = offs_n < SPLIT
         rest = tl.maximum(offs_n - SPLIT, 0).to(tl.int64)
         w_rows = tl.where(first, lo + offs_n.to(tl.int64) * stride_wn, hi + rest * stride_wn)[:, None]
@@ -102,7 +109,11 @@ if triton is not None:
                 u = tl.load(x_row + K + offs_k, mask=k_ok, other=0.0).to(tl.float32)
                 a = g * tl.sigmoid(g) * u
             else:
-                a = tl.load(x_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                a = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
+                if NORM_K:  # normalised and rounded to x's dtype, times the weight, rounded again (as RMSNorm)
+                    nw = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                    a = (nw * (a.to(tl.float32) * rstd).to(a.dtype).to(tl.float32)).to(a.dtype)
+                a = a.to(tl.float32)
             w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             if HAS_SCALE:  # each column's 128x128 block scale (one per row and step when BLOCK_K is 128)
                 w = w * tl.load(s_rows + offs_k[None, :] // 128, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
@@ -132,6 +143,7 @@ def gemv(
     x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor | None = None, scale_inv: torch.Tensor | None = None,
     rows_per_x: int = 1, swiglu: bool = False, split: int | None = None, extra: Extra | None = None,
     extra_rows: int = 0, tiles: tuple[int, int, int] | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """y[p] = W_p a_p for p < P, in x's dtype (float32 accumulation).
 
@@ -144,6 +156,8 @@ def gemv(
     - extra, extra_rows: `extra_rows` more outputs y[P + j] = W_extra a, a from x's last `extra_rows` rows (which
       may be the ones the indexed rows read: decode's shared expert on each token beside its routed pairs).
     - tiles: (BLOCK_N, BLOCK_K, warps) of a program instead of the default (`_tiles`; benchmarks sweep them).
+    - norm (weight [K] in x's dtype, eps): a_p = RMSNorm(x row) as `layers.RMSNorm` computes it, normalised in
+      the kernel (each program its row's 1/rms) instead of by a launch of its own; not with swiglu.
     """
     if idx is None:
         if rows_per_x != 1:
@@ -163,11 +177,14 @@ def gemv(
     grid_rows = -(-N // BLOCK) if split is None else -(-split // BLOCK) + -(-(N - split) // BLOCK)
     if s3 is not None and tuple(s3.shape[1:]) != (grid_rows, -(-K // BLOCK)):
         raise ValueError(f"gemv: scale_inv {tuple(scale_inv.shape)} is not the 128x128 block grid of {tuple(w.shape)}")
+    if norm is not None and (swiglu or norm[0].shape != (K,) or norm[0].dtype != x.dtype or K > NORM_MAX_K):
+        raise ValueError(f"gemv: RMSNorm weight {tuple(norm[0].shape)} {norm[0].dtype} does not fit activations "
+                         f"{tuple(x.shape)} {x.dtype} (x's dtype, K <= {NORM_MAX_K}, no swiglu)")
     x = x if x.stride(-1) == 1 else x.contiguous()
     w3 = w3 if w3.stride(-1) == 1 else w3.contiguous()
     s3 = None if s3 is None else s3.contiguous()
     return _launch(x, w3, s3, idx if P else None, P, N, K, rows_per_x, swiglu, split, extra,
-                   extra_rows if extra is not None else 0, tiles)
+                   extra_rows if extra is not None else 0, tiles, norm)
 
 
 def gemv_pair(
@@ -217,7 +234,7 @@ def extra_fits(
 def _launch(
     x: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor | None, idx: torch.Tensor | None, P: int, N: int, K: int,
     rows_per_x: int, swiglu: bool, split: int | None, extra: Extra | None, extra_rows: int,
-    tiles: tuple[int, int, int] | None = None,
+    tiles: tuple[int, int, int] | None = None, norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     if extra is not None and not extra_fits(extra, w3, s3, N, split):
         raise ValueError("gemv: the extra matrix does not match the indexed weights' shape, dtype, row stride "
@@ -235,12 +252,14 @@ def _launch(
     if block_k < BLOCK or block_k % BLOCK or block_n < 1 or block_n & (block_n - 1) or block_k & (block_k - 1):
         raise ValueError(f"gemv: tiles {tiles}: BLOCK_N a power of two, BLOCK_K a power-of-two multiple of {BLOCK}")
     _gemv_kernel[(y.shape[0], triton.cdiv(N, block_n))](
-        x, w3, s, idx if idx is not None else x, y, xw, xs, xw2, xs2,
-        N, K, P, rows_per_x, x.shape[0] - extra_rows, split, triton.cdiv(split, BLOCK),
+        x, w3, s, idx if idx is not None else x, y, xw, xs, xw2, xs2, x if norm is None else norm[0].contiguous(),
+        0.0 if norm is None else norm[1], N, K, P, rows_per_x, x.shape[0] - extra_rows, split,
+        triton.cdiv(split, BLOCK),
         x.stride(0), w3.stride(0), w3.stride(1),
         s3.stride(0) if s3 is not None else 0, s3.stride(1) if s3 is not None else 0, y.stride(0),
         HAS_IDX=idx is not None, HAS_SCALE=s3 is not None, HAS_EXTRA=extra is not None, SWIGLU=swiglu,
-        BLOCK_N=block_n, BLOCK_K=block_k, ACC2D=not swiglu, num_warps=warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, ACC2D=not swiglu, NORM_K=0 if norm is None else triton.next_power_of_2(K),
+        num_warps=warps,
     )
     return y
 
@@ -280,14 +299,19 @@ def _streams(x: torch.Tensor, *mods: torch.nn.Module) -> bool:
             and not torch.is_autocast_enabled(x.device.type))
 
 
-def linear(x: torch.Tensor, m: torch.nn.Module) -> torch.Tensor:
-    """m(x) for a bias-free linear layer: through one gemv launch where that pays (`_streams`: decode's single
-    row, where cuBLAS reads MLA's W_UQ and W_O at a fraction of the bandwidth: 4.6 / 8.0 us against gemv's 3.9 /
-    4.6 on the H200, benchmarks/gemv.py), else m's own forward."""
+def linear(x: torch.Tensor, m: torch.nn.Module, norm: torch.nn.Module | None = None) -> torch.Tensor:
+    """m(x), or m(norm(x)) for an RMSNorm `norm`, for a bias-free linear layer: through one gemv launch where
+    that pays (`_streams`: decode's single row, where cuBLAS reads MLA's W_UQ and W_O at a fraction of the
+    bandwidth: 4.6 / 8.0 us against gemv's 3.9 / 4.6 on the H200, benchmarks/gemv.py), the norm inside it when
+    its weight is in x's dtype (else norm(x) first); otherwise the modules' own forwards."""
+    fused = (norm is not None and type(norm) is RMSNorm and norm.weight.dtype == x.dtype and x.shape[-1] <= NORM_MAX_K
+             and not (torch.is_grad_enabled() and norm.weight.requires_grad))  # gemv has no backward
+    if norm is not None and not fused:
+        x, norm = norm(x), None
     if not _streams(x, m):
-        return m(x)
-    return gemv(x.reshape(-1, x.shape[-1]), m.weight, scale_inv=getattr(m, "weight_scale_inv", None)).view(
-        *x.shape[:-1], -1)
+        return m(x if norm is None else norm(x))
+    return gemv(x.reshape(-1, x.shape[-1]), m.weight, scale_inv=getattr(m, "weight_scale_inv", None),
+                norm=None if norm is None else (norm.weight, norm.eps)).view(*x.shape[:-1], -1)
 
 
 def linear_pair(x: torch.Tensor, a: torch.nn.Module, b: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
