@@ -195,9 +195,9 @@ def test_linear_streams_one_bf16_row_and_leaves_the_rest_to_the_module(monkeypat
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_fused_rmsnorm_matches_float64(dtype, device="cuda"):
-    """gemv(x, w, norm=(weight, eps)) = W RMSNorm(x) with the norm inside the kernel, against float64: the
-    normalised row rounded to x's dtype, times the weight and rounded again (as `layers.RMSNorm`), so each
-    activation is off by two roundings at most; K = 333 below the row's 512-wide load."""
+    """gemv(x, w, norm=(weight, eps)) = W RMSNorm(x) with the norm inside the kernel (the weight on the loaded
+    columns, 1/rms on the sums), against float64: within the output's rounding, as a plain product; K = 333
+    ragged against the K steps."""
     g = torch.Generator().manual_seed(12)
     N, K, T, eps = 200, 333, 3, 1e-6
     w = torch.randn(N, K, generator=g).to(dtype)
@@ -206,17 +206,15 @@ def test_fused_rmsnorm_matches_float64(dtype, device="cuda"):
     got = gemv(x.to(device), w.to(device), norm=(nw.to(device), eps))
     xd = x.double()
     a = xd * (xd.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * nw.double()
-    ref, absum = a @ w.double().T, a.abs() @ w.double().abs().T
-    u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}[dtype]
     assert got.dtype == dtype
-    assert ((got.double().cpu() - ref).abs() <= 2 * u * ref.abs() + (2 * u + 2.0**-14) * absum + 1e-30).all()
+    assert within_output_rounding(got, a @ w.double().T, a.abs() @ w.double().abs().T, dtype)
     with pytest.raises(ValueError, match="RMSNorm"):
         gemv(x.to(device), w.to(device), norm=(nw[:-1].to(device), eps))
 
 
 def test_linear_takes_the_norm_into_its_launch(monkeypatch):
-    """linear(x, m, norm): one gemv launch for m(norm(x)) at a bf16 row, as close to float64 as the two
-    launches; a norm that is not exactly `RMSNorm` (a subclass) runs first, and under autograd the modules."""
+    """linear(x, m, norm): one gemv launch for m(norm(x)) at a bf16 row, within its output's rounding of
+    float64; a norm that is not exactly `RMSNorm` (a subclass) runs first, and under autograd the modules."""
     import dsv3.model.gemv as gv
     from dsv3.model.layers import RMSNorm
 
@@ -230,12 +228,12 @@ def test_linear_takes_the_norm_into_its_launch(monkeypatch):
     monkeypatch.setattr(gv, "gemv", lambda *a, **k: calls.append(k.get("norm") is not None) or real(*a, **k))
     with torch.no_grad():
         x = (torch.randn(1, 1, 768, generator=g) * 3).to("cuda", torch.bfloat16)
-        y, y2 = linear(x, m, norm=norm), m(norm(x))
+        y = linear(x, m, norm=norm)
         assert calls == [True]
         xd = x[0].double().cpu()
         a = xd * (xd.pow(2).mean(-1, keepdim=True) + norm.eps).rsqrt() * norm.weight.double().cpu()
-        ref = a @ m.weight.double().cpu().T
-        assert (y[0].double().cpu() - ref).abs().max() <= 1.5 * (y2[0].double().cpu() - ref).abs().max() + 1e-3
+        w = m.weight.double().cpu()
+        assert within_output_rounding(y[0], a @ w.T, a.abs() @ w.abs().T, torch.bfloat16)
 
         class Scaled(RMSNorm):  # may compute something else: its own forward
             def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,6 @@ except ImportError:  # CPU-only installs: the callers' general paths run
     triton = None
 
 BLOCK = 128  # FP8 scale block, and the kernel's K step
-NORM_MAX_K = 16384  # a fused RMSNorm loads its row at once
 GEMV_MAX_ROWS = 8  # decode batches: below a GEMM tile, where cuBLAS would pad M (and quantise x for FP8)
 
 
@@ -59,7 +58,7 @@ if triton is not None:
         N, K, P, ROWS_PER_X, EXTRA_X0, SPLIT, SPLIT_BLOCKS,
         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ym,
         HAS_IDX: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_EXTRA: tl.constexpr, SWIGLU: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC2D: tl.constexpr, NORM_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC2D: tl.constexpr, NORM: tl.constexpr,
     ):
         p = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -84,10 +83,6 @@ if triton is not None:
             s_hi = tl.where(extra, xs2_ptr, s_hi)
             row = tl.where(extra, EXTRA_X0 + p - P, row)
         x_row = x_ptr + row.to(tl.int64) * stride_xm
-        if NORM_K:  # the activation is RMSNorm(x) (`layers.RMSNorm`): its row's 1/rms first, in one load
-            offs = tl.arange(0, NORM_K)
-            xf = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
         first = offs_n < SPLIT
         rest = tl.maximum(offs_n - SPLIT, 0).to(tl.int64)
         w_rows = tl.where(first, lo + offs_n.to(tl.int64) * stride_wn, hi + rest * stride_wn)[:, None]
@@ -101,6 +96,7 @@ if triton is not None:
             acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         else:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
@@ -109,11 +105,10 @@ if triton is not None:
                 u = tl.load(x_row + K + offs_k, mask=k_ok, other=0.0).to(tl.float32)
                 a = g * tl.sigmoid(g) * u
             else:
-                a = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
-                if NORM_K:  # normalised and rounded to x's dtype, times the weight, rounded again (as RMSNorm)
-                    nw = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-                    a = (nw * (a.to(tl.float32) * rstd).to(a.dtype).to(tl.float32)).to(a.dtype)
-                a = a.to(tl.float32)
+                a = tl.load(x_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                if NORM:  # RMSNorm(x): the weight now, the row's 1/rms once its sum of squares is complete
+                    sq += a * a
+                    a *= tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             if HAS_SCALE:  # each column's 128x128 block scale (one per row and step when BLOCK_K is 128)
                 w = w * tl.load(s_rows + offs_k[None, :] // 128, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
@@ -125,6 +120,8 @@ if triton is not None:
             y = tl.sum(acc, axis=1)
         else:
             y = acc
+        if NORM:  # (under torch.compile eps arrives as a float64)
+            y *= tl.rsqrt((tl.sum(sq, axis=0) / K + eps).to(tl.float32))
         tl.store(y_ptr + p.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -156,8 +153,10 @@ def gemv(
     - extra, extra_rows: `extra_rows` more outputs y[P + j] = W_extra a, a from x's last `extra_rows` rows (which
       may be the ones the indexed rows read: decode's shared expert on each token beside its routed pairs).
     - tiles: (BLOCK_N, BLOCK_K, warps) of a program instead of the default (`_tiles`; benchmarks sweep them).
-    - norm (weight [K] in x's dtype, eps): a_p = RMSNorm(x row) as `layers.RMSNorm` computes it, normalised in
-      the kernel (each program its row's 1/rms) instead of by a launch of its own; not with swiglu.
+    - norm (weight [K], eps): a_p = RMSNorm(x row) inside the same pass, no launch of its own: each column
+      scaled by the norm's weight as it is loaded, the row's sum of squares gathered alongside and its 1/rms
+      applied to the sums at the end (float32 throughout: `layers.RMSNorm` rounds the normalised row to x's
+      dtype twice, this does not); not with swiglu.
     """
     if idx is None:
         if rows_per_x != 1:
@@ -177,9 +176,9 @@ def gemv(
     grid_rows = -(-N // BLOCK) if split is None else -(-split // BLOCK) + -(-(N - split) // BLOCK)
     if s3 is not None and tuple(s3.shape[1:]) != (grid_rows, -(-K // BLOCK)):
         raise ValueError(f"gemv: scale_inv {tuple(scale_inv.shape)} is not the 128x128 block grid of {tuple(w.shape)}")
-    if norm is not None and (swiglu or norm[0].shape != (K,) or norm[0].dtype != x.dtype or K > NORM_MAX_K):
-        raise ValueError(f"gemv: RMSNorm weight {tuple(norm[0].shape)} {norm[0].dtype} does not fit activations "
-                         f"{tuple(x.shape)} {x.dtype} (x's dtype, K <= {NORM_MAX_K}, no swiglu)")
+    if norm is not None and (swiglu or norm[0].shape != (K,)):
+        raise ValueError(f"gemv: RMSNorm weight {tuple(norm[0].shape)} does not fit activations {tuple(x.shape)} "
+                         "(one value a column, no swiglu)")
     x = x if x.stride(-1) == 1 else x.contiguous()
     w3 = w3 if w3.stride(-1) == 1 else w3.contiguous()
     s3 = None if s3 is None else s3.contiguous()
@@ -258,7 +257,7 @@ def _launch(
         x.stride(0), w3.stride(0), w3.stride(1),
         s3.stride(0) if s3 is not None else 0, s3.stride(1) if s3 is not None else 0, y.stride(0),
         HAS_IDX=idx is not None, HAS_SCALE=s3 is not None, HAS_EXTRA=extra is not None, SWIGLU=swiglu,
-        BLOCK_N=block_n, BLOCK_K=block_k, ACC2D=not swiglu, NORM_K=0 if norm is None else triton.next_power_of_2(K),
+        BLOCK_N=block_n, BLOCK_K=block_k, ACC2D=not swiglu, NORM=norm is not None,
         num_warps=warps,
     )
     return y
@@ -302,10 +301,10 @@ def _streams(x: torch.Tensor, *mods: torch.nn.Module) -> bool:
 def linear(x: torch.Tensor, m: torch.nn.Module, norm: torch.nn.Module | None = None) -> torch.Tensor:
     """m(x), or m(norm(x)) for an RMSNorm `norm`, for a bias-free linear layer: through one gemv launch where
     that pays (`_streams`: decode's single row, where cuBLAS reads MLA's W_UQ and W_O at a fraction of the
-    bandwidth: 4.6 / 8.0 us against gemv's 3.9 / 4.6 on the H200, benchmarks/gemv.py), the norm inside it when
-    its weight is in x's dtype (else norm(x) first); otherwise the modules' own forwards."""
-    fused = (norm is not None and type(norm) is RMSNorm and norm.weight.dtype == x.dtype and x.shape[-1] <= NORM_MAX_K
-             and not (torch.is_grad_enabled() and norm.weight.requires_grad))  # gemv has no backward
+    bandwidth: 4.6 / 8.0 us against gemv's 3.9 / 4.6 on the H200, benchmarks/gemv.py), the norm inside it (a
+    subclass of RMSNorm, or autograd: norm(x) first); otherwise the modules' own forwards."""
+    # gemv applies exactly RMSNorm (a subclass may compute something else) and has no backward
+    fused = norm is not None and type(norm) is RMSNorm and not (torch.is_grad_enabled() and norm.weight.requires_grad)
     if norm is not None and not fused:
         x, norm = norm(x), None
     if not _streams(x, m):

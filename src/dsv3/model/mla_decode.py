@@ -154,7 +154,7 @@ if triton is not None:
         c = tl.load(ckv_ptr + i * stride_c + offs_c)
         if FINISH:
             cf = c.to(tl.float32)
-            cn = (cf * tl.rsqrt(tl.sum(cf * cf, axis=0) / C + eps)).to(c.dtype)
+            cn = (cf * tl.rsqrt((tl.sum(cf * cf, axis=0) / C + eps).to(tl.float32))).to(c.dtype)
             c = tl.load(nw_ptr + offs_c).to(tl.float32) * cn.to(tl.float32)
             offs_p = tl.arange(0, R // 2)
             angle = (i // S) * stride_cb + (i % S) * stride_cs + offs_p  # token i is position i % S of row i // S
