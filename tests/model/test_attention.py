@@ -140,6 +140,31 @@ def test_cached_prefill_then_decode_equals_full_forward(make_cfg, make_model, to
     assert not cache.c_kv[:, :, S:].any() and not cache.k_pe[:, :, S:].any()
 
 
+def test_a_cache_that_declines_to_finish_the_latents_gets_them_finished(make_cfg, make_model, tokens):
+    # LatentCache.update_unfinished: NotImplemented -> attention finishes the latents and calls update (the
+    # result is a plain cache's); anything but pages or NotImplemented is refused, not silently mis-attended
+    class Declines(StaticLatentCache):
+        def update_unfinished(self, layer_idx, kv_a, kv_norm, cos, sin):
+            self.asked = getattr(self, "asked", 0) + 1
+            return NotImplemented
+
+    class Broken(StaticLatentCache):
+        def update_unfinished(self, layer_idx, kv_a, kv_norm, cos, sin):
+            return None
+
+    cfg = make_cfg(**SHAPES["base"])
+    model = make_model(cfg, dtype=torch.float64)
+    B = tokens.shape[0]
+    with torch.no_grad():
+        plain, declines = (kind(cfg, B, 32, dtype=torch.float64) for kind in (StaticLatentCache, Declines))
+        want = [model(tokens[:, :9], cache=plain).logits, model(tokens[:, 9:10], cache=plain, start_pos=9).logits]
+        got = [model(tokens[:, :9], cache=declines).logits, model(tokens[:, 9:10], cache=declines, start_pos=9).logits]
+        assert declines.asked == 2 * cfg.num_hidden_layers
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        with pytest.raises(TypeError, match="update_unfinished"):
+            model(tokens[:, :9], cache=Broken(cfg, B, 32, dtype=torch.float64))
+
+
 def _rmsnorm64(x, w, eps):
     return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
 

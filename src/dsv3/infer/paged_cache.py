@@ -66,7 +66,7 @@ class PagedStep:
     @torch.compiler.disable  # as `update`
     def update_unfinished(
         self, layer_idx: int, kv_a: torch.Tensor, kv_norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor
-    ) -> CachedLatents | None:
+    ) -> CachedLatents:
         """`update` from kv_a = [W_DKV; W_KR] h [B, S, C + rope] at a decode step whose pages are read in place
         (`paged_decode_supported`): kv_norm (MLA's RMSNorm of c_kv) and the rotation of k_R by cos / sin applied
         as the latents are written, one launch (`store_latents`). NotImplemented otherwise (a prefill's own

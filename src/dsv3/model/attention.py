@@ -58,10 +58,11 @@ class CachedLatents(NamedTuple):
 class LatentCache(Protocol):
     """What attention needs from a KV cache (the contiguous StaticLatentCache, the engine's paged pool).
 
-    A cache may also offer `update_unfinished(layer_idx, kv_a, kv_norm, cos, sin)`: the same store from
-    kv_a = [W_DKV; W_KR] h [B, S, C + rope], finishing eqs. 1 and 3 (kv_norm, an `RMSNorm`, on c_kv; RoPE by
-    cos / sin on k_R) as it writes, and returning what `update` would, or NotImplemented where it cannot (then
-    attention finishes the latents and calls `update`). The engine's pool does at decode: one launch for three.
+    A cache that hands over pages may also offer `update_unfinished(layer_idx, kv_a, kv_norm, cos, sin)`: the
+    same store from kv_a = [W_DKV; W_KR] h [B, S, C + rope], finishing eqs. 1 and 3 (kv_norm, an `RMSNorm`, on
+    c_kv; RoPE by cos / sin on k_R) as it writes, and returning `CachedLatents` with the pages, or
+    NotImplemented where it cannot (then attention finishes the latents and calls `update`). The engine's pool
+    does at decode: one launch for three.
     """
 
     def update(
@@ -280,6 +281,8 @@ class MLA(nn.Module):
         if cached is NotImplemented:
             c_kv, k_pe = self.latent(x, cos, sin, kv_a)
             cached = None if cache is None else cache.update(self.layer_idx, c_kv, k_pe, start_pos)
+        elif cached is None or cached.pages is None:  # the latents it stored were never finished here
+            raise TypeError(f"{type(cache).__name__}.update_unfinished must hand over pages or return NotImplemented")
         if cached is not None and cached.pages is not None:
             o = self.absorbed_paged(q, cos, sin, cached.pages, cached.q_pos)
         else:
