@@ -3,6 +3,7 @@ against the general path (the pages gathered, then `attention.attend`) and the b
 
     python -m benchmarks.mla_decode [--heads 16 128] [--batch 1 8 64] [--context 1024 4096] [--drafts 1 2]
                                     [--tiles 16x4 64x8]
+    python -m benchmarks.mla_decode --absorb [16 32 64 128] [--heads 16 128] [--batch 1 8]
 
 The attention core of one layer's decode step, from the absorbed queries (q_lat [B, S*H, C], q_R [B, S*H, R])
 to o_lat [B, S*H, C]: what the engine runs between the W_UK and W_UV products. Shapes: kv_lora_rank 256 with
@@ -12,6 +13,11 @@ enough copies of the pool that each call reads its keys from HBM. floor = the ca
 B x context x (C + R) x 2, over the measured device-to-device copy bandwidth. The crossover this prints is
 what `mla_decode.MIN_ROWS` encodes; `--tiles` also times other query tiles of the partial kernel (what
 `mla_decode.WIDE_BLOCK_Q` encodes). Prints a table, then one JSON line.
+
+`--absorb [COLUMNS ...]` times the step before instead: `mla_decode.absorb_query` (q_C W_UK of every head and
+q_R's RoPE in one launch) against the two launches it replaces (the batched GEMM and `rope.apply_rope`), for
+nope 128 and the same ranks, W_UK cycled through copies so each call reads it from HBM (floor: its bytes over
+the copy bandwidth), and with each given number of latent columns per program (what the default encodes).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import torch
 
 from benchmarks.common import copy_bandwidth, device_name, emit_json, n_copies, print_table, replay_us
 from dsv3.model.attention import attend
-from dsv3.model.mla_decode import paged_decode
+from dsv3.model.mla_decode import absorb_query, paged_decode
+from dsv3.model.rope import apply_rope
 
 ROPE, BLOCK_SIZE = 64, 16
 RANK = {16: 256, 128: 512}  # heads -> kv_lora_rank: `bench`, V3
@@ -72,6 +79,37 @@ def case(B: int, T: int, H: int, S: int, bw: float, dev: torch.device, tiles: li
     return row
 
 
+def absorb_case(B: int, H: int, S: int, bw: float, dev: torch.device, columns: list[int]) -> dict:
+    """absorb_query against the batched GEMM + RoPE it replaces, for B rows of S positions and H heads."""
+    C, D, V = RANK.get(H, 512), 128, 128
+    nbytes = H * D * C * 2
+    copies = n_copies(nbytes)
+    w_uk = [torch.randn(H, D + V, C, device=dev, dtype=torch.bfloat16)[:, :D] * D**-0.5 for _ in range(copies)]
+    q = torch.randn(B, S, H, D + ROPE, device=dev, dtype=torch.bfloat16)
+    angle = torch.rand(B, S, ROPE // 2, device=dev) * 6.28
+    cos, sin = angle.cos(), angle.sin()
+
+    def two_launches(i: int) -> tuple[torch.Tensor, torch.Tensor]:  # what MLA.absorbed runs
+        q_nope, q_pe = q.split([D, ROPE], dim=-1)
+        return torch.einsum("bshd,hdc->bshc", q_nope, w_uk[i]), apply_rope(q_pe, cos, sin)
+
+    floor = nbytes / bw * 1e6
+    row = {"heads": H, "B": B, "drafts": S, "W_UK MB": round(nbytes / 1e6, 1), "floor us": round(floor, 1)}
+    with torch.no_grad():
+        want_lat, want_pe = (t.flatten(1, 2).float() for t in two_launches(0))
+        row["two launches us"] = round(t_two := replay_us(two_launches, copies), 1)
+        for c in [None, *columns]:
+            key = "absorb us" if c is None else f"absorb {c} cols us"
+            got_lat, got_pe = absorb_query(q, cos, sin, w_uk[0], c)
+            err = max(((got.float() - want).norm() / want.norm()).item()
+                      for got, want in ((got_lat, want_lat), (got_pe, want_pe)))  # agree before timing
+            t = replay_us(lambda i, c=c: absorb_query(q, cos, sin, w_uk[i], c), copies)
+            row[key] = round(t, 2)
+            row[key.replace(" us", "/two")] = round(t / t_two, 2)
+            row[key.replace(" us", " rel diff")] = f"{err:.1e}"
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", type=int, nargs="+", default=[16, 128], help="16: bench's shapes; 128: V3's")
@@ -82,11 +120,25 @@ def main() -> None:
                     help="also time these queries x warps per partial program, e.g. 16x4 32x8 64x8")
     ap.add_argument("--splits", type=int, nargs="*", default=[],
                     help="also time the paged kernel with these key splits per row (default: its own choice)")
+    ap.add_argument("--absorb", type=int, nargs="*", default=None, metavar="COLUMNS",
+                    help="time absorb_query instead (and with these latent columns per program)")
     args = ap.parse_args()
     tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles]
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
     rows = []
+    if args.absorb is not None:
+        for H in args.heads:
+            for S in args.drafts:
+                for B in args.batch:
+                    rows.append(absorb_case(B, H, S, bw, dev, args.absorb))
+                    print(rows[-1], flush=True)
+        print(f"\nabsorbed decode query (W_UK + RoPE), {device_name(dev)}, copy bandwidth {bw / 1e12:.2f} TB/s; "
+              "floor = W_UK bytes / bandwidth; two launches = batched GEMM + apply_rope")
+        print_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
+        emit_json({"bench": "mla_decode.absorb", "device": device_name(dev), "copy_bandwidth": bw,
+                   "torch": torch.__version__, "rows": rows})
+        return
     for H in args.heads:
         for S in args.drafts:
             for T in args.context:

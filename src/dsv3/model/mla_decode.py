@@ -389,20 +389,22 @@ def store_latents(
 
 
 # Latent columns per `absorb_query` program: about one program an SM (the columns rounded up to a power of
-# two, 16 to 128). At a few rows each program's W_UK tile comes from HBM and the launch is latency-bound: an
-# H200, W_UK from HBM, 16 / 32 / 64 / 128 columns: `bench`'s 16 heads 2.44 / 2.27 / 2.41 / 2.78 us at one row,
-# 2.93 / 2.85 / 2.89 / 3.14 at 8; V3's 128 heads 10.8 / 9.2 / 7.3 / 7.1 at one row.
+# two, 16 to 128). At a few rows each program's W_UK tile comes from HBM and the launch is latency-bound, so
+# small tiles win while there are few heads (`python -m benchmarks.mla_decode --absorb 16 32 64 128`, H200, W_UK
+# from HBM, 16 / 32 / 64 / 128 columns: `bench`'s 16 heads 2.9 / 3.1 / 3.8 / 3.7 us at one row, 3.5 / 3.5 / 4.1
+# / 4.0 at 8; V3's 128 heads 10.7 / 9.1 / 7.2 / 7.0 at one row; a scratch sweep before it agreed within 0.4 us).
 _ABSORB_MAX_C = 128
 
 
 def absorb_query(
-    q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_uk: torch.Tensor,
+    q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_uk: torch.Tensor, block_c: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MLA's absorbed decode query in one launch (CUDA, Triton): for q [B, S, H, nope + rope] (eqs. 7-8, q_R not
     yet rotated), the angles cos / sin [B or 1, S, rope/2] and W_UK [H, nope, C], returns q_lat = q_C W_UK of
     each head [B, S*H, C] (float32 sums, rounded once, as a batched GEMM) and q_R rotated as `rope.apply_rope`
     rotates it [B, S*H, rope]: query s*H + h is head h at position s, as `paged_decode` takes them. One
-    batched GEMM and a RoPE kernel otherwise."""
+    batched GEMM and a RoPE kernel otherwise. block_c: latent columns a program (a power of two from 16 to C;
+    default about one program an SM, benchmarks/mla_decode.py --absorb sweeps it)."""
     B, S, H, _ = q.shape
     _, D, C = w_uk.shape
     R = q.shape[-1] - D
@@ -416,7 +418,11 @@ def absorb_query(
     q_lat = torch.empty(B, S * H, C, dtype=q.dtype, device=q.device)
     q_pe = torch.empty(B, S * H, R, dtype=q.dtype, device=q.device)
     M, block_m = B * S, 16  # 16 rows: tl.dot's smallest tile
-    block_c = min(C, _ABSORB_MAX_C, max(16, triton.next_power_of_2(triton.cdiv(H * C * triton.cdiv(M, block_m), _SMS))))
+    if block_c is None:
+        per_sm = triton.cdiv(H * C * triton.cdiv(M, block_m), _SMS)
+        block_c = min(C, _ABSORB_MAX_C, max(16, triton.next_power_of_2(per_sm)))
+    if not 16 <= block_c <= C or block_c & (block_c - 1):
+        raise ValueError(f"absorb_query: block_c must be a power of two in [16, {C}], got {block_c}")
     _absorb_kernel[(H, C // block_c, triton.cdiv(M, block_m))](
         q, cos, sin, w_uk, q_lat, q_pe, M, S, D, q.stride(1), q.stride(2),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2), w_uk.stride(0), w_uk.stride(1),
