@@ -199,16 +199,19 @@ def test_absorb_query_matches_float64(B, S, H, D, per_row, device="cuda", dtype=
     w = (torch.randn(H, D + V, C, generator=g) * D**-0.5).to(dtype)
     w_uk = w[:, :D]
     cos, sin = angles(B if per_row else 1, S, R, g)
-    q_lat, q_pe = absorb_query(q.to(device), cos.to(device), sin.to(device), w_uk.to(device))
-    assert q_lat.shape == (B, S * H, C) and q_pe.shape == (B, S * H, R) and q_lat.dtype == q_pe.dtype == dtype
     want = torch.einsum("bshd,hdc->bshc", q[..., :D].double(), w_uk.double()).reshape(B, S * H, C)
     bound = torch.einsum("bshd,hdc->bshc", q[..., :D].double().abs(), w_uk.double().abs()).reshape(B, S * H, C)
-    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
-    assert ((q_lat.double().cpu() - want).abs() <= ulp * want.abs() + D * 2.0**-24 * bound + 1e-6).all()
     want_pe = rope64(q[..., D:], cos[:, :, None], sin[:, :, None]).reshape(B, S * H, R)  # float32, rounded once
-    assert ((q_pe.double().cpu() - want_pe).abs() <= ulp * want_pe.abs() + 2.0**-20 * q.abs().max() + 1e-6).all()
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    for block_c in (None, 16, C):  # the default's program width, the narrowest, one program a head
+        q_lat, q_pe = absorb_query(q.to(device), cos.to(device), sin.to(device), w_uk.to(device), block_c)
+        assert q_lat.shape == (B, S * H, C) and q_pe.shape == (B, S * H, R) and q_lat.dtype == q_pe.dtype == dtype
+        assert ((q_lat.double().cpu() - want).abs() <= ulp * want.abs() + D * 2.0**-24 * bound + 1e-6).all()
+        assert ((q_pe.double().cpu() - want_pe).abs() <= ulp * want_pe.abs() + 2.0**-20 * q.abs().max() + 1e-6).all()
     with pytest.raises(ValueError, match="do not fit"):
         absorb_query(q.to(device), cos.to(device), sin.to(device), w_uk[:2].to(device))
+    with pytest.raises(ValueError, match="block_c"):
+        absorb_query(q.to(device), cos.to(device), sin.to(device), w_uk.to(device), 48)
 
 
 @pytest.mark.parametrize("src_dtype,per_row", [(torch.bfloat16, True), (torch.float32, False)])
