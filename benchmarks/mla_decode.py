@@ -102,7 +102,9 @@ def absorb_case(B: int, H: int, S: int, bw: float, dev: torch.device, columns: l
             key = "absorb us" if c is None else f"absorb {c} cols us"
             got_lat, got_pe = absorb_query(q, cos, sin, w_uk[0], c)
             err = max(((got.float() - want).norm() / want.norm()).item()
-                      for got, want in ((got_lat, want_lat), (got_pe, want_pe)))  # agree before timing
+                      for got, want in ((got_lat, want_lat), (got_pe, want_pe)))
+            if err > 1e-2:  # agree before timing
+                raise RuntimeError(f"absorb_query ({c} columns) differs from the two launches: {err:.1e}")
             t = replay_us(lambda i, c=c: absorb_query(q, cos, sin, w_uk[i], c), copies)
             row[key] = round(t, 2)
             row[key.replace(" us", "/two")] = round(t / t_two, 2)

@@ -142,7 +142,8 @@ def test_cached_prefill_then_decode_equals_full_forward(make_cfg, make_model, to
 
 def test_a_cache_that_declines_to_finish_the_latents_gets_them_finished(make_cfg, make_model, tokens):
     # LatentCache.update_unfinished: NotImplemented -> attention finishes the latents and calls update (the
-    # result is a plain cache's); anything but pages or NotImplemented is refused, not silently mis-attended
+    # result is a plain cache's); anything but pages or NotImplemented is refused, not silently mis-attended;
+    # a norm with hooks is never offered
     class Declines(StaticLatentCache):
         def update_unfinished(self, layer_idx, kv_a, kv_norm, cos, sin):
             self.asked = getattr(self, "asked", 0) + 1
@@ -161,6 +162,12 @@ def test_a_cache_that_declines_to_finish_the_latents_gets_them_finished(make_cfg
         got = [model(tokens[:, :9], cache=declines).logits, model(tokens[:, 9:10], cache=declines, start_pos=9).logits]
         assert declines.asked == 2 * cfg.num_hidden_layers
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        # a hooked kv norm is not handed to a cache to apply: its forward (and the hook) runs
+        seen = []
+        model.layers[0].self_attn.kv_a_layernorm.register_forward_hook(lambda *a: seen.append(1))
+        declines.asked = 0
+        model(tokens[:, 10:11], cache=declines, start_pos=10)
+        assert declines.asked == cfg.num_hidden_layers - 1 and seen == [1]
         with pytest.raises(TypeError, match="update_unfinished"):
             model(tokens[:, :9], cache=Broken(cfg, B, 32, dtype=torch.float64))
 

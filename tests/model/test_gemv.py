@@ -212,6 +212,19 @@ def test_fused_rmsnorm_matches_float64(dtype, device="cuda"):
         gemv(x.to(device), w.to(device), norm=(nw[:-1].to(device), eps))
 
 
+def test_fused_rmsnorm_with_e4m3_weights():
+    # the norm inside an E4M3 GEMV (FP8 models' W_UQ at up to GEMV_MAX_ROWS rows): each column scaled by its
+    # block's scale as well as by the norm's weight; ragged 300 x 260 against the 128 grid
+    g = torch.Generator().manual_seed(14)
+    q, s = quantize_blockwise(torch.randn(300, 260, generator=g))
+    x = (torch.randn(5, 260, generator=g) * 3).to(torch.bfloat16)
+    nw = (1 + torch.randn(260, generator=g) * 0.1).to(torch.bfloat16)
+    got = gemv(x.cuda(), q.cuda(), scale_inv=s.cuda(), norm=(nw.cuda(), 1e-6))
+    wd = dequantize_blockwise(q, s, torch.float64)
+    a = x.double() * (x.double().pow(2).mean(-1, keepdim=True) + 1e-6).rsqrt() * nw.double()
+    assert within_output_rounding(got, a @ wd.T, a.abs() @ wd.abs().T, torch.bfloat16)
+
+
 def test_linear_takes_the_norm_into_its_launch(monkeypatch):
     """linear(x, m, norm): one gemv launch for m(norm(x)) at a bf16 row, within its output's rounding of
     float64; a norm that is not exactly `RMSNorm` (a subclass) runs first, and under autograd the modules."""
@@ -241,8 +254,13 @@ def test_linear_takes_the_norm_into_its_launch(monkeypatch):
 
         other = Scaled(768).cuda().bfloat16()
         assert torch.equal(linear(x, m, norm=other), linear(other(x), m)) and calls == [True, False, False]
+        hooked = []
+        handle = norm.register_forward_hook(lambda *a: hooked.append(1))  # a hook must see its norm run
+        assert torch.equal(linear(x, m, norm=norm), linear(norm(x), m)) and len(hooked) == 2
+        assert calls == [True, False, False, False, False]
+        handle.remove()
     norm.weight.requires_grad_(True)
-    assert linear(x, m, norm=norm).requires_grad and calls == [True, False, False]
+    assert linear(x, m, norm=norm).requires_grad and calls == [True, False, False, False, False]
 
 
 def test_extra_matrix_must_match():

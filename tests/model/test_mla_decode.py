@@ -188,17 +188,22 @@ def angles(B, S, R, g):
     return a.cos().float(), a.sin().float()
 
 
-@pytest.mark.parametrize("B,S,H,D,per_row", [(1, 1, 16, 128, True), (3, 7, 3, 48, True), (2, 2, 5, 64, False)])
-def test_absorb_query_matches_float64(B, S, H, D, per_row, device="cuda", dtype=torch.bfloat16):
+# angles: a row of positions per sequence [B, S], one row for all [1, S], one position a sequence [B, 1]
+ANGLES = {"rows": lambda B, S: (B, S), "shared": lambda B, S: (1, S), "one-position": lambda B, S: (B, 1)}
+
+
+@pytest.mark.parametrize("B,S,H,D,shape", [(1, 1, 16, 128, "rows"), (3, 7, 3, 48, "rows"), (2, 2, 5, 64, "shared"),
+                                           (3, 4, 2, 64, "one-position")])
+def test_absorb_query_matches_float64(B, S, H, D, shape, device="cuda", dtype=torch.bfloat16):
     """q_lat = q_C W_UK per head and RoPE'd q_R, queries ordered s*H + h, against float64: 21 rows (two row
-    tiles), a nope width that is no power of two (48), angles per row or one row for all (broadcast), W_UK a
-    strided view of kv_b's head-major rows as MLA's."""
+    tiles), a nope width that is no power of two (48), angles per row or broadcast (ANGLES), W_UK a strided
+    view of kv_b's head-major rows as MLA's."""
     g = torch.Generator().manual_seed(D + S)
     C, R, V = 128, 32, 24
     q = torch.randn(B, S, H, D + R, generator=g).to(dtype)
     w = (torch.randn(H, D + V, C, generator=g) * D**-0.5).to(dtype)
     w_uk = w[:, :D]
-    cos, sin = angles(B if per_row else 1, S, R, g)
+    cos, sin = angles(*ANGLES[shape](B, S), R, g)
     want = torch.einsum("bshd,hdc->bshc", q[..., :D].double(), w_uk.double()).reshape(B, S * H, C)
     bound = torch.einsum("bshd,hdc->bshc", q[..., :D].double().abs(), w_uk.double().abs()).reshape(B, S * H, C)
     want_pe = rope64(q[..., D:], cos[:, :, None], sin[:, :, None]).reshape(B, S * H, R)  # float32, rounded once
@@ -209,23 +214,31 @@ def test_absorb_query_matches_float64(B, S, H, D, per_row, device="cuda", dtype=
         assert ((q_lat.double().cpu() - want).abs() <= ulp * want.abs() + D * 2.0**-24 * bound + 1e-6).all()
         assert ((q_pe.double().cpu() - want_pe).abs() <= ulp * want_pe.abs() + 2.0**-20 * q.abs().max() + 1e-6).all()
     with pytest.raises(ValueError, match="do not fit"):
-        absorb_query(q.to(device), cos.to(device), sin.to(device), w_uk[:2].to(device))
+        absorb_query(q.to(device), cos.to(device), sin.to(device), w_uk[: H - 1].to(device))  # a head short
     with pytest.raises(ValueError, match="block_c"):
         absorb_query(q.to(device), cos.to(device), sin.to(device), w_uk.to(device), 48)
+    with pytest.raises(ValueError, match="bf16 or fp16"):  # float32 would go through tl.dot as TF32
+        absorb_query(q.float().to(device), cos.to(device), sin.to(device), w_uk.float().to(device))
 
 
-@pytest.mark.parametrize("src_dtype,per_row", [(torch.bfloat16, True), (torch.float32, False)])
-def test_store_latents_finishes_norm_and_rope(src_dtype, per_row, device="cuda"):
+@pytest.mark.parametrize("src_dtype,shape", [(torch.bfloat16, "rows"), (torch.float32, "shared"),
+                                             (torch.bfloat16, "one-position")])
+def test_store_latents_finishes_norm_and_rope(src_dtype, shape, device="cuda"):
     """finish=(weight, eps, cos, sin): RMSNorm(c_kv) and rotated k_R land at each token's slot as MLA.latent
-    computes them, against float64 (the normalised value rounded to the source dtype before the weight, then
-    the product rounded to the pool's bf16: two roundings of 2^-8 relative at most); other rows untouched.
-    Tokens are B rows x S positions, their angles per row or broadcast."""
+    computes them: against float64 (the normalised value rounded to the source dtype before the weight, then
+    the product rounded to the pool's bf16: two roundings of 2^-8 relative at most), and against the modules
+    themselves (`layers.RMSNorm`, `rope.apply_rope`: the same roundings, so at most a rare one-ulp difference
+    where their float32 sums of squares differ; skipping the rounding before the weight would change about
+    a quarter of the values); other rows untouched. Tokens are B rows x S positions, angles as ANGLES."""
+    from dsv3.model.layers import RMSNorm
+    from dsv3.model.rope import apply_rope
+
     g = torch.Generator().manual_seed(5)
     C, R, B, S, eps = 64, 32, 2, 3, 1e-6
     pool = torch.randn(40, C + R, generator=g).to(torch.bfloat16)
     kv_a = (torch.randn(B * S, C + R + 8, generator=g) * 3).to(src_dtype)[:, : C + R]  # strided rows
     weight = (1 + torch.randn(C, generator=g) * 0.1).to(torch.bfloat16)
-    cos, sin = angles(B if per_row else 1, S, R, g)
+    cos, sin = angles(*ANGLES[shape](B, S), R, g)
     slots = torch.tensor([17, 0, 39, 5, 6, 21])
     got = pool.to(device)
     store_latents(got, slots.to(device), kv_a[:, :C].to(device), kv_a[:, C:].to(device),
@@ -237,6 +250,15 @@ def test_store_latents_finishes_norm_and_rope(src_dtype, per_row, device="cuda")
     want = torch.cat([want_c, want_r], -1)
     u = 2.0**-8  # bf16's unit roundoff
     assert ((got[slots].double() - want).abs() <= (2 * u + 2.0**-18) * want.abs() + 1e-6).all()
+    norm = RMSNorm(C, eps).to(device, torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        modules = torch.cat([norm(kv_a[:, :C].to(device)),
+                             apply_rope(kv_a[:, C:].to(device).view(B, S, R), cos.to(device), sin.to(device)).view(
+                                 B * S, R)], -1).to(torch.bfloat16).float().cpu()
+    diff = (got[slots].float() - modules).abs()
+    ulp = torch.ldexp(torch.ones_like(modules), torch.frexp(modules).exponent - 8)  # bf16's spacing at each value
+    assert (diff <= ulp).all() and (diff > 0).float().mean() <= 0.02
     others = torch.ones(40, dtype=torch.bool)
     others[slots] = False
     assert torch.equal(got[others], pool[others])

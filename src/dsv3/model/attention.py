@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dsv3.config import ModelConfig
 from dsv3.model.gemv import linear, linear_pair
-from dsv3.model.layers import RMSNorm, dense_weight
+from dsv3.model.layers import RMSNorm, dense_weight, plain_rmsnorm
 from dsv3.model.mla_decode import absorb_query, paged_decode
 from dsv3.model.rope import apply_rope
 
@@ -191,7 +191,11 @@ class MLA(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_a: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """eqs. 6-9: q_C [B,S,H,nope] and rotated q_R [B,S,H,rope]. q_a: W_DQ x when already computed."""
-        q_nope, q_pe = self.project_query(x, q_a).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return self._rotate(self.project_query(x, q_a), cos, sin)
+
+    def _rotate(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[q_C; q_R] -> (q_C, RoPE(q_R)) (eq. 8)."""
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin)
 
     def latent(
@@ -274,9 +278,10 @@ class MLA(nn.Module):
         q = self.project_query(x, None if both is None else both[0])
         kv_a = self.kv_a_proj_with_mqa(x) if both is None else both[1]
         # a cache that can finish eqs. 1 and 3 as it stores the latents (the engine's pool at decode) takes them
-        # unfinished; NotImplemented: it cannot here, so they are finished first
+        # unfinished, with the norm's weight (a plain RMSNorm: a hooked one runs its forward); NotImplemented: it
+        # cannot here, so they are finished first
         cached = NotImplemented
-        if cache is not None and hasattr(cache, "update_unfinished"):
+        if cache is not None and hasattr(cache, "update_unfinished") and plain_rmsnorm(self.kv_a_layernorm):
             cached = cache.update_unfinished(self.layer_idx, kv_a, self.kv_a_layernorm, cos, sin)
         if cached is NotImplemented:
             c_kv, k_pe = self.latent(x, cos, sin, kv_a)
@@ -286,8 +291,7 @@ class MLA(nn.Module):
         if cached is not None and cached.pages is not None:
             o = self.absorbed_paged(q, cos, sin, cached.pages, cached.q_pos)
         else:
-            q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-            q_pe = apply_rope(q_pe, cos, sin)
+            q_nope, q_pe = self._rotate(q, cos, sin)
             if cached is None:
                 o = self.expanded(q_nope, q_pe, c_kv, k_pe, 0, doc_ids)
             else:

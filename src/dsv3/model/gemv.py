@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from dsv3.model.layers import RMSNorm
+from dsv3.model.layers import plain_rmsnorm
 
 try:
     import triton
@@ -302,9 +302,9 @@ def linear(x: torch.Tensor, m: torch.nn.Module, norm: torch.nn.Module | None = N
     """m(x), or m(norm(x)) for an RMSNorm `norm`, for a bias-free linear layer: through one gemv launch where
     that pays (`_streams`: decode's single row, where cuBLAS reads MLA's W_UQ and W_O at a fraction of the
     bandwidth: 4.6 / 8.0 us against gemv's 3.9 / 4.6 on the H200, benchmarks/gemv.py), the norm inside it (a
-    subclass of RMSNorm, or autograd: norm(x) first); otherwise the modules' own forwards."""
-    # gemv applies exactly RMSNorm (a subclass may compute something else) and has no backward
-    fused = norm is not None and type(norm) is RMSNorm and not (torch.is_grad_enabled() and norm.weight.requires_grad)
+    norm that is not `layers.plain_rmsnorm`, or autograd: norm(x) first); otherwise the modules' own forwards."""
+    # gemv applies the norm's weight and eps itself (not a subclass's or a hook's forward) and has no backward
+    fused = norm is not None and plain_rmsnorm(norm) and not (torch.is_grad_enabled() and norm.weight.requires_grad)
     if norm is not None and not fused:
         x, norm = norm(x), None
     if not _streams(x, m):

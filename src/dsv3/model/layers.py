@@ -21,6 +21,12 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def plain_rmsnorm(m: nn.Module) -> bool:
+    """Whether `m` computes exactly `RMSNorm` from its weight and eps (the class itself, no hooks), so a fused
+    kernel may apply those instead of calling it; a subclass or a hooked norm keeps its forward."""
+    return type(m) is RMSNorm and not (m._forward_hooks or m._forward_pre_hooks)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). The dense FFN of the first layers and the shared experts."""
 

@@ -131,7 +131,8 @@ if triton is not None:
     @triton.jit
     def _rope(x_ptrs, cos_ptrs, sin_ptrs, out_ptrs, mask):
         """RoPE of adjacent pairs as `rope.apply_rope` computes it: (x[2i], x[2i+1]) from x_ptrs (pointers to the
-        even elements) rotated by the angles' cos/sin in float32, stored at out_ptrs in out's dtype."""
+        even elements) rotated by the angles' cos/sin in float32, rounded once to out's dtype at out_ptrs (where
+        that is not x's, apply_rope's result would be rounded to x's dtype first)."""
         x0 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         x1 = tl.load(x_ptrs + 1, mask=mask, other=0.0).to(tl.float32)
         cos = tl.load(cos_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -361,8 +362,9 @@ def store_latents(
 
     finish (weight, eps, cos, sin): c_kv and k_pe are still W_DKV h and W_KR h, and what is stored is MLA's
     cached pair (eqs. 1 and 3), RMSNorm(c_kv) with that weight and eps and k_pe rotated by the angles cos / sin
-    [B or 1, S, R/2] of the N = B * S tokens (token i at [i // S, i % S]): the norm, the rotation and the write
-    in one launch (three at decode otherwise)."""
+    [B or 1, S or 1, R/2] of the N = B * S tokens (token i is position i % S of row i // S; with one position a
+    row, every token of the row takes it): the norm, the rotation and the write in one launch (three at decode
+    otherwise)."""
     N, C = c_kv.shape
     R = k_pe.shape[-1]
     if pool.shape[-1] != C + R or k_pe.shape[0] != N or slots.numel() != N or pool.stride(-1) != 1:
@@ -376,23 +378,24 @@ def store_latents(
         weight, eps, cos, sin, S, angle_strides = pool, 0.0, pool, pool, 1, (0, 0)
     else:
         weight, eps, cos, sin = finish
-        S = cos.shape[-2]
+        S = cos.shape[1] if cos.dim() == 3 and cos.shape[1] > 1 else N // max(1, cos.shape[0])  # tokens a row
         if weight.shape != (C,) or cos.dim() != 3 or N % S or cos.shape[-1] * 2 != R \
                 or cos.shape[0] not in (1, N // S) or sin.shape != cos.shape:
             raise ValueError(f"store_latents: norm weight {tuple(weight.shape)} and angles {tuple(cos.shape)} do not "
                              f"fit {N} tokens of {C} + {R} latents")
         weight, cos, sin = weight.contiguous(), cos.contiguous(), sin.contiguous()
-        angle_strides = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2))
+        angle_strides = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1) if cos.shape[1] > 1 else 0)
     _store_kernel[(N,)](c_kv, k_pe, slots.contiguous(), pool, weight, cos, sin, eps, S, c_kv.stride(0),
                         k_pe.stride(0), pool.stride(0), *angle_strides, C=C, R=R, FINISH=finish is not None,
                         num_warps=1 if C + R <= 512 else 2)
 
 
-# Latent columns per `absorb_query` program: about one program an SM (the columns rounded up to a power of
-# two, 16 to 128). At a few rows each program's W_UK tile comes from HBM and the launch is latency-bound, so
-# small tiles win while there are few heads (`python -m benchmarks.mla_decode --absorb 16 32 64 128`, H200, W_UK
-# from HBM, 16 / 32 / 64 / 128 columns: `bench`'s 16 heads 2.9 / 3.1 / 3.8 / 3.7 us at one row, 3.5 / 3.5 / 4.1
-# / 4.0 at 8; V3's 128 heads 10.7 / 9.1 / 7.2 / 7.0 at one row; a scratch sweep before it agreed within 0.4 us).
+# Latent columns per `absorb_query` program: the work per SM (heads x C x row tiles / 132) rounded up to a power
+# of two, 16 to 128, so a launch has between half a program and one program an SM. At a few rows each program's
+# W_UK tile comes from HBM and the launch is latency-bound, so narrow tiles win while there are few heads
+# (`python -m benchmarks.mla_decode --absorb 16 32 64 128`, H200, W_UK from HBM, 16 / 32 / 64 / 128 columns:
+# `bench`'s 16 heads 2.9 / 3.1 / 3.8 / 3.7 us at one row, 3.5 / 3.5 / 4.1 / 4.0 at 8 (16 and 32 within the
+# run-to-run spread of ~0.4 us: a scratch sweep had 2.4 / 2.3); V3's 128 heads 10.7 / 9.1 / 7.2 / 7.0 at one row).
 _ABSORB_MAX_C = 128
 
 
@@ -402,17 +405,19 @@ def absorb_query(
     """MLA's absorbed decode query in one launch (CUDA, Triton): for q [B, S, H, nope + rope] (eqs. 7-8, q_R not
     yet rotated), the angles cos / sin [B or 1, S, rope/2] and W_UK [H, nope, C], returns q_lat = q_C W_UK of
     each head [B, S*H, C] (float32 sums, rounded once, as a batched GEMM) and q_R rotated as `rope.apply_rope`
-    rotates it [B, S*H, rope]: query s*H + h is head h at position s, as `paged_decode` takes them. One
+    rotates it [B, S*H, rope]: query s*H + h is head h at position s, as `paged_decode` takes them (bf16 or
+    fp16; the angles may also be one row or one position, [1 or B, 1 or S, rope/2], broadcast). One
     batched GEMM and a RoPE kernel otherwise. block_c: latent columns a program (a power of two from 16 to C;
     default about one program an SM, benchmarks/mla_decode.py --absorb sweeps it)."""
     B, S, H, _ = q.shape
     _, D, C = w_uk.shape
     R = q.shape[-1] - D
     if w_uk.shape[0] != H or R < 2 or R & (R - 1) or C < 16 or C & (C - 1) or w_uk.stride(-1) != 1 \
-            or cos.dim() != 3 or cos.shape[-1] * 2 != R or cos.shape[0] not in (1, B) or cos.shape[1] != S \
-            or sin.shape != cos.shape:
-        raise ValueError(f"absorb_query: queries {tuple(q.shape)}, angles {tuple(cos.shape)} and W_UK "
-                         f"{tuple(w_uk.shape)} do not fit (C a power of two >= 16, an even power-of-two rope)")
+            or cos.dim() != 3 or cos.shape[-1] * 2 != R or cos.shape[0] not in (1, B) or cos.shape[1] not in (1, S) \
+            or sin.shape != cos.shape or q.dtype not in (torch.bfloat16, torch.float16) or w_uk.dtype != q.dtype:
+        raise ValueError(f"absorb_query: queries {tuple(q.shape)} {q.dtype}, angles {tuple(cos.shape)} and W_UK "
+                         f"{tuple(w_uk.shape)} {w_uk.dtype} do not fit (bf16 or fp16 alike, C a power of two >= 16, "
+                         "an even power-of-two rope)")
     q = q if q.stride(-1) == 1 and q.stride(0) == S * q.stride(1) else q.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
     q_lat = torch.empty(B, S * H, C, dtype=q.dtype, device=q.device)
@@ -425,7 +430,8 @@ def absorb_query(
         raise ValueError(f"absorb_query: block_c must be a power of two in [16, {C}], got {block_c}")
     _absorb_kernel[(H, C // block_c, triton.cdiv(M, block_m))](
         q, cos, sin, w_uk, q_lat, q_pe, M, S, D, q.stride(1), q.stride(2),
-        cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-2), w_uk.stride(0), w_uk.stride(1),
+        cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1) if cos.shape[1] > 1 else 0, w_uk.stride(0),
+        w_uk.stride(1),
         H * C, C, H * R, R, R=R, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_C=block_c,
         num_warps=4,
     )
