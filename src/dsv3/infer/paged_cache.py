@@ -77,6 +77,10 @@ class PagedStep:
             return NotImplemented
         kv = kv_a.flatten(0, 1)
         store_latents(pool, self.slots, kv[:, :C], kv[:, C:], finish=(kv_norm.weight, kv_norm.eps, cos, sin))
+        return self._pages(pool)
+
+    def _pages(self, pool: torch.Tensor) -> CachedLatents:
+        """The hand-over where attention reads one layer's `pool` in place (`mla_decode.paged_decode`)."""
         return CachedLatents(None, None, self.positions, pages=PagedLatents(pool, self.block_tables,
                                                                             self.cache.block_size))
 
@@ -104,7 +108,7 @@ class PagedStep:
         if self.block_tables is None:
             return None
         if in_place:  # nothing to copy out
-            return CachedLatents(None, None, self.positions, pages=PagedLatents(pool, self.block_tables, bs))
+            return self._pages(pool)
         B, W = self.block_tables.shape
         blocks = pool.view(-1, bs, pool.shape[-1])  # [num_blocks, block_size, C + rope]
         kv = blocks.index_select(0, self.block_tables.flatten()).view(B, W * bs, -1)

@@ -352,6 +352,13 @@ def _combine(o: torch.Tensor, m: torch.Tensor, lsum: torch.Tensor, out: torch.Te
     return out
 
 
+def _angles(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """RoPE angles cos / sin [B or 1, S or 1, R/2] as the kernels read them: contiguous, with their (row,
+    position) strides, 0 along a dimension of one (broadcast)."""
+    cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin, (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1) if cos.shape[1] > 1 else 0)
+
+
 def store_latents(
     pool: torch.Tensor, slots: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
     finish: tuple[torch.Tensor, float, torch.Tensor, torch.Tensor] | None = None,
@@ -383,8 +390,8 @@ def store_latents(
                 or cos.shape[0] not in (1, N // S) or sin.shape != cos.shape:
             raise ValueError(f"store_latents: norm weight {tuple(weight.shape)} and angles {tuple(cos.shape)} do not "
                              f"fit {N} tokens of {C} + {R} latents")
-        weight, cos, sin = weight.contiguous(), cos.contiguous(), sin.contiguous()
-        angle_strides = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1) if cos.shape[1] > 1 else 0)
+        weight = weight.contiguous()
+        cos, sin, angle_strides = _angles(cos, sin)
     _store_kernel[(N,)](c_kv, k_pe, slots.contiguous(), pool, weight, cos, sin, eps, S, c_kv.stride(0),
                         k_pe.stride(0), pool.stride(0), *angle_strides, C=C, R=R, FINISH=finish is not None,
                         num_warps=1 if C + R <= 512 else 2)
@@ -403,12 +410,12 @@ def absorb_query(
     q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_uk: torch.Tensor, block_c: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MLA's absorbed decode query in one launch (CUDA, Triton): for q [B, S, H, nope + rope] (eqs. 7-8, q_R not
-    yet rotated), the angles cos / sin [B or 1, S, rope/2] and W_UK [H, nope, C], returns q_lat = q_C W_UK of
-    each head [B, S*H, C] (float32 sums, rounded once, as a batched GEMM) and q_R rotated as `rope.apply_rope`
-    rotates it [B, S*H, rope]: query s*H + h is head h at position s, as `paged_decode` takes them (bf16 or
-    fp16; the angles may also be one row or one position, [1 or B, 1 or S, rope/2], broadcast). One
-    batched GEMM and a RoPE kernel otherwise. block_c: latent columns a program (a power of two from 16 to C;
-    default about one program an SM, benchmarks/mla_decode.py --absorb sweeps it)."""
+    yet rotated; bf16 or fp16), the angles cos / sin [B or 1, S or 1, rope/2] (broadcast as apply_rope does)
+    and W_UK [H, nope, C], returns q_lat = q_C W_UK of each head [B, S*H, C] (float32 sums, rounded once, as a
+    batched GEMM) and q_R rotated as `rope.apply_rope` rotates it [B, S*H, rope]: query s*H + h is head h at
+    position s, as `paged_decode` takes them. One batched GEMM and a RoPE kernel otherwise. block_c: latent
+    columns a program (a power of two from 16 to C; default about one program an SM, benchmarks/mla_decode.py
+    --absorb sweeps it)."""
     B, S, H, _ = q.shape
     _, D, C = w_uk.shape
     R = q.shape[-1] - D
@@ -419,7 +426,7 @@ def absorb_query(
                          f"{tuple(w_uk.shape)} {w_uk.dtype} do not fit (bf16 or fp16 alike, C a power of two >= 16, "
                          "an even power-of-two rope)")
     q = q if q.stride(-1) == 1 and q.stride(0) == S * q.stride(1) else q.contiguous()
-    cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin, angle_strides = _angles(cos, sin)
     q_lat = torch.empty(B, S * H, C, dtype=q.dtype, device=q.device)
     q_pe = torch.empty(B, S * H, R, dtype=q.dtype, device=q.device)
     M, block_m = B * S, 16  # 16 rows: tl.dot's smallest tile
@@ -429,10 +436,8 @@ def absorb_query(
     if not 16 <= block_c <= C or block_c & (block_c - 1):
         raise ValueError(f"absorb_query: block_c must be a power of two in [16, {C}], got {block_c}")
     _absorb_kernel[(H, C // block_c, triton.cdiv(M, block_m))](
-        q, cos, sin, w_uk, q_lat, q_pe, M, S, D, q.stride(1), q.stride(2),
-        cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1) if cos.shape[1] > 1 else 0, w_uk.stride(0),
-        w_uk.stride(1),
-        H * C, C, H * R, R, R=R, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_C=block_c,
-        num_warps=4,
+        q, cos, sin, w_uk, q_lat, q_pe, M, S, D, q.stride(1), q.stride(2), *angle_strides, w_uk.stride(0),
+        w_uk.stride(1), H * C, C, H * R, R, R=R, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m,
+        BLOCK_C=block_c, num_warps=4,
     )
     return q_lat, q_pe
