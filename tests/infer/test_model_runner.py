@@ -302,6 +302,31 @@ def test_cuda_graph_decode_equals_eager(mtp, compile, paged, monkeypatch) -> Non
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_dependent_launch_changes_no_token(compile, monkeypatch) -> None:
+    """Decode's Triton kernels launched with PDL (each starts early, prefetches its weights and waits in the
+    kernel for its predecessor: dsv3.model.pdl) decode exactly what plain launches do, in replayed graphs,
+    compiled or not: a kernel reading before its predecessor finished would change tokens."""
+    from dsv3.model import pdl
+
+    model = _gpu_model()
+    prompts = _prompts(model.cfg.vocab_size, (2, 9, 5, 1, 14, 3, 7, 11, 4), seed=5)
+    params = [SamplingParams(max_tokens=16, temperature=0)] * len(prompts)
+    if compile:  # a compilation per shape: a few rows
+        prompts, params = prompts[:3], params[:3]
+    runs = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("DSV3_PDL", setting)
+        engine = Engine(model, None, cuda_graphs=True, block_size=16, compile=compile)
+        runs[setting] = [r.token_ids for r in engine.generate(prompts, params)]
+        assert engine.runner.capture_error is None
+    assert runs["1"] == runs["0"]
+    if torch.cuda.get_device_capability() >= (9, 0):  # and PDL was on: not the same plain launches twice
+        assert pdl.mode(torch.device("cuda")) == pdl.PREFETCH
+
+
+@pytest.mark.gpu
+@cuda
 @pytest.mark.parametrize(("mtp", "compile"), [(0, False), (2, False), (0, True)])
 def test_cuda_graph_step_never_syncs(mtp, compile) -> None:
     """A whole decode step (staging, replay, greedy acceptance, MTP drafting), and without drafts the next one

@@ -20,7 +20,9 @@ from typing import NamedTuple
 
 import torch
 
+from dsv3.model import pdl
 from dsv3.model.layers import plain_rmsnorm
+from dsv3.model.pdl import pdl_prefetch_rows, pdl_release, pdl_wait
 
 try:
     import triton
@@ -59,10 +61,14 @@ if triton is not None:
         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ym,
         HAS_IDX: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_EXTRA: tl.constexpr, SWIGLU: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC2D: tl.constexpr, NORM: tl.constexpr,
+        LINE: tl.constexpr, PDL: tl.constexpr,
     ):
         p = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
+        offs_n = tl.minimum(offs_n, N - 1)  # addresses stay inside the weight (loads are masked with n_ok)
+        if HAS_IDX:  # the rows' experts come from the previous kernel (the router)
+            pdl_wait(PDL)
         # a weight is read as two row ranges: rows < SPLIT from `lo`, the rest from `hi` (gate_up's halves, each
         # with its own FP8 block grid; for the extra matrix, two separate tensors such as a shared expert's
         # gate_proj and up_proj)
@@ -88,6 +94,9 @@ if triton is not None:
         w_rows = tl.where(first, lo + offs_n.to(tl.int64) * stride_wn, hi + rest * stride_wn)[:, None]
         if HAS_SCALE:
             s_rows = tl.where(first, s_lo + (offs_n // 128) * stride_sn, s_hi + (rest // 128) * stride_sn)[:, None]
+        if not HAS_IDX:  # a fixed weight: its [BLOCK_N, K] slab on its way to L2 while the previous kernel ends
+            pdl_prefetch_rows(w_rows, K, LINE, PDL)
+            pdl_wait(PDL)
         # ACC2D: elementwise products summed over K, one cross-lane sum at the end. A sum per 128-deep step
         # left the kernel latency-bound: 1.5-2x slower for the linears, 1.2-1.4x for gate_up (weights read
         # from HBM, benchmarks/gemv.py). The SwiGLU-on-load variant keeps it: ~2x slower with ACC2D in a sweep.
@@ -116,6 +125,7 @@ if triton is not None:
                 acc += w * a[None, :]
             else:
                 acc += tl.sum(w * a[None, :], axis=1)
+        pdl_release(PDL)
         if ACC2D:
             y = tl.sum(acc, axis=1)
         else:
@@ -238,27 +248,51 @@ def _launch(
     if extra is not None and not extra_fits(extra, w3, s3, N, split):
         raise ValueError("gemv: the extra matrix does not match the indexed weights' shape, dtype, row stride "
                          "and scales")
+    block_n, block_k, warps = tiles or _tiles((P + extra_rows) * N, swiglu)
+    if block_k < BLOCK or block_k % BLOCK or block_n < 1 or block_n & (block_n - 1) or block_k & (block_k - 1):
+        raise ValueError(f"gemv: tiles {tiles}: BLOCK_N a power of two, BLOCK_K a power-of-two multiple of {BLOCK}")
+    xw, xs, xw2, xs2 = extra if extra is not None else (None, None, None, None)
+    return _run(x, w3, s3, idx, P, N, rows_per_x, swiglu, N if split is None else split, xw, xs, xw2, xs2,
+                extra_rows, [block_n, block_k, warps], None if norm is None else norm[0].contiguous(),
+                0.0 if norm is None else norm[1])
+
+
+def _run_shape(x: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor | None, idx: torch.Tensor | None, P: int, N: int,
+               *rest: object) -> torch.Tensor:
+    return x.new_empty(P + rest[7], N)  # rest[7]: extra_rows
+
+
+@pdl.launched_here("gemv", _run_shape)
+def _run(
+    x: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor | None, idx: torch.Tensor | None, P: int, N: int,
+    rows_per_x: int, swiglu: bool, split: int, xw: torch.Tensor | None, xs: torch.Tensor | None,
+    xw2: torch.Tensor | None, xs2: torch.Tensor | None, extra_rows: int, tiles: list[int], nw: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """The launch itself, on checked operands (see `gemv`): x [rows, K or 2K], the weights w3 [E, N, K] (scales
+    s3), `idx` naming each of the first P rows' weight, the extra matrix xw (rows from `split` on: xw2; scales
+    xs, xs2) for the last `extra_rows` outputs, (BLOCK_N, BLOCK_K, warps) `tiles`, the RMSNorm weight nw."""
+    K = w3.shape[-1]
     y = torch.empty(P + extra_rows, N, dtype=x.dtype, device=x.device)
     if y.shape[0] == 0:
         return y
-    split = N if split is None else split
-    xw = extra.w if extra is not None else w3
-    xw2 = extra.w2 if extra is not None and extra.w2 is not None else xw
+    has_extra = xw is not None
     s = s3 if s3 is not None else w3
-    xs = extra.scale_inv if extra is not None and s3 is not None else s
-    xs2 = extra.scale_inv2 if extra is not None and extra.scale_inv2 is not None else xs
-    block_n, block_k, warps = tiles or _tiles(y.shape[0] * N, swiglu)
-    if block_k < BLOCK or block_k % BLOCK or block_n < 1 or block_n & (block_n - 1) or block_k & (block_k - 1):
-        raise ValueError(f"gemv: tiles {tiles}: BLOCK_N a power of two, BLOCK_K a power-of-two multiple of {BLOCK}")
+    if not has_extra:  # the kernel reads dummies it never uses
+        xw = w3
+    if not has_extra or s3 is None:
+        xs = s
+    xw2 = xw2 if xw2 is not None else xw
+    xs2 = xs2 if xs2 is not None else xs
+    block_n, block_k, warps = tiles
     _gemv_kernel[(y.shape[0], triton.cdiv(N, block_n))](
-        x, w3, s, idx if idx is not None else x, y, xw, xs, xw2, xs2, x if norm is None else norm[0].contiguous(),
-        0.0 if norm is None else norm[1], N, K, P, rows_per_x, x.shape[0] - extra_rows, split,
-        triton.cdiv(split, BLOCK),
+        x, w3, s, idx if idx is not None else x, y, xw, xs, xw2, xs2, x if nw is None else nw, eps,
+        N, K, P, rows_per_x, x.shape[0] - extra_rows, split, triton.cdiv(split, BLOCK),
         x.stride(0), w3.stride(0), w3.stride(1),
         s3.stride(0) if s3 is not None else 0, s3.stride(1) if s3 is not None else 0, y.stride(0),
-        HAS_IDX=idx is not None, HAS_SCALE=s3 is not None, HAS_EXTRA=extra is not None, SWIGLU=swiglu,
-        BLOCK_N=block_n, BLOCK_K=block_k, ACC2D=not swiglu, NORM=norm is not None,
-        num_warps=warps,
+        HAS_IDX=idx is not None, HAS_SCALE=s3 is not None, HAS_EXTRA=has_extra, SWIGLU=swiglu,
+        BLOCK_N=block_n, BLOCK_K=block_k, ACC2D=not swiglu, NORM=nw is not None,
+        LINE=128 // w3.element_size(), num_warps=warps, **pdl.launch(x.device),
     )
     return y
 

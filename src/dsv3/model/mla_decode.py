@@ -33,6 +33,9 @@ from __future__ import annotations
 
 import torch
 
+from dsv3.model import pdl
+from dsv3.model.pdl import pdl_prefetch_rows, pdl_release, pdl_wait
+
 try:
     import triton
     import triton.language as tl
@@ -80,8 +83,9 @@ if triton is not None:
         stride_qcb, stride_qcq, stride_qrb, stride_qrq, stride_pool, stride_btb, stride_posb,
         stride_ob, stride_os, stride_oq, stride_mb, stride_ms, stride_outb, stride_outq,
         BS: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
-        ONE_SPLIT: tl.constexpr,
+        ONE_SPLIT: tl.constexpr, PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)  # the queries, and the newest key, are this step's
         b = tl.program_id(0)
         split = tl.program_id(1)
         offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -116,6 +120,7 @@ if triton is not None:
             lsum = lsum * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(kc.dtype), kc)
             m = m_new
+        pdl_release(PDL)
         # the whole row: normalise here, nothing to merge. A constexpr, so split programs do not carry this
         # epilogue: as a runtime branch, V3's 64-query tiles ran 9-10% slower at 8-64 rows (4-6% with it)
         if ONE_SPLIT:
@@ -144,11 +149,13 @@ if triton is not None:
     def _store_kernel(
         ckv_ptr, kpe_ptr, slots_ptr, pool_ptr, nw_ptr, cos_ptr, sin_ptr, eps, S,
         stride_c, stride_r, stride_pool, stride_cb, stride_cs,
-        C: tl.constexpr, R: tl.constexpr, FINISH: tl.constexpr,
+        C: tl.constexpr, R: tl.constexpr, FINISH: tl.constexpr, PDL: tl.constexpr,
     ):
         # token i's c_kv and k_R side by side into its pool slot: the concatenation never materialised. FINISH:
         # they are still W_DKV h and W_KR h, RMSNorm'd and rotated here (eqs. 1 and 3) as `layers.RMSNorm` and
         # `rope.apply_rope` compute them: float32, the normalised c_kv rounded to its dtype before the weight
+        pdl_wait(PDL)
+        pdl_release(PDL)
         i = tl.program_id(0)
         row = pool_ptr + tl.load(slots_ptr + i).to(tl.int64) * stride_pool
         offs_c = tl.arange(0, C)
@@ -170,7 +177,8 @@ if triton is not None:
     def _absorb_kernel(
         q_ptr, cos_ptr, sin_ptr, w_ptr, qlat_ptr, qpe_ptr, M, S, D,
         stride_qm, stride_qh, stride_cb, stride_cs, stride_wh, stride_wd, stride_lm, stride_lh, stride_pm, stride_ph,
-        R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+        R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, LINE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # head h, latent columns [c0, c0 + BLOCK_C), query rows (token m = b * S + s) of a tile: q_C W_UK[h] from
         # one tl.dot (float32, rounded once); the first column tile's programs also rotate the rows' q_R
@@ -179,10 +187,13 @@ if triton is not None:
         offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_ok, d_ok = offs_m < M, offs_d < D
+        w_rows = w_ptr + h * stride_wh + tl.minimum(offs_d, D - 1)[:, None] * stride_wd
+        pdl_prefetch_rows(w_rows + tl.program_id(1) * BLOCK_C, BLOCK_C, LINE, PDL, (BLOCK_C + LINE - 1) // LINE)
+        pdl_wait(PDL)
+        pdl_release(PDL)
         q_rows = q_ptr + offs_m[:, None] * stride_qm + h * stride_qh
         q_c = tl.load(q_rows + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + h * stride_wh + offs_d[:, None] * stride_wd + offs_c[None, :], mask=d_ok[:, None],
-                    other=0.0)
+        w = tl.load(w_rows + offs_c[None, :], mask=d_ok[:, None], other=0.0)
         q_lat = tl.dot(q_c, w)
         tl.store(qlat_ptr + offs_m[:, None] * stride_lm + h * stride_lh + offs_c[None, :],
                  q_lat.to(qlat_ptr.dtype.element_ty), mask=m_ok[:, None])
@@ -204,8 +215,10 @@ if triton is not None:
     def _combine_kernel(
         o_ptr, m_ptr, l_ptr, out_ptr, Q, SPLITS,
         stride_ob, stride_os, stride_oq, stride_mb, stride_ms, stride_outb, stride_outq,
-        BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
+        pdl_release(PDL)
         # columns [c0, c0 + BLOCK_C) of one row's query tile: every split's partial rescaled to the global max and
         # divided by the total sum, all splits in one [splits, queries, columns] load (a loop over the splits
         # waits out one memory latency each)
@@ -228,7 +241,8 @@ if triton is not None:
     def _combine_uv_kernel(
         o_ptr, m_ptr, l_ptr, w_ptr, out_ptr, H, V, SPLITS,
         stride_ob, stride_os, stride_oq, stride_mb, stride_ms, stride_outb, stride_outq, stride_wh, stride_wv,
-        C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr,
+        C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, LINE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # query q of row b, values [v0, v0 + BLOCK_V): the splits merged column chunk by column chunk in float32
         # and each chunk multiplied by its head's W_UV columns at once, so o_lat is never written
@@ -236,6 +250,9 @@ if triton is not None:
         q = tl.program_id(1)
         offs_v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
         v_ok = offs_v < V
+        w_rows = w_ptr + (q % H) * stride_wh + tl.minimum(offs_v, V - 1)[:, None] * stride_wv
+        pdl_prefetch_rows(w_rows, C, LINE, PDL, (C + LINE - 1) // LINE)  # the head's W_UV rows: constant
+        pdl_wait(PDL)
         offs_s = tl.arange(0, BLOCK_S)[:, None]  # [S, 1]: the query's splits
         s_ok = offs_s < SPLITS
         ml = b * stride_mb + offs_s * stride_ms + q
@@ -243,12 +260,12 @@ if triton is not None:
                                   tl.load(l_ptr + ml, mask=s_ok, other=0.0))
         w = w / tl.where(total > 0, total, 1.0)[None, :]  # no key seen: 0
         parts = o_ptr + b * stride_ob + offs_s * stride_os + q * stride_oq
-        w_rows = w_ptr + (q % H) * stride_wh + offs_v[:, None] * stride_wv
         acc = tl.zeros([BLOCK_V, BLOCK_C], dtype=tl.float32)
         for c0 in tl.static_range(0, C, BLOCK_C):  # unrolled: every chunk's loads issue together
             offs_c = c0 + tl.arange(0, BLOCK_C)
             o_c = tl.sum(w * tl.load(parts + offs_c[None, :], mask=s_ok, other=0.0), axis=0)
             acc += tl.load(w_rows + offs_c[None, :], mask=v_ok[:, None], other=0.0).to(tl.float32) * o_c[None, :]
+        pdl_release(PDL)
         tl.store(out_ptr + b * stride_outb + q * stride_outq + offs_v, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty),
                  mask=v_ok)
 
@@ -264,6 +281,15 @@ _UV_WARPS = 4
 _UV_TILE = 4096
 
 
+def _paged_decode_shape(q_lat: torch.Tensor, q_pe: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor,
+                        block_size: int, q_pos: torch.Tensor, scale: float, block_q: int | None = None,
+                        num_warps: int | None = None, splits: int | None = None,
+                        w_uv: torch.Tensor | None = None) -> torch.Tensor:
+    B, Q, C = q_lat.shape
+    return q_lat.new_empty(B, Q, C if w_uv is None else w_uv.shape[1])
+
+
+@pdl.launched_here("paged_decode", _paged_decode_shape)
 def paged_decode(
     q_lat: torch.Tensor, q_pe: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, block_size: int,
     q_pos: torch.Tensor, scale: float, block_q: int | None = None, num_warps: int | None = None,
@@ -322,6 +348,7 @@ def paged_decode(
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), pool.stride(0), bt.stride(0),
         pos.stride(0) if pos.shape[0] > 1 else 0, *strides,
         BS=block_size, C=C, R=R, BLOCK_Q=block_q, BLOCK_T=BLOCK_T, ONE_SPLIT=splits == 1, num_warps=num_warps,
+        **pdl.launch(q_lat.device),
     )
     if w_uv is not None:
         H, V = w_uv.shape[:2]
@@ -334,7 +361,8 @@ def paged_decode(
         block_c = min(C, max(16, _UV_TILE // block_s))  # a [splits, columns] tile of _UV_TILE float32 values
         _combine_uv_kernel[(B, Q, triton.cdiv(V, BLOCK_V))](
             o, m, lsum, w_uv, y, H, V, splits, *strides[:5], y.stride(0), y.stride(1), w_uv.stride(0),
-            w_uv.stride(1), C=C, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_V=BLOCK_V, num_warps=_UV_WARPS,
+            w_uv.stride(1), C=C, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_V=BLOCK_V, LINE=128 // w_uv.element_size(),
+            num_warps=_UV_WARPS, **pdl.launch(q_lat.device),
         )
         return y
     return _combine(o, m, lsum, out, splits, strides) if splits > 1 else out
@@ -348,6 +376,7 @@ def _combine(o: torch.Tensor, m: torch.Tensor, lsum: torch.Tensor, out: torch.Te
     block_c = min(C, 64, 1 << (_COMBINE_VALUES // (block_s * BLOCK_Q)).bit_length() - 1)  # a power of two
     _combine_kernel[(B, triton.cdiv(Q, BLOCK_Q), triton.cdiv(C, block_c))](
         o, m, lsum, out, Q, splits, *strides, BLOCK_C=block_c, BLOCK_Q=BLOCK_Q, BLOCK_S=block_s, num_warps=4,
+        **pdl.launch(out.device),
     )
     return out
 
@@ -394,7 +423,7 @@ def store_latents(
         cos, sin, angle_strides = _angles(cos, sin)
     _store_kernel[(N,)](c_kv, k_pe, slots.contiguous(), pool, weight, cos, sin, eps, S, c_kv.stride(0),
                         k_pe.stride(0), pool.stride(0), *angle_strides, C=C, R=R, FINISH=finish is not None,
-                        num_warps=1 if C + R <= 512 else 2)
+                        num_warps=1 if C + R <= 512 else 2, **pdl.launch(pool.device))
 
 
 # Latent columns per `absorb_query` program: the work per SM (heads x C x row tiles / 132) rounded up to a power
@@ -406,6 +435,14 @@ def store_latents(
 _ABSORB_MAX_C = 128
 
 
+def _absorb_query_shape(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_uk: torch.Tensor,
+                        block_c: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    B, S, H, _ = q.shape
+    D, C = w_uk.shape[1:]
+    return q.new_empty(B, S * H, C), q.new_empty(B, S * H, q.shape[-1] - D)
+
+
+@pdl.launched_here("absorb_query", _absorb_query_shape)
 def absorb_query(
     q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_uk: torch.Tensor, block_c: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -438,6 +475,6 @@ def absorb_query(
     _absorb_kernel[(H, C // block_c, triton.cdiv(M, block_m))](
         q, cos, sin, w_uk, q_lat, q_pe, M, S, D, q.stride(1), q.stride(2), *angle_strides, w_uk.stride(0),
         w_uk.stride(1), H * C, C, H * R, R, R=R, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m,
-        BLOCK_C=block_c, num_warps=4,
+        BLOCK_C=block_c, LINE=128 // w_uk.element_size(), num_warps=4, **pdl.launch(q.device),
     )
     return q_lat, q_pe

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from dsv3.model import pdl
+from dsv3.model.pdl import pdl_prefetch_rows, pdl_release, pdl_wait
+
 try:
     import triton
     import triton.language as tl
@@ -77,7 +80,7 @@ if triton is not None:
     @triton.jit
     def _logits_kernel(
         x_ptr, w_ptr, z_ptr, T, E, D, CHUNK, stride_xt, stride_we,
-        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr,
     ):
         split = tl.program_id(1)
         offs_t = tl.arange(0, BLOCK_T)
@@ -85,6 +88,10 @@ if triton is not None:
         t_ok, e_ok = offs_t < T, offs_e < E
         x_rows = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt
         w_rows = w_ptr + offs_e[:, None].to(tl.int64) * stride_we
+        # the gate weight is constant: this split's columns on their way to L2 before waiting for x
+        pdl_prefetch_rows(tl.where(e_ok[:, None], w_rows, w_ptr) + split * CHUNK,
+                          tl.minimum(CHUNK, D - split * CHUNK), LINE, PDL)
+        pdl_wait(PDL)
         # elementwise products summed over d, one cross-lane sum at the end (gemv.py: a sum per step left the
         # kernel latency-bound); each weight tile is loaded once and serves every token
         acc = tl.zeros([BLOCK_T, BLOCK_E, BLOCK_K], dtype=tl.float32)
@@ -94,6 +101,7 @@ if triton is not None:
             w = tl.load(w_rows + offs_k[None, :], mask=e_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             x = tl.load(x_rows + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             acc += x[:, None, :] * w[None, :, :]
+        pdl_release(PDL)
         z = tl.sum(acc, axis=2)
         tl.store(z_ptr + (split * T + offs_t[:, None]) * E + offs_e[None, :], z, mask=t_ok[:, None] & e_ok[None, :])
 
@@ -103,7 +111,10 @@ if triton is not None:
         SPLIT: tl.constexpr, E: tl.constexpr, N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr,
         TOP_K: tl.constexpr, NORM_TOPK_PROB: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
+        pdl_release(PDL)
         # [token, group, expert in group] tiles; powers of two, so lanes past the real shape are masked (their
         # e = g * GROUP_SIZE + j can alias a real expert of the next group: every use below masks with e_ok)
         t = tl.arange(0, BLOCK_T)[:, None, None]
@@ -162,6 +173,16 @@ if triton is not None:
         tl.store(load_ptr + g2 * GROUP_SIZE + j2, load.to(tl.int64), mask=(g2 < N_GROUP) & (j2 < GROUP_SIZE))
 
 
+def _fused_router_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int,
+                        top_k: int, norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0,
+                        split: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, E = x.shape[0], weight.shape[0]
+    f32, i64 = torch.float32, torch.int64
+    return (x.new_empty(T, top_k, dtype=f32), x.new_empty(T, top_k, dtype=i64), x.new_empty(T, E, dtype=f32),
+            x.new_empty(E, dtype=i64))
+
+
+@pdl.launched_here("fused_router", _fused_router_shape)
 def fused_router(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -199,6 +220,7 @@ def fused_router(
     _logits_kernel[(tiles, split)](
         x, weight, z, T, E, d, chunk, x.stride(0), weight.stride(0),
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4 if block_t * block_e * block_k <= 1024 else 8,
+        LINE=128 // weight.element_size(), **pdl.launch(x.device),
     )
     scores = torch.empty(T, E, dtype=torch.float32, device=x.device)
     weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
@@ -210,6 +232,6 @@ def fused_router(
         z, bias, scores, weights, idx, load, T, float(routed_scaling_factor),
         SPLIT=split, E=E, N_GROUP=n_group, GROUP_SIZE=group_size, TOPK_GROUP=topk_group, TOP_K=top_k,
         NORM_TOPK_PROB=norm_topk_prob, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_S=block_s,
-        BLOCK_K=_pow2(top_k), num_warps=_select_warps(block_t * block_g * block_s),
+        BLOCK_K=_pow2(top_k), num_warps=_select_warps(block_t * block_g * block_s), **pdl.launch(x.device),
     )
     return weights, idx, scores, load
