@@ -10,18 +10,29 @@ the launcher's; the calls cycle through enough copies of the weights (experts: t
 reads them from HBM, as decode does, not from the L2 cache. floor = weight bytes / the measured
 device-to-device copy bandwidth. `gemv L2 us` times the same gemv on one copy, so that from the second call on
 its weight comes from the L2 cache: what prefetching the next weights while other kernels run could reach,
-the launch and latency left once the bytes are near. Prints a table, then one JSON line.
+the launch and latency left once the bytes are near. Kernels launch as decode launches them (with PDL on
+Hopper, `dsv3.model.pdl`; DSV3_PDL=0 for plain launches). Prints a table, then one JSON line.
+
+    python -m benchmarks.gemv --chain
+
+instead times decode's GEMVs and router of `bench`'s 11 MoE layers back to back, each kernel reading the
+previous one's output (W_DQ + [W_DKV; W_KR], W_UQ with q_a_layernorm, W_O, the router's two launches, the
+routed experts' gate_up and down), every layer on its own weights (so from HBM), in one CUDA graph: with
+programmatic dependent launch (`dsv3.model.pdl`: waiting only, and with each weight prefetched toward L2
+before the wait) and without, outputs compared bit for bit.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.common import copy_bandwidth, device_name, emit_json, n_copies, print_table, replay_us
-from dsv3.model.gemv import gemv
+from dsv3.model.gemv import gemv, gemv_pair
+from dsv3.model.router_kernel import fused_router
 
 LINEARS = [(768, 1536), (3072, 768), (576, 1536), (1536, 2048), (1152, 1536), (1536, 576), (8192, 1536),
            (1536, 8192), (32768, 1536)]
@@ -38,12 +49,76 @@ def sweep(fn, copies: int, nbytes: int, bw: float) -> dict:  # noqa: ANN001
             "best bw": f"{nbytes / (times[best] * 1e-6) / bw:.0%}"}
 
 
+def chain(dev: torch.device, bw: float, layers: int = 11, reps: int = 20) -> None:
+    """--chain: the GEMV + router kernels of `layers` MoE layers of `bench`, each on the previous output, as
+    one CUDA graph replayed `reps` times, with and without PDL (see the module docstring)."""
+    d, q_lora, kv, heads, qk, v, E, topk, inter = 1536, 768, 320, 16, 192, 128, 64, 8, 576
+    bf = torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, device=dev, dtype=bf, generator=g) * shape[-1] ** -0.5)
+
+    ws = [dict(dq=rand(q_lora, d), dkv=rand(kv, d), uq=rand(heads * qk, q_lora), norm=1 + rand(q_lora),
+               o=rand(d, heads * v), gate=rand(E, d), bias=torch.zeros(E, device=dev),
+               gate_up=rand(E, 2 * inter, d), down=rand(E, d, inter)) for _ in range(layers)]
+    nbytes = sum(t.numel() * t.element_size() for w in ws for k, t in w.items() if k not in ("gate_up", "down"))
+    nbytes += layers * topk * 3 * inter * d * 2  # the 8 routed experts a token reads of each stack
+    x0 = torch.randn(1, d, device=dev, dtype=bf)
+
+    def step() -> torch.Tensor:
+        x = x0
+        for w in ws:
+            qa = gemv_pair(x, w["dq"], w["dkv"])[:, :q_lora]
+            q = gemv(qa, w["uq"], norm=(w["norm"], 1e-6))
+            o = gemv(q[:, : heads * v], w["o"])
+            _, idx, _, _ = fused_router(o, w["gate"], w["bias"], 8, 4, topk)
+            h = gemv(o, w["gate_up"], idx, rows_per_x=topk)
+            x = gemv(h, w["down"], idx, swiglu=True)[:1]
+        return x
+
+    rows, outs = [], {}
+    for mode in ("0", "wait", "1"):
+        os.environ["DSV3_PDL"] = mode
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        graph.replay()
+        torch.cuda.synchronize()
+        outs[mode] = out.clone()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        us = start.elapsed_time(end) * 1e3 / reps
+        label = {"0": "off", "wait": "wait", "1": "wait + L2 prefetch"}[mode]
+        rows.append({"pdl": label, "us per step": f"{us:.1f}", "us per layer": f"{us / layers:.2f}",
+                     "MB per step": f"{nbytes / 1e6:.0f}", "of bandwidth": f"{nbytes / (us * 1e-6) / bw:.1%}"})
+    os.environ.pop("DSV3_PDL")
+    same = all(torch.equal(outs["0"], o) for o in outs.values())
+    print(f"decode GEMV + router chain, {layers} `bench` MoE layers (7 kernels each), {device_name(dev)}, copy "
+          f"bandwidth {bw / 1e12:.2f} TB/s; outputs with and without PDL identical: {same}")
+    print_table(rows, ["pdl", "us per step", "us per layer", "MB per step", "of bandwidth"])
+    emit_json({"bench": "gemv-chain", "device": device_name(dev), "copy_bandwidth": bw, "torch": torch.__version__,
+               "identical": same, "rows": rows})
+    if not same:
+        raise SystemExit("outputs differ with PDL")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="also time every program shape of SWEEP (bf16), keep the best")
+    ap.add_argument("--chain", action="store_true", help="time the chain of one decode step's GEMVs, PDL on / off")
     args = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
+    if args.chain:
+        chain(dev, bw)
+        return
     fp8 = torch.float8_e4m3fn
     rows = []
 
