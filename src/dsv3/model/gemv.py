@@ -257,9 +257,13 @@ def _launch(
                 0.0 if norm is None else norm[1])
 
 
-def _run_shape(x: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor | None, idx: torch.Tensor | None, P: int, N: int,
-               *rest: object) -> torch.Tensor:
-    return x.new_empty(P + rest[7], N)  # rest[7]: extra_rows
+def _run_shape(
+    x: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor | None, idx: torch.Tensor | None, P: int, N: int,
+    rows_per_x: int, swiglu: bool, split: int, xw: torch.Tensor | None, xs: torch.Tensor | None,
+    xw2: torch.Tensor | None, xs2: torch.Tensor | None, extra_rows: int, tiles: list[int], nw: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    return x.new_empty(P + extra_rows, N)
 
 
 @pdl.launched_here("gemv", _run_shape)

@@ -354,7 +354,8 @@ def paged_decode(
         H, V = w_uv.shape[:2]
         if splits == 1 or B * Q // H * w_uv.numel() * w_uv.element_size() > _UV_BYTES:
             o_lat = _combine(o, m, lsum, out, splits, strides) if splits > 1 else out
-            return torch.einsum("bshc,hvc->bshv", o_lat.view(B, Q // H, H, C), w_uv).reshape(B, Q, V)
+            # contiguous, as the custom op's shape function declares (the einsum's layout need not be)
+            return torch.einsum("bshc,hvc->bshv", o_lat.view(B, Q // H, H, C), w_uv).reshape(B, Q, V).contiguous()
         w_uv = w_uv if w_uv.stride(-1) == 1 else w_uv.contiguous()
         y = torch.empty(B, Q, V, dtype=q_lat.dtype, device=q_lat.device)
         block_s = triton.next_power_of_2(splits)
