@@ -74,7 +74,7 @@ from benchmarks.common import (  # noqa: E402
 from dsv3.config import ModelConfig, preset  # noqa: E402
 from dsv3.infer import Engine, SamplingParams  # noqa: E402
 from dsv3.info import count_params  # noqa: E402
-from dsv3.model import DeepSeekV3  # noqa: E402
+from dsv3.model import DeepSeekV3, pdl  # noqa: E402
 
 T_START = time.perf_counter()
 
@@ -176,11 +176,13 @@ def run_dsv3(
             "roofline": roof / step_s, "roofline_model": roof / model_s, "bytes_per_step": nbytes["total"],
             "kv_bytes_per_step": nbytes["kv"], "experts_touched": nbytes["experts_touched"],
             "prefill_s": prefill_s, "capture_s": capture_s, "graph_shapes": shapes, "mean_context": mean_ctx,
+            "pdl": pdl.mode(dev) != pdl.OFF, **({"inductor_pdl": runner.inductor_pdl} if compile else {}),
             **({"capture_error": capture_error} if capture_error else {}),
         })
         log(f"{name} B={B} ctx={ctx}: {B / step_s:,.0f} tok/s, {step_s * 1e3:.2f} ms/step "
             f"(forward {model_s * 1e3:.2f} ms), roofline {roof / step_s:.1%}; prefill {prefill_s:.1f}s, "
-            f"capture {capture_s:.1f}s ({shapes} shapes)")
+            f"capture {capture_s:.1f}s ({shapes} shapes); PDL {'on' if pdl.mode(dev) != pdl.OFF else 'off'}"
+            + (f", inductor's {'on' if runner.inductor_pdl else 'off'}" if compile else ""))
         if eager_steps and graphs:
             engine.runner.set_cuda_graphs(False)
             engine.step()  # warm-up of the new shape

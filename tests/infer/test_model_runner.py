@@ -320,9 +320,42 @@ def test_dependent_launch_changes_no_token(compile, monkeypatch) -> None:
         engine = Engine(model, None, cuda_graphs=True, block_size=16, compile=compile)
         runs[setting] = [r.token_ids for r in engine.generate(prompts, params)]
         assert engine.runner.capture_error is None
+        if compile and setting == "1" and torch.cuda.get_device_capability() >= (9, 0):
+            assert engine.runner.inductor_pdl  # every compiled graph checked: no kernel launched so unwaiting
     assert runs["1"] == runs["0"]
     if torch.cuda.get_device_capability() >= (9, 0):  # and PDL was on: not the same plain launches twice
         assert pdl.mode(torch.device("cuda")) == pdl.PREFETCH
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs PDL (compute capability 9.0+)")
+def test_inductor_kernel_that_does_not_wait_turns_inductor_pdl_off(monkeypatch) -> None:
+    """Where a compiled graph has a kernel inductor launches with PDL but without a wait, the runner compiles
+    the step again without inductor's PDL (a warning says so) and decodes what plain launches decode."""
+    from dsv3.model import pdl
+
+    model = _gpu_model()
+    prompts = _prompts(model.cfg.vocab_size, (5, 9, 3), seed=6)
+    params = [SamplingParams(max_tokens=8, temperature=0)] * len(prompts)
+    real, flagged = pdl.waitless_kernels, []
+
+    def first_graph_flagged(sources):  # the first check reports a kernel without a wait, later ones are real
+        if flagged:
+            return real(sources)
+        flagged.append(True)
+        return ["triton_poi_fused_ones_0"]
+
+    monkeypatch.setattr(pdl, "waitless_kernels", first_graph_flagged)
+    engine = Engine(model, None, cuda_graphs=True, block_size=16, compile=True)
+    assert engine.runner.inductor_pdl
+    with pytest.warns(RuntimeWarning, match="triton_poi_fused_ones_0.*without inductor's PDL"):
+        got = engine.generate(prompts, params)
+    assert not engine.runner.inductor_pdl and engine.runner.capture_error is None
+    # after it (a graph compiled first would be reused, unchecked): the compiled forward without graphs
+    want = Engine(model, None, cuda_graphs=False, block_size=16, compile=True).generate(prompts, params)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
 
 
 @pytest.mark.gpu

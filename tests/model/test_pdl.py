@@ -46,3 +46,20 @@ def test_launched_here_runs_its_body_only_outside_tracing() -> None:
     assert calls and not any(calls)  # the body ran at run time only, never under dynamo
     assert _scaled.__name__ == "_scaled"  # functools.wraps: the function, not the wrapper
     assert torch.ops.dsv3.test_scaled.default is not None
+
+
+def _kernel(name: str, pdl_on: bool, waits: bool) -> str:
+    """One kernel as inductor's generated module embeds it (decorator with triton_meta, then the body)."""
+    wait = "    tl.extra.cuda.gdc_wait()\n    tl.extra.cuda.gdc_launch_dependents()\n" if waits else ""
+    return (f"async_compile.triton('{name}', '''\n@triton_heuristics.pointwise(\n    size_hints={{'x': 64}}, "
+            f"filename=__file__,\n    triton_meta={{'signature': {{'out_ptr0': '*fp32', 'xnumel': 'i32'}}, "
+            f"'constants': {{}}, 'launch_pdl': {pdl_on}, 'disable_ftz': False}},\n)\n@triton.jit\n"
+            f"def {name}(out_ptr0, xnumel, XBLOCK : tl.constexpr):\n    x0 = tl.arange(0, XBLOCK)\n{wait}"
+            f"    tl.store(out_ptr0 + x0, 1.0, x0 < xnumel)\n''', device_str='cuda')\n")
+
+
+def test_waitless_kernels_finds_pdl_launches_without_a_wait() -> None:
+    module = (_kernel("triton_poi_fused_add_0", True, True) + _kernel("triton_poi_fused_ones_1", True, False)
+              + _kernel("triton_poi_fused_zeros_2", False, False) + "\ndef call(args):\n    pass\n")
+    assert pdl.waitless_kernels([module]) == ["triton_poi_fused_ones_1"]
+    assert pdl.waitless_kernels([_kernel("triton_poi_fused_add_0", True, True), "no kernels here"]) == []

@@ -30,12 +30,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from dsv3.infer.block_manager import NULL_BLOCK, BlockManager
 from dsv3.infer.paged_cache import PagedLatentCache, PagedStep
+from dsv3.infer.sampling import argmax
 from dsv3.infer.sequence import Sequence
 from dsv3.model import DeepSeekV3, pdl
 
@@ -47,6 +49,17 @@ GRAPH_WARMUP = 2  # eager runs on the capture stream before each capture (lazy i
 # (identical graphs: the compile cache serves all but the first); the default limit of 8 would leave the
 # deeper layers eager
 COMPILE_CACHE_LIMIT = 1024
+
+
+def _generated_modules() -> list | None:
+    """The Python modules inductor has loaded so far (its generated code, kernels' sources included; the list
+    grows as it compiles), or None where this torch keeps no such list."""
+    try:
+        from torch._inductor.codecache import PyCodeCache
+    except ImportError:
+        return None
+    modules = getattr(PyCodeCache, "modules", None)
+    return modules if isinstance(modules, list) else None
 
 
 def _compile_limits() -> dict[str, int]:
@@ -167,14 +180,19 @@ class ModelRunner:
         # combo_kernels: inductor launches independent small kernels of the step (the norms and RoPE of MLA's
         # two latents, ...) as one: batch 1, `bench`, H200: 247 -> 235 kernels, +2% tok/s in three pairs of runs.
         # triton.enable_pdl: its kernels launch with PDL too, as dsv3's own decode kernels do (`dsv3.model.pdl`),
-        # so that the chain of launches overlaps through them: batch 1, `bench`, H200: 1,366 -> 1,515 tok/s
-        options = {"combo_kernels": True} if dev.type == "cuda" else None
-        if options is not None and pdl.mode(dev) != pdl.OFF:
+        # so that the chain of launches overlaps through them: batch 1, `bench`, H200: 1,366 -> 1,515 tok/s.
+        # Each compiled graph is checked for kernels that launch so without waiting (`pdl.waitless_kernels`)
+        # and compiled again without it where one turns up; without the means to check, it stays off.
+        self._options = {"combo_kernels": True} if dev.type == "cuda" else None
+        self.inductor_pdl = compile and self._options is not None and pdl.mode(dev) != pdl.OFF \
+            and _generated_modules() is not None
+        if self.inductor_pdl:
             import torch._inductor.config as inductor_config
 
-            if hasattr(inductor_config.triton, "enable_pdl"):  # torch 2.10+
-                options["triton.enable_pdl"] = True
+            self.inductor_pdl = hasattr(inductor_config.triton, "enable_pdl")  # torch 2.10+
+        options = {**self._options, "triton.enable_pdl": True} if self.inductor_pdl else self._options
         self.compiled = torch.compile(self._forward, dynamic=False, options=options) if compile else None
+        self._checked: set[tuple[int, int]] = set()  # shapes whose compiled code was checked for PDL waits
         self.capture_error: str | None = None  # set when a capture failed and decoding fell back to eager
 
     # -- prefill -------------------------------------------------------------------------------------
@@ -224,7 +242,7 @@ class ModelRunner:
         h, _, _ = self.model.hidden_states(tokens, positions=positions, cache=self.cache.step(slots, positions, tables))
         logits = self.model.lm_head(h)
         self.out_logits[:Bp].copy_(logits)
-        self.out_tokens[:Bp].copy_(logits.argmax(-1))
+        self.out_tokens[:Bp].copy_(argmax(logits))
         if self.out_hidden is not None:
             self.out_hidden[:Bp].copy_(h)
 
@@ -234,6 +252,19 @@ class ModelRunner:
             return
         with torch._dynamo.config.patch(_compile_limits()):
             self.compiled(Bp, Wp)
+        if not self.inductor_pdl or (Bp, Wp) in self._checked:
+            return
+        # a shape's first call compiles it (or reuses code compiled before): check all of inductor's loaded code
+        self._checked.add((Bp, Wp))
+        files = sorted({m.__file__ for m in _generated_modules() or [] if getattr(m, "__file__", None)})
+        bad = pdl.waitless_kernels(Path(f).read_text() for f in files if Path(f).is_file())
+        if bad:  # compile this shape again without inductor's PDL, and run that instead
+            warnings.warn(f"inductor launched {', '.join(sorted(set(bad)))} with PDL but without waiting for the "
+                          "kernel before it; compiling the decode step without inductor's PDL", RuntimeWarning,
+                          stacklevel=2)
+            self.inductor_pdl = False
+            self.compiled = torch.compile(self._forward, dynamic=False, options=self._options)
+            self._run(Bp, Wp)
 
     def graph(self, Bp: int, Wp: int) -> DecodeGraph:
         """The decode step of shape (Bp, Wp), captured on first use. Capture runs on zeroed inputs (every row

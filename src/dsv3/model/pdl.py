@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
@@ -78,6 +79,22 @@ def launched_here(name: str, fake: Callable[..., Any]) -> Callable[[F], F]:
         return call  # type: ignore[return-value]
 
     return wrap
+
+
+def waitless_kernels(sources: Iterable[str]) -> list[str]:
+    """Names of the Triton kernels in inductor-generated modules `sources` that launch with PDL but never wait.
+    torch 2.11's inductor (`triton.enable_pdl`) waits in a kernel only before or after its first load, so a
+    kernel that only stores (a fill) has no wait: it may write while its predecessor still reads, and may finish
+    before it, so that its successor's wait no longer means every earlier kernel is done, which the rule above
+    needs. ModelRunner checks each compiled decode graph with this and compiles it again without inductor's PDL
+    where any turns up."""
+    bad = []
+    for source in sources:
+        for kernel in source.split("@triton_heuristics.")[1:]:  # each generated kernel's decorator on
+            if "'launch_pdl': True" in kernel and "gdc_wait" not in kernel:
+                name = re.search(r"def (\w+)\(", kernel)
+                bad.append(name.group(1) if name else "?")
+    return bad
 
 
 if triton is not None:
