@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv3.infer.sampling import SamplingParams, probabilities, sample, uniforms
+from dsv3.infer.sampling import ARGMAX_CHUNK, SamplingParams, argmax, probabilities, sample, uniforms
 from dsv3.infer.speculative import accept_drafts
 
 
@@ -38,6 +38,27 @@ def _reference(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     out = torch.zeros_like(probs)
     out[nucleus] = probs[nucleus] / probs[nucleus].sum()
     return out
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_two_pass_argmax_is_torch_argmax(device) -> None:
+    """First index on ties (values drawn from 3 levels, so most rows tie across chunks), NaN as the largest,
+    eagerly and under torch.compile, for widths that take the two passes and ones that do not."""
+    g = torch.Generator().manual_seed(0)
+    hand = torch.zeros(1, 4 * ARGMAX_CHUNK)
+    hand[0, [ARGMAX_CHUNK + 7, 3 * ARGMAX_CHUNK + 1]] = 2.0  # the same maximum in two chunks: the first
+    assert argmax(hand).tolist() == [ARGMAX_CHUNK + 7]
+    compiled = torch.compile(argmax, backend="inductor", dynamic=False)
+    for V in (8 * ARGMAX_CHUNK, ARGMAX_CHUNK, 1000):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randint(0, 3, (3, 2, V), generator=g).to(device, dtype)
+            x[1, 0, V // 2] = float("nan")
+            x[2, 1, [5, V - 3]] = float("nan")
+            want = x.argmax(-1)
+            assert torch.equal(argmax(x), want) and torch.equal(compiled(x), want)
+            torch._dynamo.reset()  # the next width compiles afresh
+            assert want[1, 0] == V // 2 and want[2, 1] == 5
 
 
 def test_probabilities_match_reference() -> None:
