@@ -170,18 +170,19 @@ def run_dsv3(
         nbytes = step_bytes(cfg, B, mean_ctx, bytes_per_value=engine.model.embed_tokens.weight.element_size(),
                             fp8=args.fp8_weights == "keep")
         roof = nbytes["total"] / bw
+        pdl_on = pdl.mode(dev) != pdl.OFF
         rows.append({
             "impl": name, "batch": B, "context": ctx,
             "tokens_per_s": B / step_s, "ms_per_step": step_s * 1e3, "model_ms_per_step": model_s * 1e3,
             "roofline": roof / step_s, "roofline_model": roof / model_s, "bytes_per_step": nbytes["total"],
             "kv_bytes_per_step": nbytes["kv"], "experts_touched": nbytes["experts_touched"],
             "prefill_s": prefill_s, "capture_s": capture_s, "graph_shapes": shapes, "mean_context": mean_ctx,
-            "pdl": pdl.mode(dev) != pdl.OFF, **({"inductor_pdl": runner.inductor_pdl} if compile else {}),
+            "pdl": pdl_on, **({"inductor_pdl": runner.inductor_pdl} if compile else {}),
             **({"capture_error": capture_error} if capture_error else {}),
         })
         log(f"{name} B={B} ctx={ctx}: {B / step_s:,.0f} tok/s, {step_s * 1e3:.2f} ms/step "
             f"(forward {model_s * 1e3:.2f} ms), roofline {roof / step_s:.1%}; prefill {prefill_s:.1f}s, "
-            f"capture {capture_s:.1f}s ({shapes} shapes); PDL {'on' if pdl.mode(dev) != pdl.OFF else 'off'}"
+            f"capture {capture_s:.1f}s ({shapes} shapes); PDL {'on' if pdl_on else 'off'}"
             + (f", inductor's {'on' if runner.inductor_pdl else 'off'}" if compile else ""))
         if eager_steps and graphs:
             engine.runner.set_cuda_graphs(False)

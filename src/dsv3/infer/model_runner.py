@@ -62,6 +62,14 @@ def _generated_modules() -> list | None:
     return modules if isinstance(modules, list) else None
 
 
+def _inductor_pdl_checkable() -> bool:
+    """Whether this torch's inductor can launch its kernels with PDL (`triton.enable_pdl`, torch 2.10+) and
+    keeps the list of generated modules that `ModelRunner` checks for kernels that would not wait."""
+    import torch._inductor.config as inductor_config
+
+    return hasattr(inductor_config.triton, "enable_pdl") and _generated_modules() is not None
+
+
 def _compile_limits() -> dict[str, int]:
     """Raised recompilation limits, under whichever names this torch has (recompile_limit was cache_size_limit)."""
     cfg = torch._dynamo.config
@@ -184,15 +192,12 @@ class ModelRunner:
         # Each compiled graph is checked for kernels that launch so without waiting (`pdl.waitless_kernels`)
         # and compiled again without it where one turns up; without the means to check, it stays off.
         self._options = {"combo_kernels": True} if dev.type == "cuda" else None
-        self.inductor_pdl = compile and self._options is not None and pdl.mode(dev) != pdl.OFF \
-            and _generated_modules() is not None
-        if self.inductor_pdl:
-            import torch._inductor.config as inductor_config
-
-            self.inductor_pdl = hasattr(inductor_config.triton, "enable_pdl")  # torch 2.10+
+        self.inductor_pdl = (compile and self._options is not None and pdl.mode(dev) != pdl.OFF
+                             and _inductor_pdl_checkable())
         options = {**self._options, "triton.enable_pdl": True} if self.inductor_pdl else self._options
         self.compiled = torch.compile(self._forward, dynamic=False, options=options) if compile else None
         self._checked: set[tuple[int, int]] = set()  # shapes whose compiled code was checked for PDL waits
+        self._scanned: set[str] = set()  # inductor's module files read by those checks
         self.capture_error: str | None = None  # set when a capture failed and decoding fell back to eager
 
     # -- prefill -------------------------------------------------------------------------------------
@@ -254,9 +259,12 @@ class ModelRunner:
             self.compiled(Bp, Wp)
         if not self.inductor_pdl or (Bp, Wp) in self._checked:
             return
-        # a shape's first call compiles it (or reuses code compiled before): check all of inductor's loaded code
+        # a shape's first call compiles it (or reuses code compiled before): check inductor's loaded code, each
+        # file once (one read clean stays clean; one with a kernel that would not wait turned inductor's PDL off)
         self._checked.add((Bp, Wp))
-        files = sorted({m.__file__ for m in _generated_modules() or [] if getattr(m, "__file__", None)})
+        files = sorted({m.__file__ for m in _generated_modules() or [] if getattr(m, "__file__", None)}
+                       - self._scanned)
+        self._scanned.update(files)
         bad = pdl.waitless_kernels(Path(f).read_text() for f in files if Path(f).is_file())
         if bad:  # compile this shape again without inductor's PDL, and run that instead
             warnings.warn(f"inductor launched {', '.join(sorted(set(bad)))} with PDL but without waiting for the "
