@@ -36,7 +36,9 @@ from dsv3.model.router_kernel import fused_router
 
 LINEARS = [(768, 1536), (3072, 768), (576, 1536), (1536, 2048), (1152, 1536), (1536, 576), (8192, 1536),
            (1536, 8192), (32768, 1536)]
-SWEEP = [(n, k, w) for n in (4, 8, 16) for k in (128, 256, 512, 1024) for w in (4, 8)]
+# program shapes (BLOCK_N, BLOCK_K, warps) of --sweep: at least one element a thread
+SWEEP = [(n, k, w) for n in (1, 2, 4, 8, 16) for k in (128, 256, 512, 1024, 2048) for w in (1, 2, 4, 8)
+         if n * k >= 32 * w]
 
 
 def sweep(fn, copies: int, nbytes: int, bw: float) -> dict:  # noqa: ANN001

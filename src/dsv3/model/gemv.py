@@ -248,7 +248,7 @@ def _launch(
     if extra is not None and not extra_fits(extra, w3, s3, N, split):
         raise ValueError("gemv: the extra matrix does not match the indexed weights' shape, dtype, row stride "
                          "and scales")
-    block_n, block_k, warps = tiles or _tiles((P + extra_rows) * N, swiglu)
+    block_n, block_k, warps = tiles or _tiles((P + extra_rows) * N, K, swiglu, s3 is not None)
     if block_k < BLOCK or block_k % BLOCK or block_n < 1 or block_n & (block_n - 1) or block_k & (block_k - 1):
         raise ValueError(f"gemv: tiles {tiles}: BLOCK_N a power of two, BLOCK_K a power-of-two multiple of {BLOCK}")
     xw, xs, xw2, xs2 = extra if extra is not None else (None, None, None, None)
@@ -301,14 +301,19 @@ def _run(
     return y
 
 
-def _tiles(rows: int, swiglu: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps) for `rows` output values (all programs' together): the fastest of a sweep on
-    the H200 (`python -m benchmarks.gemv --sweep`, weights from HBM). A linear's single row: 4-row programs, so
-    that twice as many programs stream the weight (W_DQ 768 x 1536: 3.2 us against 6.0 with 8 rows); 16-row
-    programs stepping 256 columns from four per SM on (the routed experts: 8 pairs' gate_up 10.6 -> 10.1 us,
-    down 7.4 -> 6.8 against 128-column steps)."""
+def _tiles(rows: int, K: int, swiglu: bool, scaled: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps) for `rows` output values (all programs' together) of K-long dot products: the
+    fastest of sweeps on the H200 (weights from HBM). From four programs per SM on (the routed experts),
+    16-row programs stepping 256 columns (8 pairs' gate_up 10.6 -> 10.1 us, down 7.4 -> 6.8 against 128-column
+    steps; `python -m benchmarks.gemv --sweep`). Fewer rows (a bf16 linear's single row): 8-row programs that
+    load the whole row at once (up to 2048 columns a step), so that each program's loads are in flight
+    together rather than one latency per 128-column step: W_UQ 3072 x 768 3.5 -> 2.9 us, W_O 1536 x 2048 5.0 ->
+    4.1, W_DQ 768 x 1536 2.6 -> 2.1 (a sweep of 1-8 rows, 128-2048 columns, 1-8 warps; E4M3 weights, whose
+    scales would double the registers of such a step, keep 4 x 128)."""
     if rows >= 16 * 132 * 4:
         return 16, 2 * BLOCK, 4 if swiglu else 8
+    if not swiglu and not scaled:
+        return 8, min(16 * BLOCK, max(BLOCK, 1 << (K - 1).bit_length())), 8
     return 4, BLOCK, 4 if swiglu else 8
 
 
