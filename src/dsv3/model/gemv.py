@@ -344,7 +344,7 @@ def _streams(x: torch.Tensor, *mods: torch.nn.Module) -> bool:
 def linear(x: torch.Tensor, m: torch.nn.Module, norm: torch.nn.Module | None = None) -> torch.Tensor:
     """m(x), or m(norm(x)) for an RMSNorm `norm`, for a bias-free linear layer: through one gemv launch where
     that pays (`_streams`: decode's single row, where cuBLAS reads MLA's W_UQ and W_O at a fraction of the
-    bandwidth: 4.6 / 8.0 us against gemv's 3.9 / 4.6 on the H200, benchmarks/gemv.py), the norm inside it (a
+    bandwidth: 4.6 / 8.2 us against gemv's 2.8 / 4.2 on the H200, benchmarks/gemv.py), the norm inside it (a
     norm that is not `layers.plain_rmsnorm`, or autograd: norm(x) first); otherwise the modules' own forwards."""
     # gemv applies the norm's weight and eps itself (not a subclass's or a hook's forward) and has no backward
     fused = norm is not None and plain_rmsnorm(norm) and not (torch.is_grad_enabled() and norm.weight.requires_grad)
