@@ -313,7 +313,7 @@ def _tiles(rows: int, K: int, swiglu: bool, scaled: bool) -> tuple[int, int, int
     if rows >= 16 * 132 * 4:
         return 16, 2 * BLOCK, 4 if swiglu else 8
     if not swiglu and not scaled:
-        return 8, min(16 * BLOCK, max(BLOCK, 1 << (K - 1).bit_length())), 8
+        return 8, min(16 * BLOCK, max(BLOCK, triton.next_power_of_2(K))), 8
     return 4, BLOCK, 4 if swiglu else 8
 
 
