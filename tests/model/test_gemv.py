@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dsv3.fp8 import dequantize_blockwise, gemm, quantize_blockwise
 from dsv3.model.gemv import Extra, gemv, gemv_pair, gemv_supported, linear, linear_pair
+from dsv3.model.layers import RMSNorm
 from dsv3.model.moe import Experts, RouterOutput
 from tests.conftest import tiny_config
 from tests.model.test_moe import experts_reference
@@ -131,22 +132,32 @@ def test_extra_matrix_rides_after_the_indexed_rows(fp8):
     assert within_output_rounding(y, ref, torch.einsum("pnk,pk->pn", w_all.abs(), a.abs()), torch.bfloat16)
 
 
+@pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_pair_of_weights_sharing_the_input(fp8):
-    # MLA's W_DQ and [W_DKV; W_KR] on the same row: y = x [W1; W2]^T, N1 = 300 ragged against the 128 grid
+def test_pair_of_weights_sharing_the_input(fp8, norm):
+    # MLA's W_DQ and [W_DKV; W_KR] on the same row: y = x [W1; W2]^T, N1 = 300 ragged against the 128 grid; with
+    # the block's input RMSNorm inside the launch: y = RMSNorm(x) [W1; W2]^T against float64
     g = torch.Generator().manual_seed(5)
     w1, w2 = torch.randn(300, 384, generator=g), torch.randn(130, 384, generator=g)
-    x = torch.randn(2, 384, generator=g).to(torch.bfloat16)
+    x = (torch.randn(2, 384, generator=g) * 3).to(torch.bfloat16)
+    nw, eps = (1 + torch.randn(384, generator=g) * 0.1).to(torch.bfloat16), 1e-6
+    a = x.double()
+    if norm:
+        a = a * (a.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * nw.double()
+    kw = {"norm": (nw.cuda(), eps)} if norm else {}
     if fp8:
         (q1, s1), (q2, s2) = quantize_blockwise(w1), quantize_blockwise(w2)
         ref_w = torch.cat([dequantize_blockwise(q1, s1, torch.float64), dequantize_blockwise(q2, s2, torch.float64)])
-        got = gemv_pair(x.cuda(), q1.cuda(), q2.cuda(), s1.cuda(), s2.cuda())
+        got = gemv_pair(x.cuda(), q1.cuda(), q2.cuda(), s1.cuda(), s2.cuda(), **kw)
     else:
         w1, w2 = w1.to(torch.bfloat16), w2.to(torch.bfloat16)
         ref_w = torch.cat([w1, w2]).double()
-        got = gemv_pair(x.cuda(), w1.cuda(), w2.cuda())
+        got = gemv_pair(x.cuda(), w1.cuda(), w2.cuda(), **kw)
     assert got.shape == (2, 430)
-    assert within_output_rounding(got, x.double() @ ref_w.T, x.double().abs() @ ref_w.abs().T, torch.bfloat16)
+    assert within_output_rounding(got, a @ ref_w.T, a.abs() @ ref_w.abs().T, torch.bfloat16)
+    if norm:
+        with pytest.raises(ValueError, match="RMSNorm"):
+            gemv_pair(x.cuda(), w1.cuda(), w2.cuda(), norm=(nw[:-1].cuda(), eps))
 
 
 def test_linear_pair_takes_one_bf16_row_or_few_e4m3_rows():
@@ -164,6 +175,15 @@ def test_linear_pair_takes_one_bf16_row_or_few_e4m3_rows():
             assert within_output_rounding(y[0], x[0].double().cpu() @ w.T, x[0].double().cpu().abs() @ w.abs().T,
                                           torch.bfloat16)
         assert linear_pair(torch.cat([x, x], 1), a, b) is None  # two rows: cuBLAS reads the weight once for both
+        norm = RMSNorm(384).cuda().bfloat16()
+        norm.weight.copy_(1 + torch.randn(384, generator=g) * 0.1)
+        ya, yb = linear_pair(x, a, b, norm)  # the norm inside the launch
+        xd = x[0].double().cpu()
+        xd = xd * (xd.pow(2).mean(-1, keepdim=True) + norm.eps).rsqrt() * norm.weight.double().cpu()
+        for y, m in ((ya, a), (yb, b)):
+            w = m.weight.double().cpu()
+            assert within_output_rounding(y[0], xd @ w.T, xd.abs() @ w.abs().T, torch.bfloat16)
+        assert linear_pair(x, a, b, type("Sub", (RMSNorm,), {})(384).cuda().bfloat16()) is None  # not plain
         qa, qb = FP8Linear.from_linear(a), FP8Linear.from_linear(b)
         x8 = torch.randn(8, 384, generator=g).to("cuda", torch.bfloat16)
         ya, yb = linear_pair(x8, qa, qb)
@@ -229,7 +249,6 @@ def test_linear_takes_the_norm_into_its_launch(monkeypatch):
     """linear(x, m, norm): one gemv launch for m(norm(x)) at a bf16 row, within its output's rounding of
     float64; a norm that is not exactly `RMSNorm` (a subclass) runs first, and under autograd the modules."""
     import dsv3.model.gemv as gv
-    from dsv3.model.layers import RMSNorm
 
     g = torch.Generator().manual_seed(13)
     m = torch.nn.Linear(768, 3072, bias=False).cuda().bfloat16()  # `bench`'s q_b_proj after q_a_layernorm

@@ -267,14 +267,20 @@ class MLA(nn.Module):
         cache: LatentCache | None = None,
         start_pos: int = 0,
         doc_ids: torch.Tensor | None = None,
+        norm: nn.Module | None = None,
     ) -> torch.Tensor:
         """Without a cache: expanded causal attention over x. With one: store this step's latents; a step that
         starts its sequences attends expanded over itself, later steps absorbed over everything cached.
-        doc_ids [B, S]: document masking of packed training sequences (no cache), see `attend`."""
+        doc_ids [B, S]: document masking of packed training sequences (no cache), see `attend`. norm: the
+        block's input RMSNorm, for an x not yet normalised (decode applies it inside its first projections)."""
         if doc_ids is not None and cache is not None:
             raise ValueError("document masking (doc_ids) is for training forwards without a KV cache")
-        # decode's few rows read W_DQ and [W_DKV; W_KR], which share the input, in one launch
-        both = linear_pair(x, self.q_a_proj, self.kv_a_proj_with_mqa) if self.q_lora_rank else None
+        # decode's few rows read W_DQ and [W_DKV; W_KR], which share the input, in one launch, with the input's
+        # norm inside it (one launch fewer a layer)
+        both = linear_pair(x, self.q_a_proj, self.kv_a_proj_with_mqa, norm) if self.q_lora_rank else None
+        if both is None and norm is not None:
+            x = norm(x)
+            both = linear_pair(x, self.q_a_proj, self.kv_a_proj_with_mqa) if self.q_lora_rank else None
         q = self.project_query(x, None if both is None else both[0])
         kv_a = self.kv_a_proj_with_mqa(x) if both is None else both[1]
         # a cache that can finish eqs. 1 and 3 as it stores the latents (the engine's pool at decode) takes them

@@ -199,15 +199,19 @@ def gemv(
 def gemv_pair(
     x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale_inv1: torch.Tensor | None = None,
     scale_inv2: torch.Tensor | None = None, tiles: tuple[int, int, int] | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """x [M, K] times two weights that share it, [N1, K] and [N2, K], in one launch: [M, N1 + N2] = x [W1; W2]^T
-    (MLA's W_DQ and [W_DKV; W_KR] at decode), without concatenating the weights."""
+    (MLA's W_DQ and [W_DKV; W_KR] at decode), without concatenating the weights; norm: RMSNorm(x) first, inside
+    the same pass, as `gemv` applies it."""
     if x.dim() != 2 or x.shape[1] != w1.shape[1]:
         raise ValueError(f"gemv_pair: activations {tuple(x.shape)} do not fit the weight {tuple(w1.shape)}")
+    if norm is not None and norm[0].shape != (x.shape[1],):
+        raise ValueError(f"gemv_pair: RMSNorm weight {tuple(norm[0].shape)} does not fit activations {tuple(x.shape)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     extra = Extra(w1, scale_inv1, w2, scale_inv2)
     return _launch(x, w1.unsqueeze(0), None if scale_inv1 is None else scale_inv1.unsqueeze(0), None, 0,
-                   w1.shape[0] + w2.shape[0], w1.shape[1], 1, False, w1.shape[0], extra, x.shape[0], tiles)
+                   w1.shape[0] + w2.shape[0], w1.shape[1], 1, False, w1.shape[0], extra, x.shape[0], tiles, norm)
 
 
 def extra_fits(
@@ -346,9 +350,7 @@ def linear(x: torch.Tensor, m: torch.nn.Module, norm: torch.nn.Module | None = N
     that pays (`_streams`: decode's single row, where cuBLAS reads MLA's W_UQ and W_O at a fraction of the
     bandwidth: 4.6 / 8.2 us against gemv's 2.8 / 4.2 on the H200, benchmarks/gemv.py), the norm inside it (a
     norm that is not `layers.plain_rmsnorm`, or autograd: norm(x) first); otherwise the modules' own forwards."""
-    # gemv applies the norm's weight and eps itself (not a subclass's or a hook's forward) and has no backward
-    fused = norm is not None and plain_rmsnorm(norm) and not (torch.is_grad_enabled() and norm.weight.requires_grad)
-    if norm is not None and not fused:
+    if norm is not None and not _norm_inside(norm):
         x, norm = norm(x), None
     if not _streams(x, m):
         return m(x if norm is None else norm(x))
@@ -356,15 +358,24 @@ def linear(x: torch.Tensor, m: torch.nn.Module, norm: torch.nn.Module | None = N
                 norm=None if norm is None else (norm.weight, norm.eps)).view(*x.shape[:-1], -1)
 
 
-def linear_pair(x: torch.Tensor, a: torch.nn.Module, b: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(a(x), b(x)) for two bias-free linear layers reading the same x, in one `gemv_pair` launch where that
-    pays (`_streams`), else None (the caller runs them itself)."""
-    if not _streams(x, a, b):
+def _norm_inside(norm: torch.nn.Module) -> bool:
+    """Whether gemv may apply RMSNorm `norm` itself: it reads the norm's weight and eps (not a subclass's or a
+    hook's forward) and has no backward."""
+    return plain_rmsnorm(norm) and not (torch.is_grad_enabled() and norm.weight.requires_grad)
+
+
+def linear_pair(
+    x: torch.Tensor, a: torch.nn.Module, b: torch.nn.Module, norm: torch.nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(a(x), b(x)), or (a(norm(x)), b(norm(x))) for an RMSNorm `norm`, for two bias-free linear layers reading
+    the same x, in one `gemv_pair` launch (the norm inside it) where that pays (`_streams`), else None (the
+    caller runs them itself, norm included)."""
+    if not _streams(x, a, b) or (norm is not None and not _norm_inside(norm)):
         return None
     wa, wb = a.weight, b.weight
     sa, sb = getattr(a, "weight_scale_inv", None), getattr(b, "weight_scale_inv", None)
     n = wa.shape[0]
     if not extra_fits(Extra(wa, sa, wb, sb), wa, sa, n + wb.shape[0], split=n):  # as gemv_pair reads them
         return None
-    y = gemv_pair(x.reshape(-1, x.shape[-1]), wa, wb, sa, sb)
+    y = gemv_pair(x.reshape(-1, x.shape[-1]), wa, wb, sa, sb, norm=None if norm is None else (norm.weight, norm.eps))
     return y[:, :n].view(*x.shape[:-1], n), y[:, n:].view(*x.shape[:-1], -1)

@@ -34,7 +34,7 @@ class Block(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         cache: LatentCache | None = None, start_pos: int = 0, doc_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RouterOutput | None]:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, doc_ids)
+        h = x + self.self_attn(x, cos, sin, cache, start_pos, doc_ids, norm=self.input_layernorm)
         if isinstance(self.mlp, MoE):
             y, r = self.mlp(self.post_attention_layernorm(h))
             return h + y, r
