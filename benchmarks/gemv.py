@@ -74,7 +74,7 @@ def chain(dev: torch.device, bw: float, layers: int = 11, reps: int = 20) -> Non
             qa = gemv_pair(x, w["dq"], w["dkv"])[:, :q_lora]
             q = gemv(qa, w["uq"], norm=(w["norm"], 1e-6))
             o = gemv(q[:, : heads * v], w["o"])
-            _, idx, _, _ = fused_router(o, w["gate"], w["bias"], 8, 4, topk)
+            _, idx, _, _, _ = fused_router(o, w["gate"], w["bias"], 8, 4, topk)
             h = gemv(o, w["gate_up"], idx, rows_per_x=topk)
             x = gemv(h, w["down"], idx, swiglu=True)[:1]
         return x

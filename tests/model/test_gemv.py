@@ -232,6 +232,30 @@ def test_fused_rmsnorm_matches_float64(dtype, device="cuda"):
         gemv(x.to(device), w.to(device), norm=(nw[:-1].to(device), eps))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_residual_rides_in_the_launch(dtype):
+    """gemv(x, w, residual=r) = W x + r rounded once, against float64 (a block's skip connection in W_O's
+    launch); linear(x, m, residual=r) takes it at a bf16 row and adds it after the module elsewhere."""
+    g = torch.Generator().manual_seed(14)
+    N, K, T = 200, 333, 2
+    w = torch.randn(N, K, generator=g).to(dtype)
+    x = torch.randn(T, K, generator=g).to(dtype)
+    r = (torch.randn(T, N, generator=g) * 30).to(dtype)  # as large as the products: a lost add would show
+    got = gemv(x.cuda(), w.cuda(), residual=r.cuda())
+    ref = x.double() @ w.double().T + r.double()
+    assert within_output_rounding(got, ref, x.double().abs() @ w.double().abs().T + r.double().abs(), dtype)
+    with pytest.raises(ValueError, match="residual"):
+        gemv(x.cuda(), w.cuda(), residual=r[:, :-1].cuda())
+    m = torch.nn.Linear(K, N, bias=False).cuda().to(dtype)
+    with torch.no_grad():
+        m.weight.copy_(w)
+        one = linear(x[:1].cuda(), m, residual=r[:1].cuda())  # one row (bf16: through gemv)
+        assert within_output_rounding(one, ref[:1], (x[:1].double().abs() @ w.double().abs().T + r[:1].double().abs()),
+                                      dtype)
+        both = linear(x.cuda(), m, residual=r.cuda())  # two rows: the module, then the add
+        torch.testing.assert_close(both, r.cuda() + m(x.cuda()), rtol=0, atol=0)
+
+
 def test_fused_rmsnorm_with_e4m3_weights():
     # the norm inside an E4M3 GEMV (FP8 models' W_UQ at up to GEMV_MAX_ROWS rows): each column scaled by its
     # block's scale as well as by the norm's weight; ragged 300 x 260 against the 128 grid

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dsv3.model import moe
+from dsv3.model.layers import RMSNorm
 from dsv3.model.moe import Router, route
 from dsv3.model.router_kernel import fused_router
 from tests.conftest import tiny_config
@@ -37,18 +38,34 @@ def scores_tolerance(x: torch.Tensor, w: torch.Tensor, z: torch.Tensor) -> torch
     return 2.0**-18 * (x.double().abs() @ w.double().abs().T) + 2.0**-21 * (1 + z.abs())
 
 
-def check(E, G, TG, K, d, norm, T, dtype, device, split=None, seed=0, x=None, w=None, bias=None):
-    """Runs fused_router on random inputs (or the given ones) and compares it with route() in float64.
+def check(E, G, TG, K, d, norm, T, dtype, device, split=None, seed=0, x=None, w=None, bias=None, rmsnorm=None):
+    """Runs fused_router on random inputs (or the given ones) and compares it with route() in float64; with
+    `rmsnorm` (weight, eps) the kernel normalises x first: its normalised rows against float64 within the two
+    roundings of `layers.RMSNorm`, and its routing against route() of those rows.
     Returns the float64 reference (weights, idx, scores) for further checks."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, d, generator=g).to(dtype) if x is None else x
     w = (torch.randn(E, d, generator=g) * 1.5 / d**0.5).to(dtype) if w is None else w  # z ~ N(0, 1.5^2)
     bias = torch.randn(E, generator=g) * 0.1 if bias is None else bias  # mixed signs, as aux-free balancing makes
-    got_w, got_idx, got_s, got_load = fused_router(
-        x.to(device), w.to(device), bias.to(device), G, TG, K, norm, SCALE, split=split)
-    got_w, got_idx, got_s, got_load = got_w.cpu(), got_idx.cpu(), got_s.cpu(), got_load.cpu()
+    kw = {} if rmsnorm is None else {"norm_weight": rmsnorm[0].to(device), "norm_eps": rmsnorm[1]}
+    got_w, got_idx, got_s, got_load, got_n = fused_router(
+        x.to(device), w.to(device), bias.to(device), G, TG, K, norm, SCALE, split=split, **kw)
+    got_w, got_idx, got_s, got_load, got_n = got_w.cpu(), got_idx.cpu(), got_s.cpu(), got_load.cpu(), got_n.cpu()
     assert (got_w.dtype, got_idx.dtype, got_s.dtype, got_load.dtype) == (
         torch.float32, torch.int64, torch.float32, torch.int64)  # what Router.forward returns
+    if rmsnorm is None:
+        assert got_n.shape == (0, d)
+    else:
+        nw, eps = rmsnorm
+        xd = x.double()
+        want = xd * (xd.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * nw.double()
+        assert got_n.shape == x.shape and got_n.dtype == torch.promote_types(nw.dtype, x.dtype)
+        # two roundings to the output's dtype (after 1/rms, after the weight; subnormals round absolutely) and a
+        # float32 1/rms of a few ulps
+        fi = torch.finfo(got_n.dtype)
+        u = fi.eps / 2
+        assert ((got_n.double() - want).abs() <= (2 * u + 2.0**-20) * want.abs() + 4 * fi.tiny * u).all()
+        x = got_n  # the rows it routed: its own, checked above
 
     z = x.double() @ w.double().T  # bf16 and float32 products are exact in float64
     s = z.sigmoid()
@@ -70,6 +87,20 @@ def check(E, G, TG, K, d, norm, T, dtype, device, split=None, seed=0, x=None, w=
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_matches_route_in_float64(shape, T, dtype):
     check(*SHAPES[shape], T, dtype, "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T", [1, 3, 16])
+@pytest.mark.parametrize("shape", ["bench", "v3", "padded-tiles"])
+def test_rmsnorm_inside_routes_the_normalised_rows(shape, T, dtype, device="cuda", split=None):
+    E, G, TG, K, d, norm = SHAPES[shape]
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(T, d, generator=g) * 4).to(dtype)  # rms 4: the norm matters
+    nw = (1 + torch.randn(d, generator=g) * 0.1).to(dtype)
+    check(E, G, TG, K, d, norm, T, dtype, device, split=split, x=x, rmsnorm=(nw, 1e-6))
+    with pytest.raises(ValueError, match="RMSNorm"):
+        fused_router(x.to(device), torch.ones(E, d, dtype=dtype, device=device), torch.zeros(E, device=device), G, TG,
+                     K, norm_weight=nw[:-1].to(device), norm_eps=1e-6)
 
 
 @pytest.mark.parametrize("split", [1, 5, 100])  # one program along d; 6 tiles of d over 5 (3 used); more than tiles
@@ -115,8 +146,8 @@ def tied_inputs(d: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_ties_go_to_the_lower_group_and_expert(device="cuda", split=None):
     x, w = tied_inputs(64)
-    weights, idx, _, _ = fused_router(x.to(device), w.to(device), torch.zeros(16, device=device), 4, 2, 3, True, SCALE,
-                                      split=split)
+    weights, idx, _, _, _ = fused_router(x.to(device), w.to(device), torch.zeros(16, device=device), 4, 2, 3, True,
+                                         SCALE, split=split)
     ref_w, ref_idx = route((x.double() @ w.double().T).sigmoid(), torch.zeros(16), 4, 2, 3, True, SCALE)
     assert ref_idx[0].sort().values.tolist() == [0, 4, 5]  # route keeps group 0 over group 2 (expert 8)
     assert idx.tolist() == [[4, 5, 0]]  # the same experts; of the tied pair the lower index first
@@ -134,7 +165,7 @@ def test_router_forward_dispatches_decode_to_it(monkeypatch):
     router.cuda().bfloat16()
     calls = []
     real = moe.fused_router
-    monkeypatch.setattr(moe, "fused_router", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    monkeypatch.setattr(moe, "fused_router", lambda x, *a, **k: calls.append(x.shape[0]) or real(x, *a, **k))
     for T in (1, 16, 17):  # 17 rows: the general path
         x = torch.randn(T, 256, generator=g).bfloat16().cuda()
         r = router(x)
@@ -146,6 +177,16 @@ def test_router_forward_dispatches_decode_to_it(monkeypatch):
     with torch.enable_grad():  # a router being trained (its weight requires grad) keeps the differentiable path
         router(torch.randn(2, 256, device="cuda", dtype=torch.bfloat16))
     assert calls == [1, 16]
+    # normed(x, norm): RMSNorm(x) and its routing, the norm inside the launch at decode
+    norm = RMSNorm(256).cuda().bfloat16()
+    norm.weight.copy_(1 + torch.randn(256, generator=g) * 0.1)
+    for T in (1, 17):
+        x = (torch.randn(T, 256, generator=g) * 3).bfloat16().cuda()
+        h, r = router.normed(x, norm)
+        torch.testing.assert_close(h, norm(x), rtol=2.0**-7, atol=0)  # within a rounding of the module's
+        want = router(h)  # the rows it routed, routed again without the norm
+        assert torch.equal(r.topk_idx, want.topk_idx) and torch.equal(r.weights, want.weights)
+    assert calls == [1, 16, 1, 1]
 
 
 @torch.no_grad()
@@ -162,4 +203,13 @@ def test_compiles_into_a_graph_with_the_same_routing():
 
     want = fields(x)
     got = torch.compile(fields, fullgraph=True)(x)  # fullgraph: the Triton launches trace, no graph break
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    norm = RMSNorm(256).cuda().bfloat16()
+
+    def normed(x):
+        h, r = router.normed(x[:1], norm)
+        return h, r.topk_idx, r.weights
+
+    want = normed(x)
+    got = torch.compile(normed, fullgraph=True)(x)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

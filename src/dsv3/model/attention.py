@@ -268,11 +268,13 @@ class MLA(nn.Module):
         start_pos: int = 0,
         doc_ids: torch.Tensor | None = None,
         norm: nn.Module | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Without a cache: expanded causal attention over x. With one: store this step's latents; a step that
         starts its sequences attends expanded over itself, later steps absorbed over everything cached.
         doc_ids [B, S]: document masking of packed training sequences (no cache), see `attend`. norm: the
-        block's input RMSNorm, for an x not yet normalised (decode applies it inside its first projections)."""
+        block's input RMSNorm, for an x not yet normalised (decode applies it inside its first projections);
+        residual: added to the output (the block's skip connection, inside W_O's launch at decode)."""
         if doc_ids is not None and cache is not None:
             raise ValueError("document masking (doc_ids) is for training forwards without a KV cache")
         # decode's few rows read W_DQ and [W_DKV; W_KR], which share the input, in one launch, with the input's
@@ -302,4 +304,4 @@ class MLA(nn.Module):
                 o = self.expanded(q_nope, q_pe, c_kv, k_pe, 0, doc_ids)
             else:
                 o = self.absorbed(q_nope, q_pe, cached.c_kv, cached.k_pe, cached.q_pos, cached.kv)
-        return linear(o.flatten(2), self.o_proj)
+        return linear(o.flatten(2), self.o_proj, residual=residual)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from dsv3.model import pdl
-from dsv3.model.layers import plain_rmsnorm
+from dsv3.model.layers import norm_inside
 from dsv3.model.pdl import pdl_prefetch_rows, pdl_release, pdl_wait
 
 try:
@@ -56,12 +56,12 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, s_ptr, idx_ptr, y_ptr, xw_ptr, xs_ptr, xw2_ptr, xs2_ptr, nw_ptr, eps,
+        x_ptr, w_ptr, s_ptr, idx_ptr, y_ptr, xw_ptr, xs_ptr, xw2_ptr, xs2_ptr, nw_ptr, r_ptr, eps,
         N, K, P, ROWS_PER_X, EXTRA_X0, SPLIT, SPLIT_BLOCKS,
-        stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ym,
+        stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ym, stride_rm,
         HAS_IDX: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_EXTRA: tl.constexpr, SWIGLU: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC2D: tl.constexpr, NORM: tl.constexpr,
-        LINE: tl.constexpr, PDL: tl.constexpr,
+        RESIDUAL: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr,
     ):
         p = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -132,6 +132,8 @@ if triton is not None:
             y = acc
         if NORM:  # (under torch.compile eps arrives as a float64)
             y *= tl.rsqrt((tl.sum(sq, axis=0) / K + eps).to(tl.float32))
+        if RESIDUAL:  # the block's skip connection, added before the one rounding
+            y += tl.load(r_ptr + p.to(tl.int64) * stride_rm + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + p.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -150,9 +152,9 @@ def gemv(
     x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor | None = None, scale_inv: torch.Tensor | None = None,
     rows_per_x: int = 1, swiglu: bool = False, split: int | None = None, extra: Extra | None = None,
     extra_rows: int = 0, tiles: tuple[int, int, int] | None = None,
-    norm: tuple[torch.Tensor, float] | None = None,
+    norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y[p] = W_p a_p for p < P, in x's dtype (float32 accumulation).
+    """y[p] = W_p a_p (+ residual[p]) for p < P, in x's dtype (float32 accumulation).
 
     - w: one weight [N, K] (then `idx` is None and P = x's rows) or a stack [E, N, K] with `idx` [P] naming
       each row's weight; E4M3 weights take `scale_inv` ([ceil(N/128), ceil(K/128)] or [E, ...]).
@@ -167,6 +169,8 @@ def gemv(
       scaled by the norm's weight as it is loaded, the row's sum of squares gathered alongside and its 1/rms
       applied to the sums at the end (float32 throughout: `layers.RMSNorm` rounds the normalised row to x's
       dtype twice, this does not); not with swiglu.
+    - residual [P, N] (one weight, no idx): added to the float32 sums before their one rounding (a block's skip
+      connection in its output projection's launch).
     """
     if idx is None:
         if rows_per_x != 1:
@@ -189,11 +193,15 @@ def gemv(
     if norm is not None and (swiglu or norm[0].shape != (K,)):
         raise ValueError(f"gemv: RMSNorm weight {tuple(norm[0].shape)} does not fit activations {tuple(x.shape)} "
                          "(one value a column, no swiglu)")
+    if residual is not None and (idx is not None or residual.shape != (P, N) or residual.dtype != x.dtype):
+        raise ValueError(f"gemv: residual {tuple(residual.shape)} {residual.dtype} does not fit the output "
+                         f"({P}, {N}) {x.dtype} of one weight")
     x = x if x.stride(-1) == 1 else x.contiguous()
     w3 = w3 if w3.stride(-1) == 1 else w3.contiguous()
     s3 = None if s3 is None else s3.contiguous()
     return _launch(x, w3, s3, idx if P else None, P, N, K, rows_per_x, swiglu, split, extra,
-                   extra_rows if extra is not None else 0, tiles, norm)
+                   extra_rows if extra is not None else 0, tiles, norm,
+                   None if residual is None else residual.contiguous())
 
 
 def gemv_pair(
@@ -248,6 +256,7 @@ def _launch(
     x: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor | None, idx: torch.Tensor | None, P: int, N: int, K: int,
     rows_per_x: int, swiglu: bool, split: int | None, extra: Extra | None, extra_rows: int,
     tiles: tuple[int, int, int] | None = None, norm: tuple[torch.Tensor, float] | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if extra is not None and not extra_fits(extra, w3, s3, N, split):
         raise ValueError("gemv: the extra matrix does not match the indexed weights' shape, dtype, row stride "
@@ -258,14 +267,14 @@ def _launch(
     xw, xs, xw2, xs2 = extra if extra is not None else (None, None, None, None)
     return _run(x, w3, s3, idx, P, N, rows_per_x, swiglu, N if split is None else split, xw, xs, xw2, xs2,
                 extra_rows, [block_n, block_k, warps], None if norm is None else norm[0].contiguous(),
-                0.0 if norm is None else norm[1])
+                0.0 if norm is None else norm[1], residual)
 
 
 def _run_shape(
     x: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor | None, idx: torch.Tensor | None, P: int, N: int,
     rows_per_x: int, swiglu: bool, split: int, xw: torch.Tensor | None, xs: torch.Tensor | None,
     xw2: torch.Tensor | None, xs2: torch.Tensor | None, extra_rows: int, tiles: list[int], nw: torch.Tensor | None,
-    eps: float,
+    eps: float, residual: torch.Tensor | None,
 ) -> torch.Tensor:
     return x.new_empty(P + extra_rows, N)
 
@@ -275,11 +284,12 @@ def _run(
     x: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor | None, idx: torch.Tensor | None, P: int, N: int,
     rows_per_x: int, swiglu: bool, split: int, xw: torch.Tensor | None, xs: torch.Tensor | None,
     xw2: torch.Tensor | None, xs2: torch.Tensor | None, extra_rows: int, tiles: list[int], nw: torch.Tensor | None,
-    eps: float,
+    eps: float, residual: torch.Tensor | None,
 ) -> torch.Tensor:
     """The launch itself, on checked operands (see `gemv`): x [rows, K or 2K], the weights w3 [E, N, K] (scales
     s3), `idx` naming each of the first P rows' weight, the extra matrix xw (rows from `split` on: xw2; scales
-    xs, xs2) for the last `extra_rows` outputs, (BLOCK_N, BLOCK_K, warps) `tiles`, the RMSNorm weight nw."""
+    xs, xs2) for the last `extra_rows` outputs, (BLOCK_N, BLOCK_K, warps) `tiles`, the RMSNorm weight nw, the
+    residual added to the outputs."""
     K = w3.shape[-1]
     y = torch.empty(P + extra_rows, N, dtype=x.dtype, device=x.device)
     if y.shape[0] == 0:
@@ -294,12 +304,14 @@ def _run(
     xs2 = xs2 if xs2 is not None else xs
     block_n, block_k, warps = tiles
     _gemv_kernel[(y.shape[0], triton.cdiv(N, block_n))](
-        x, w3, s, idx if idx is not None else x, y, xw, xs, xw2, xs2, x if nw is None else nw, eps,
+        x, w3, s, idx if idx is not None else x, y, xw, xs, xw2, xs2, x if nw is None else nw,
+        y if residual is None else residual, eps,
         N, K, P, rows_per_x, x.shape[0] - extra_rows, split, triton.cdiv(split, BLOCK),
         x.stride(0), w3.stride(0), w3.stride(1),
         s3.stride(0) if s3 is not None else 0, s3.stride(1) if s3 is not None else 0, y.stride(0),
+        0 if residual is None else residual.stride(0),
         HAS_IDX=idx is not None, HAS_SCALE=s3 is not None, HAS_EXTRA=has_extra, SWIGLU=swiglu,
-        BLOCK_N=block_n, BLOCK_K=block_k, ACC2D=not swiglu, NORM=nw is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, ACC2D=not swiglu, NORM=nw is not None, RESIDUAL=residual is not None,
         LINE=128 // w3.element_size(), num_warps=warps, **pdl.launch(x.device),
     )
     return y
@@ -345,23 +357,23 @@ def _streams(x: torch.Tensor, *mods: torch.nn.Module) -> bool:
             and not torch.is_autocast_enabled(x.device.type))
 
 
-def linear(x: torch.Tensor, m: torch.nn.Module, norm: torch.nn.Module | None = None) -> torch.Tensor:
-    """m(x), or m(norm(x)) for an RMSNorm `norm`, for a bias-free linear layer: through one gemv launch where
-    that pays (`_streams`: decode's single row, where cuBLAS reads MLA's W_UQ and W_O at a fraction of the
-    bandwidth: 4.6 / 8.2 us against gemv's 2.8 / 4.2 on the H200, benchmarks/gemv.py), the norm inside it (a
-    norm that is not `layers.plain_rmsnorm`, or autograd: norm(x) first); otherwise the modules' own forwards."""
-    if norm is not None and not _norm_inside(norm):
+def linear(
+    x: torch.Tensor, m: torch.nn.Module, norm: torch.nn.Module | None = None, residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """m(x), or m(norm(x)) for an RMSNorm `norm`, plus `residual` when given, for a bias-free linear layer:
+    through one gemv launch where that pays (`_streams`: decode's single row, where cuBLAS reads MLA's W_UQ and
+    W_O at a fraction of the bandwidth: 4.6 / 8.2 us against gemv's 2.8 / 4.2 on the H200, benchmarks/gemv.py),
+    the norm and the residual inside it (a norm that is not `layers.plain_rmsnorm`, or autograd: norm(x) first);
+    otherwise the modules' own forwards."""
+    if norm is not None and not norm_inside(norm):
         x, norm = norm(x), None
-    if not _streams(x, m):
-        return m(x if norm is None else norm(x))
-    return gemv(x.reshape(-1, x.shape[-1]), m.weight, scale_inv=getattr(m, "weight_scale_inv", None),
-                norm=None if norm is None else (norm.weight, norm.eps)).view(*x.shape[:-1], -1)
-
-
-def _norm_inside(norm: torch.nn.Module) -> bool:
-    """Whether gemv may apply RMSNorm `norm` itself: it reads the norm's weight and eps (not a subclass's or a
-    hook's forward) and has no backward."""
-    return plain_rmsnorm(norm) and not (torch.is_grad_enabled() and norm.weight.requires_grad)
+    if not _streams(x, m) or (residual is not None and residual.dtype != x.dtype):
+        y = m(x if norm is None else norm(x))
+        return y if residual is None else residual + y
+    rows = x.reshape(-1, x.shape[-1])
+    return gemv(rows, m.weight, scale_inv=getattr(m, "weight_scale_inv", None),
+                norm=None if norm is None else (norm.weight, norm.eps),
+                residual=None if residual is None else residual.reshape(rows.shape[0], -1)).view(*x.shape[:-1], -1)
 
 
 def linear_pair(
@@ -370,7 +382,7 @@ def linear_pair(
     """(a(x), b(x)), or (a(norm(x)), b(norm(x))) for an RMSNorm `norm`, for two bias-free linear layers reading
     the same x, in one `gemv_pair` launch (the norm inside it) where that pays (`_streams`), else None (the
     caller runs them itself, norm included)."""
-    if not _streams(x, a, b) or (norm is not None and not _norm_inside(norm)):
+    if not _streams(x, a, b) or (norm is not None and not norm_inside(norm)):
         return None
     wa, wb = a.weight, b.weight
     sa, sb = getattr(a, "weight_scale_inv", None), getattr(b, "weight_scale_inv", None)

@@ -27,6 +27,12 @@ def plain_rmsnorm(m: nn.Module) -> bool:
     return type(m) is RMSNorm and not (m._forward_hooks or m._forward_pre_hooks)
 
 
+def norm_inside(m: nn.Module) -> bool:
+    """Whether a decode kernel may apply RMSNorm `m` inside its own launch: a `plain_rmsnorm` (the kernel reads
+    its weight and eps) whose weight autograd does not need (the kernels have no backward)."""
+    return plain_rmsnorm(m) and not (torch.is_grad_enabled() and m.weight.requires_grad)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). The dense FFN of the first layers and the shared experts."""
 

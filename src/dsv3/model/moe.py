@@ -17,7 +17,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.model.gemv import Extra, extra_fits, gemv, gemv_supported, plain_linear
-from dsv3.model.layers import MLP
+from dsv3.model.layers import MLP, norm_inside
 from dsv3.model.router_kernel import fused_router, router_kernel_supported
 from dsv3.model.swiglu import swiglu
 
@@ -181,7 +181,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> RouterOutput:
         cfg = self.cfg
         if router_kernel_supported(x, self.weight):  # decode: two launches instead of ~28 (router_kernel.py)
-            weights, idx, scores, load = fused_router(
+            weights, idx, scores, load, _ = fused_router(
                 x, self.weight, self.e_score_correction_bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
                 cfg.norm_topk_prob, cfg.routed_scaling_factor,
             )
@@ -194,6 +194,19 @@ class Router(nn.Module):
         load = torch.zeros(scores.shape[1], dtype=torch.int64, device=x.device)
         load.scatter_add_(0, idx.flatten(), torch.ones_like(idx.flatten()))  # bincount would sync the host
         return RouterOutput(idx, weights, scores, load)
+
+    def normed(self, x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, RouterOutput]:
+        """(norm(x), the routing of it) for an RMSNorm `norm`: at decode in the router's one launch, whose
+        programs normalise the rows they read and write them for the experts (one launch fewer a layer)."""
+        if router_kernel_supported(x, self.weight) and norm_inside(norm):
+            cfg = self.cfg
+            weights, idx, scores, load, normed = fused_router(
+                x, self.weight, self.e_score_correction_bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
+                cfg.norm_topk_prob, cfg.routed_scaling_factor, norm_weight=norm.weight, norm_eps=norm.eps,
+            )
+            return normed, RouterOutput(idx, weights, scores, load)
+        x = norm(x)
+        return x, self(x)
 
 
 class Experts(nn.Module):
@@ -316,8 +329,12 @@ class MoE(nn.Module):
             MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size) if cfg.n_shared_experts else None
         )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> tuple[torch.Tensor, RouterOutput]:
+        """MoE(x), or MoE(norm(x)) for the block's RMSNorm `norm` (at decode inside the router's launch)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        r = self.gate(flat)
+        if norm is None:
+            r = self.gate(flat)
+        else:
+            flat, r = self.gate.normed(flat, norm)
         return self.experts(flat, r, self.shared_experts).view(shape), r

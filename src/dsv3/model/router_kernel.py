@@ -79,8 +79,9 @@ if triton is not None:
 
     @triton.jit
     def _logits_kernel(
-        x_ptr, w_ptr, z_ptr, T, E, D, CHUNK, stride_xt, stride_we,
-        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr,
+        x_ptr, w_ptr, z_ptr, nw_ptr, hn_ptr, T, E, D, CHUNK, stride_xt, stride_we, eps,
+        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, RMS_BLOCK: tl.constexpr,
+        NORM: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr,
     ):
         split = tl.program_id(1)
         offs_t = tl.arange(0, BLOCK_T)
@@ -92,6 +93,13 @@ if triton is not None:
         pdl_prefetch_rows(tl.where(e_ok[:, None], w_rows, w_ptr) + split * CHUNK,
                           tl.minimum(CHUNK, D - split * CHUNK), LINE, PDL)
         pdl_wait(PDL)
+        if NORM:  # each program sums its rows' squares over the whole of d itself (a few KB from L2)
+            sq = tl.zeros([BLOCK_T, RMS_BLOCK], dtype=tl.float32)
+            for r0 in range(0, D, RMS_BLOCK):
+                offs_r = r0 + tl.arange(0, RMS_BLOCK)
+                v = tl.load(x_rows + offs_r[None, :], mask=t_ok[:, None] & (offs_r < D)[None, :], other=0.0)
+                sq += v.to(tl.float32) * v.to(tl.float32)
+            rstd = tl.rsqrt((tl.sum(sq, axis=1) / D + eps).to(tl.float32))  # eps: a float64 under torch.compile
         # elementwise products summed over d, one cross-lane sum at the end (gemv.py: a sum per step left the
         # kernel latency-bound); each weight tile is loaded once and serves every token
         acc = tl.zeros([BLOCK_T, BLOCK_E, BLOCK_K], dtype=tl.float32)
@@ -99,7 +107,14 @@ if triton is not None:
             offs_k = split * CHUNK + k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < D
             w = tl.load(w_rows + offs_k[None, :], mask=e_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            x = tl.load(x_rows + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            x = tl.load(x_rows + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            if NORM:  # layers.RMSNorm's roundings: to x's dtype after 1/rms, to the output's after the weight
+                x = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
+                x = (tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :] * x).to(
+                    hn_ptr.dtype.element_ty)
+                if tl.program_id(0) == 0:  # the first expert tile's programs hand the rows on to the experts
+                    tl.store(hn_ptr + offs_t[:, None] * D + offs_k[None, :], x, mask=t_ok[:, None] & k_ok[None, :])
+            x = x.to(tl.float32)
             acc += x[:, None, :] * w[None, :, :]
         pdl_release(PDL)
         z = tl.sum(acc, axis=2)
@@ -173,13 +188,17 @@ if triton is not None:
         tl.store(load_ptr + g2 * GROUP_SIZE + j2, load.to(tl.int64), mask=(g2 < N_GROUP) & (j2 < GROUP_SIZE))
 
 
-def _fused_router_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int,
-                        top_k: int, norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0,
-                        split: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fused_router_shape(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
+    norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0, split: int | None = None,
+    norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     T, E = x.shape[0], weight.shape[0]
     f32, i64 = torch.float32, torch.int64
+    hn = x.new_empty(0 if norm_weight is None else T, x.shape[1],
+                     dtype=x.dtype if norm_weight is None else torch.promote_types(norm_weight.dtype, x.dtype))
     return (x.new_empty(T, top_k, dtype=f32), x.new_empty(T, top_k, dtype=i64), x.new_empty(T, E, dtype=f32),
-            x.new_empty(E, dtype=i64))
+            x.new_empty(E, dtype=i64), hn)
 
 
 @pdl.launched_here("fused_router", _fused_router_shape)
@@ -193,17 +212,25 @@ def fused_router(
     norm_topk_prob: bool = True,
     routed_scaling_factor: float = 1.0,
     split: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weights [T, K] float32, idx [T, K] int64, scores [T, E] float32, load [E] int64) of `Router.forward`:
-    s = sigmoid(x weight^T) in float32, then `moe.route(s, bias, ...)` and the per-expert token counts.
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights [T, K] float32, idx [T, K] int64, scores [T, E] float32, load [E] int64, normed) of
+    `Router.forward`: s = sigmoid(x weight^T) in float32, then `moe.route(s, bias, ...)` and the per-expert
+    token counts.
 
+    norm_weight, norm_eps: route RMSNorm(x) instead (`layers.RMSNorm` with this weight and eps, its roundings
+    included), returned as `normed` [T, d] for the experts; without them `normed` is empty ([0, d]).
     split: programs along d per expert tile (default: enough to give every SM one); tests force ragged ones.
     """
     T, d = x.shape
     E = weight.shape[0]
-    if weight.shape[1] != d or bias.shape != (E,) or E % n_group or not 1 <= topk_group <= n_group:
+    if (weight.shape[1] != d or bias.shape != (E,) or E % n_group or not 1 <= topk_group <= n_group
+            or (norm_weight is not None and norm_weight.shape != (d,))):
         raise ValueError(f"fused_router: x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}, "
-                         f"n_group={n_group}, topk_group={topk_group} do not fit")
+                         f"n_group={n_group}, topk_group={topk_group}"
+                         + ("" if norm_weight is None else f", RMSNorm weight {tuple(norm_weight.shape)}")
+                         + " do not fit")
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = bias.to(torch.float32).contiguous()
@@ -217,10 +244,15 @@ def fused_router(
     chunk = _cdiv(k_blocks, max(1, min(split, k_blocks))) * block_k  # a multiple of block_k
     split = _cdiv(d, chunk)  # no empty splits
     z = torch.empty(split, T, E, dtype=torch.float32, device=x.device)
+    norm = norm_weight is not None
+    normed = torch.empty(T if norm else 0, d, device=x.device,
+                         dtype=torch.promote_types(norm_weight.dtype, x.dtype) if norm else x.dtype)
     _logits_kernel[(tiles, split)](
-        x, weight, z, T, E, d, chunk, x.stride(0), weight.stride(0),
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4 if block_t * block_e * block_k <= 1024 else 8,
-        LINE=128 // weight.element_size(), **pdl.launch(x.device),
+        x, weight, z, norm_weight.contiguous() if norm else x, normed if norm else x, T, E, d, chunk, x.stride(0),
+        weight.stride(0), float(norm_eps), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
+        RMS_BLOCK=min(_pow2(d), max(block_k, _ACC_ELEMS // block_t)), NORM=norm,
+        num_warps=4 if block_t * block_e * block_k <= 1024 else 8, LINE=128 // weight.element_size(),
+        **pdl.launch(x.device),
     )
     scores = torch.empty(T, E, dtype=torch.float32, device=x.device)
     weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
@@ -234,4 +266,4 @@ def fused_router(
         NORM_TOPK_PROB=norm_topk_prob, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_S=block_s,
         BLOCK_K=_pow2(top_k), num_warps=_select_warps(block_t * block_g * block_s), **pdl.launch(x.device),
     )
-    return weights, idx, scores, load
+    return weights, idx, scores, load, normed

@@ -34,9 +34,11 @@ class Block(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         cache: LatentCache | None = None, start_pos: int = 0, doc_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RouterOutput | None]:
-        h = x + self.self_attn(x, cos, sin, cache, start_pos, doc_ids, norm=self.input_layernorm)
+        # the norms and the skip connection go in as modules and tensors, so that decode's kernels apply them
+        # inside their own launches
+        h = self.self_attn(x, cos, sin, cache, start_pos, doc_ids, norm=self.input_layernorm, residual=x)
         if isinstance(self.mlp, MoE):
-            y, r = self.mlp(self.post_attention_layernorm(h))
+            y, r = self.mlp(h, norm=self.post_attention_layernorm)
             return h + y, r
         return h + self.mlp(self.post_attention_layernorm(h)), None
 
