@@ -6,12 +6,17 @@ microseconds of almost no work. Here, for at most ROUTER_MAX_ROWS tokens:
 
 1. `_logits_kernel`: u . e_i in float32, the gate weight read once in its stored dtype (no float32 copy per
    step). Program (expert tile, split) dots its [BLOCK_E, d / SPLIT] slab with every token's row; the split
-   over d spreads V3's E=256 x d=7168 gate over as many programs as the device has SMs.
+   over d spreads V3's E=256 x d=7168 gate over as many programs as the device has SMs. Given the block's
+   RMSNorm, each program first sums its rows' squares over the whole of d (a few KB from L2) and normalises
+   the columns it reads as `layers.RMSNorm` does, and the first expert tile's programs write the normalised
+   rows for the experts: the norm needs no launch of its own.
 2. `_select_kernel`: one program for all tokens sums the splits, writes s_i = sigmoid(.), and runs `moe.route`
    on [T, groups, experts per group] tiles: per-group top-2 sums of the biased scores, the `topk_group` best
    groups kept (ties to the lower group index), -inf elsewhere, then K rounds of argmax (ties to the lower
    expert index) gathering the unbiased s_i, normalised and scaled; the per-expert load is counted in
-   registers, so it needs neither a zeroed buffer nor atomics.
+   registers, so it needs neither a zeroed buffer nor atomics. Its ~3 us on an H200 are the launch's wait and
+   memory round trips, not the K rounds: neither top-K as one rank count nor selecting in the logits kernel's
+   last program (an atomic count of finished programs) was faster (BENCHMARKS.md, eleventh session).
 
 `moe.route` is the reference (CPU, training, many tokens); tests/model/test_router_kernel.py holds this to it.
 CUDA only (Triton); `Router.forward` keeps the general path elsewhere (`router_kernel_supported`). Not
