@@ -234,8 +234,9 @@ def test_fused_rmsnorm_matches_float64(dtype, device="cuda"):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_residual_rides_in_the_launch(dtype):
-    """gemv(x, w, residual=r) = W x + r rounded once, against float64 (a block's skip connection in W_O's
-    launch); linear(x, m, residual=r) takes it at a bf16 row and adds it after the module elsewhere."""
+    """gemv(x, w, residual=r) = W x + r within the output's rounding of float64 (a block's skip connection in
+    W_O's launch; a lost add shows, one rounding more or less does not); linear(x, m, residual=r) takes it at a
+    bf16 row and adds it after the module elsewhere."""
     g = torch.Generator().manual_seed(14)
     N, K, T = 200, 333, 2
     w = torch.randn(N, K, generator=g).to(dtype)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
+from dsv3.model.layers import RMSNorm
 from dsv3.model.moe import MoE, Router, RouterOutput, _Bf16Logits, route, router_logits
 from tests.conftest import randomize_bias_, tiny_config
 
@@ -366,6 +367,26 @@ def test_moe_is_shared_plus_gated_routed_experts(make_cfg, n_shared):
         assert moe.shared_experts is None
     # the router's float32 scores give gates within ~1e-7 of the float64 reference
     assert (y.reshape(10, -1) - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+
+
+def test_moe_with_its_norm_is_moe_of_the_normalised_input(make_cfg):
+    """MoE(x, norm=) = MoE(norm(x)) (the block hands the norm over so decode can apply it in the router's launch);
+    a hooked norm runs as a module on the block's [B, S, d] input, as it would in the block."""
+    cfg = make_cfg(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4, n_shared_experts=1)
+    torch.manual_seed(5)
+    moe = MoE(cfg).double()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    norm = RMSNorm(cfg.hidden_size).double()
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    x = torch.randn(2, 5, cfg.hidden_size, dtype=torch.float64) * 3
+    with torch.no_grad():
+        want, r_want = moe(norm(x))
+        got, r = moe(x, norm=norm)
+        assert torch.equal(got, want) and torch.equal(r.topk_idx, r_want.topk_idx)
+        shapes = []
+        norm.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+        assert torch.equal(moe(x, norm=norm)[0], want) and shapes == [(2, 5, cfg.hidden_size)]
 
 
 def test_route_without_norm_topk_prob_scales_raw_affinities():

@@ -197,8 +197,10 @@ class Router(nn.Module):
 
     def normed(self, x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, RouterOutput]:
         """(norm(x), the routing of it) for an RMSNorm `norm`: at decode in the router's one launch, whose
-        programs normalise the rows they read and write them for the experts (one launch fewer a layer)."""
-        if router_kernel_supported(x, self.weight) and norm_inside(norm):
+        programs normalise the rows they read and write them for the experts (one launch fewer a layer). A
+        router whose forward is not this class's, or that has hooks, is called on norm(x) instead."""
+        plain = type(self).forward is Router.forward and not (self._forward_hooks or self._forward_pre_hooks)
+        if plain and router_kernel_supported(x, self.weight) and norm_inside(norm):
             cfg = self.cfg
             weights, idx, scores, load, normed = fused_router(
                 x, self.weight, self.e_score_correction_bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
@@ -331,6 +333,8 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> tuple[torch.Tensor, RouterOutput]:
         """MoE(x), or MoE(norm(x)) for the block's RMSNorm `norm` (at decode inside the router's launch)."""
+        if norm is not None and not norm_inside(norm):  # a hooked or subclassed norm sees the block's shape
+            x, norm = norm(x), None
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if norm is None:

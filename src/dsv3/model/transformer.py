@@ -20,7 +20,13 @@ from dsv3.model.rope import RotaryEmbedding
 
 
 class Block(nn.Module):
-    """One decoder block with the checkpoint's names: input_layernorm, self_attn, post_attention_layernorm, mlp."""
+    """One decoder block with the checkpoint's names: input_layernorm, self_attn, post_attention_layernorm, mlp.
+
+    h = x + self_attn(input_layernorm(x)); out = h + mlp(post_attention_layernorm(h)), with the norms and the
+    first skip connection handed to the sublayers (`self_attn(x, ..., norm=, residual=x)` returns h, an MoE
+    `mlp(h, norm=)` normalises itself) so that decode's kernels apply them inside their own launches: hooks on
+    self_attn and mlp see those arguments and that output, not a normalised input and a bare sublayer output.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, moe: bool):
         super().__init__()
