@@ -193,9 +193,10 @@ def gemv(
     if norm is not None and (swiglu or norm[0].shape != (K,)):
         raise ValueError(f"gemv: RMSNorm weight {tuple(norm[0].shape)} does not fit activations {tuple(x.shape)} "
                          "(one value a column, no swiglu)")
-    if residual is not None and (idx is not None or residual.shape != (P, N) or residual.dtype != x.dtype):
-        raise ValueError(f"gemv: residual {tuple(residual.shape)} {residual.dtype} does not fit the output "
-                         f"({P}, {N}) {x.dtype} of one weight")
+    if residual is not None and (idx is not None or residual.shape != (P, N) or residual.dtype != x.dtype
+                                 or residual.device != x.device):
+        raise ValueError(f"gemv: residual {tuple(residual.shape)} {residual.dtype} on {residual.device} does not fit "
+                         f"the output ({P}, {N}) {x.dtype} on {x.device} of one weight")
     x = x if x.stride(-1) == 1 else x.contiguous()
     w3 = w3 if w3.stride(-1) == 1 else w3.contiguous()
     s3 = None if s3 is None else s3.contiguous()
