@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dsv3.config import ModelConfig
 from dsv3.model.gemv import linear, linear_pair
-from dsv3.model.layers import RMSNorm, dense_weight, plain_rmsnorm
+from dsv3.model.layers import RMSNorm, defer_norm, dense_weight, plain_rmsnorm
 from dsv3.model.mla_decode import absorb_query, paged_decode
 from dsv3.model.rope import apply_rope
 
@@ -278,11 +278,11 @@ class MLA(nn.Module):
         if doc_ids is not None and cache is not None:
             raise ValueError("document masking (doc_ids) is for training forwards without a KV cache")
         # decode's few rows read W_DQ and [W_DKV; W_KR], which share the input, in one launch, with the input's
-        # norm inside it (one launch fewer a layer)
+        # norm inside it (one launch fewer a layer); past this, x is used only where that launch did not run
+        x, norm = defer_norm(x, norm)
         both = linear_pair(x, self.q_a_proj, self.kv_a_proj_with_mqa, norm) if self.q_lora_rank else None
         if both is None and norm is not None:
             x = norm(x)
-            both = linear_pair(x, self.q_a_proj, self.kv_a_proj_with_mqa) if self.q_lora_rank else None
         q = self.project_query(x, None if both is None else both[0])
         kv_a = self.kv_a_proj_with_mqa(x) if both is None else both[1]
         # a cache that can finish eqs. 1 and 3 as it stores the latents (the engine's pool at decode) takes them

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from dsv3.model import pdl
-from dsv3.model.layers import norm_inside
+from dsv3.model.layers import defer_norm, norm_inside
 from dsv3.model.pdl import pdl_prefetch_rows, pdl_release, pdl_wait
 
 try:
@@ -366,8 +366,7 @@ def linear(
     W_O at a fraction of the bandwidth: 4.6 / 8.2 us against gemv's 2.8 / 4.2 on the H200, benchmarks/gemv.py),
     the norm and the residual inside it (a norm that is not `layers.plain_rmsnorm`, or autograd: norm(x) first);
     otherwise the modules' own forwards."""
-    if norm is not None and not norm_inside(norm):
-        x, norm = norm(x), None
+    x, norm = defer_norm(x, norm)
     if not _streams(x, m) or (residual is not None and residual.dtype != x.dtype):
         y = m(x if norm is None else norm(x))
         return y if residual is None else residual + y

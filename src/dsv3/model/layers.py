@@ -33,6 +33,14 @@ def norm_inside(m: nn.Module) -> bool:
     return plain_rmsnorm(m) and not (torch.is_grad_enabled() and m.weight.requires_grad)
 
 
+def defer_norm(x: torch.Tensor, norm: nn.Module | None) -> tuple[torch.Tensor, nn.Module | None]:
+    """(x, norm) where a kernel may still apply `norm` inside its launch (`norm_inside`), else (norm(x), None):
+    a hooked or subclassed norm, or one being trained, runs as a module first."""
+    if norm is not None and not norm_inside(norm):
+        return norm(x), None
+    return x, norm
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). The dense FFN of the first layers and the shared experts."""
 

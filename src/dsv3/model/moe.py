@@ -17,7 +17,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.model.gemv import Extra, extra_fits, gemv, gemv_supported, plain_linear
-from dsv3.model.layers import MLP, norm_inside
+from dsv3.model.layers import MLP, defer_norm, norm_inside
 from dsv3.model.router_kernel import fused_router, router_kernel_supported
 from dsv3.model.swiglu import swiglu
 
@@ -181,11 +181,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> RouterOutput:
         cfg = self.cfg
         if router_kernel_supported(x, self.weight):  # decode: two launches instead of ~28 (router_kernel.py)
-            weights, idx, scores, load, _ = fused_router(
-                x, self.weight, self.e_score_correction_bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
-                cfg.norm_topk_prob, cfg.routed_scaling_factor,
-            )
-            return RouterOutput(idx, weights, scores, load)
+            return self._fused(x)[1]
         scores = router_logits(x, self.weight).sigmoid()
         weights, idx = route(
             scores, self.e_score_correction_bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
@@ -201,14 +197,20 @@ class Router(nn.Module):
         router whose forward is not this class's, or that has hooks, is called on norm(x) instead."""
         plain = type(self).forward is Router.forward and not (self._forward_hooks or self._forward_pre_hooks)
         if plain and router_kernel_supported(x, self.weight) and norm_inside(norm):
-            cfg = self.cfg
-            weights, idx, scores, load, normed = fused_router(
-                x, self.weight, self.e_score_correction_bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
-                cfg.norm_topk_prob, cfg.routed_scaling_factor, norm_weight=norm.weight, norm_eps=norm.eps,
-            )
-            return normed, RouterOutput(idx, weights, scores, load)
+            return self._fused(x, norm)
         x = norm(x)
         return x, self(x)
+
+    def _fused(self, x: torch.Tensor, norm: nn.Module | None = None) -> tuple[torch.Tensor, RouterOutput]:
+        """`router_kernel.fused_router` on x (normalised by `norm` inside its launch when given): (the
+        normalised rows, empty without a norm, and the routing)."""
+        cfg = self.cfg
+        weights, idx, scores, load, normed = fused_router(
+            x, self.weight, self.e_score_correction_bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
+            cfg.norm_topk_prob, cfg.routed_scaling_factor, norm_weight=None if norm is None else norm.weight,
+            norm_eps=0.0 if norm is None else norm.eps,
+        )
+        return normed, RouterOutput(idx, weights, scores, load)
 
 
 class Experts(nn.Module):
@@ -333,8 +335,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> tuple[torch.Tensor, RouterOutput]:
         """MoE(x), or MoE(norm(x)) for the block's RMSNorm `norm` (at decode inside the router's launch)."""
-        if norm is not None and not norm_inside(norm):  # a hooked or subclassed norm sees the block's shape
-            x, norm = norm(x), None
+        x, norm = defer_norm(x, norm)  # a hooked or subclassed norm sees the block's shape
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if norm is None:
