@@ -49,12 +49,20 @@ def test_any_split_count_matches_float64(splits):
     check(torch.bfloat16, 256, 64, 16, 1, 16, splits=splits)
 
 
+def test_long_row_takes_max_splits_and_matches_float64():
+    # 2,048 keys a row: the default gives each row MAX_SPLITS splits of 32 keys, merged over [64, queries, columns]
+    import dsv3.model.mla_decode as mla
+
+    assert 2048 == mla.MAX_SPLITS * mla.BLOCK_T
+    check(torch.bfloat16, 256, 64, 16, 1, 16, keys=2048)
+
+
 def check(dtype: torch.dtype, C: int, R: int, H: int, S: int, bs: int, block_q: int | None = None,
-          warps: int | None = None, device: str = "cuda", splits: int | None = None) -> None:
-    """paged_decode on three rows (seeing 1 key, 70, all) against the float64 reference; `device` "cpu" runs
-    the kernels in the Triton interpreter (TRITON_INTERPRET=1; float16 there)."""
+          warps: int | None = None, device: str = "cuda", splits: int | None = None, keys: int = 144) -> None:
+    """paged_decode on three rows (seeing 1 key, 70, all `keys`) against the float64 reference; `device` "cpu"
+    runs the kernels in the Triton interpreter (TRITON_INTERPRET=1; float16 there)."""
     g = torch.Generator().manual_seed(C + S)
-    W, n_blocks = 144 // bs, 40 * 16 // bs
+    W, n_blocks = keys // bs, max(40 * 16, 2 * keys) // bs
     B = 3
     pool = (torch.randn(n_blocks * bs, C + R, generator=g) * 0.5).to(dtype)
     block_tables = torch.stack([torch.randperm(n_blocks, generator=g)[:W] for _ in range(B)])
@@ -141,22 +149,22 @@ def test_store_latents_writes_each_token_at_its_slot(src_dtype, device="cuda"):
         store_latents(got, slots.to(device), c_kv.to(device), k_pe[:, :16].to(device))
 
 
-@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("splits,W", [(None, 5), (1, 5), (3, 5), (None, 128)])  # 128 blocks: 64 splits a row
 @pytest.mark.parametrize("merged", [True, False])
-def test_w_uv_product_matches_float64(splits, merged, monkeypatch, device="cuda", dtype=torch.bfloat16):
+def test_w_uv_product_matches_float64(splits, W, merged, monkeypatch, device="cuda", dtype=torch.bfloat16):
     """paged_decode(..., w_uv) = W_UV of each query's head times its float64 attention output: merged into the
     split merge (float32 o_lat), or (one split, or past _UV_BYTES: forced here) o_lat rounded and a batched
-    product. Two draft positions of 4 heads, V = 48 (not a multiple of BLOCK_V)."""
+    product. Two draft positions of 4 heads, V = 48 (not a multiple of BLOCK_V); rows of W blocks."""
     import dsv3.model.mla_decode as mla
 
     if not merged:
         monkeypatch.setattr(mla, "_UV_BYTES", 0)
     g = torch.Generator().manual_seed(11)
     C, R, H, S, bs, V = 64, 32, 4, 2, 16, 48
-    W, n_blocks, B = 5, 12, 2
+    n_blocks, B = W + 7, 2
     pool = (torch.randn(n_blocks * bs, C + R, generator=g) * 0.5).to(dtype)
     block_tables = torch.stack([torch.randperm(n_blocks, generator=g)[:W] for _ in range(B)])
-    q_pos = torch.tensor([[40, 41], [78, 79]])  # [B, S]: one position per draft token, shared by its heads
+    q_pos = torch.tensor([[40, 41], [W * bs - 2, W * bs - 1]])  # [B, S]: a position per draft token, for its heads
     q_lat = torch.randn(B, S * H, C, generator=g).to(dtype)
     q_pe = torch.randn(B, S * H, R, generator=g).to(dtype)
     w_uv = (torch.randn(H, V, C + 8, generator=g) * C**-0.5).to(dtype)[..., :C]  # a strided view, as MLA's

@@ -52,8 +52,9 @@ _SMS = 132  # an H100/H200's SMs
 _PROGRAMS = 2 * _SMS  # about two waves
 # Most key splits a row gets. One row of `bench` on an H200 (benchmarks/mla_decode.py --splits, 1K / 4K keys):
 # 32 splits 8.0 / 14.1 us, 16 splits 9.8 / 21.3, 8 splits 13.8 / 34.6 (each program walks its keys one
-# latency-bound step at a time, so short splits win while the combine stays small).
-MAX_SPLITS = 32
+# latency-bound step at a time, so short splits win while the combine stays small); 64 from 2K keys on (at 1K
+# the BLOCK_T floor keeps 32): compiled decode at 4K 1,415 -> 1,473 tok/s (BENCHMARKS.md, twelfth session).
+MAX_SPLITS = 64
 _COMBINE_VALUES = 64 * 128  # float32 values a combine program loads at once: 64 a thread at 4 warps
 
 
