@@ -193,17 +193,25 @@ if triton is not None:
         tl.store(load_ptr + g2 * GROUP_SIZE + j2, load.to(tl.int64), mask=(g2 < N_GROUP) & (j2 < GROUP_SIZE))
 
 
+def _outputs(
+    x: torch.Tensor, n_experts: int, top_k: int, norm_weight: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty (weights [T, K] float32, idx [T, K] int64, scores [T, E] float32, load [E] int64, normed: [T, d] in
+    RMSNorm's output dtype, or [0, d] without a norm): what `fused_router` returns, for it and its fake alike."""
+    T, d = x.shape
+    f32, i64 = torch.float32, torch.int64
+    normed = x.new_empty(0 if norm_weight is None else T, d,
+                         dtype=x.dtype if norm_weight is None else torch.promote_types(norm_weight.dtype, x.dtype))
+    return (x.new_empty(T, top_k, dtype=f32), x.new_empty(T, top_k, dtype=i64), x.new_empty(T, n_experts, dtype=f32),
+            x.new_empty(n_experts, dtype=i64), normed)
+
+
 def _fused_router_shape(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
     norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0, split: int | None = None,
     norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    T, E = x.shape[0], weight.shape[0]
-    f32, i64 = torch.float32, torch.int64
-    hn = x.new_empty(0 if norm_weight is None else T, x.shape[1],
-                     dtype=x.dtype if norm_weight is None else torch.promote_types(norm_weight.dtype, x.dtype))
-    return (x.new_empty(T, top_k, dtype=f32), x.new_empty(T, top_k, dtype=i64), x.new_empty(T, E, dtype=f32),
-            x.new_empty(E, dtype=i64), hn)
+    return _outputs(x, weight.shape[0], top_k, norm_weight)
 
 
 @pdl.launched_here("fused_router", _fused_router_shape)
@@ -250,8 +258,7 @@ def fused_router(
     split = _cdiv(d, chunk)  # no empty splits
     z = torch.empty(split, T, E, dtype=torch.float32, device=x.device)
     norm = norm_weight is not None
-    normed = torch.empty(T if norm else 0, d, device=x.device,
-                         dtype=torch.promote_types(norm_weight.dtype, x.dtype) if norm else x.dtype)
+    weights, idx, scores, load, normed = _outputs(x, E, top_k, norm_weight)
     _logits_kernel[(tiles, split)](
         x, weight, z, norm_weight.contiguous() if norm else x, normed if norm else x, T, E, d, chunk, x.stride(0),
         weight.stride(0), float(norm_eps), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
@@ -259,10 +266,6 @@ def fused_router(
         num_warps=4 if block_t * block_e * block_k <= 1024 else 8, LINE=128 // weight.element_size(),
         **pdl.launch(x.device),
     )
-    scores = torch.empty(T, E, dtype=torch.float32, device=x.device)
-    weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
-    idx = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
-    load = torch.empty(E, dtype=torch.int64, device=x.device)
     group_size = E // n_group
     block_g, block_s = _pow2(n_group), _pow2(group_size)
     _select_kernel[(1,)](
