@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -185,6 +186,25 @@ def replay_us(fn, copies: int = 1, n: int = 50) -> float:  # noqa: ANN001
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / (2 * n)
+
+
+def graph_us(fn: Callable[[], Any], reps: int = 20) -> tuple[float, Any]:
+    """(mean GPU time of one replay in microseconds, fn's output) for fn() captured once in a CUDA graph (after one
+    eager call) and replayed `reps` times; the output tensors hold the last replay's values."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps, out
 
 
 def n_copies(nbytes: float) -> int:

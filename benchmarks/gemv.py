@@ -30,7 +30,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import copy_bandwidth, device_name, emit_json, n_copies, print_table, replay_us
+from benchmarks.common import copy_bandwidth, device_name, emit_json, graph_us, n_copies, print_table, replay_us
 from dsv3.model.gemv import gemv, gemv_pair
 from dsv3.model.router_kernel import fused_router
 
@@ -82,21 +82,8 @@ def chain(dev: torch.device, bw: float, layers: int = 11, reps: int = 20) -> Non
     rows, outs = [], {}
     for mode in ("0", "wait", "1"):
         os.environ["DSV3_PDL"] = mode
-        step()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
-        graph.replay()
-        torch.cuda.synchronize()
+        us, out = graph_us(step, reps)
         outs[mode] = out.clone()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        us = start.elapsed_time(end) * 1e3 / reps
         label = {"0": "off", "wait": "wait", "1": "wait + L2 prefetch"}[mode]
         rows.append({"pdl": label, "us per step": f"{us:.1f}", "us per layer": f"{us / layers:.2f}",
                      "MB per step": f"{nbytes / 1e6:.0f}", "of bandwidth": f"{nbytes / (us * 1e-6) / bw:.1%}"})

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from benchmarks.common import device_name, emit_json, print_table
+from benchmarks.common import device_name, emit_json, graph_us, print_table
 from dsv3.model import pdl
 from dsv3.model.pdl import pdl_release, pdl_wait
 
@@ -53,23 +53,6 @@ def _persistent(buf, counter, G, STAGES: tl.constexpr):
         seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
         while seen < target:
             seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
-
-
-def _replay_us(fn, reps: int = 20) -> float:  # noqa: ANN001
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
 
 
 def main() -> None:
@@ -102,7 +85,7 @@ def main() -> None:
         row = {"programs": G}
         for name, fn in (("graph", lambda: chain(False)), ("graph + PDL", lambda: chain(True)),
                          ("persistent", persistent)):
-            us = _replay_us(fn)
+            us, _ = graph_us(fn)
             ok = bool((buf[n % 2] == n).all())
             row[f"{name} us"] = f"{us / n:.2f}" + ("" if ok else " WRONG")
         rows.append(row)
