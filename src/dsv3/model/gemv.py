@@ -363,7 +363,7 @@ def linear(
 ) -> torch.Tensor:
     """m(x), or m(norm(x)) for an RMSNorm `norm`, plus `residual` when given, for a bias-free linear layer:
     through one gemv launch where that pays (`_streams`: decode's single row, where cuBLAS reads MLA's W_UQ and
-    W_O at a fraction of the bandwidth: 4.6 / 8.2 us against gemv's 2.8 / 4.2 on the H200, benchmarks/gemv.py),
+    W_O at a fraction of the bandwidth: 4.6 / 8.0 us against gemv's 2.8 / 4.2 on the H200, benchmarks/gemv.py),
     the norm and the residual inside it (a norm that is not `layers.plain_rmsnorm`, or autograd: norm(x) first);
     otherwise the modules' own forwards."""
     x, norm = defer_norm(x, norm)

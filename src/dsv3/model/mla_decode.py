@@ -59,8 +59,8 @@ _COMBINE_VALUES = 64 * 128  # float32 values a combine program loads at once: 64
 
 
 # Below this many sequences a step would gather the pages and run `attention.attend` instead. With the combine
-# loading every split at once and up to 32 splits, one row of `bench` takes 8.0 us at 1K keys and 14.1 at 4K
-# against 21.0 and 24.5 gathered (benchmarks/mla_decode.py, H200; it was 8 rows when one row took 11-25 us
+# loading every split at once and up to 32 splits (the cap then), one row of `bench` took 8.0 us at 1K keys and
+# 14.1 at 4K against 21.0 and 24.5 gathered (benchmarks/mla_decode.py, H200; it was 8 rows when one row took 11-25 us
 # here), so every step reads the pages in place.
 MIN_ROWS = 1
 
