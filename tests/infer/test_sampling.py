@@ -84,9 +84,14 @@ def test_a_row_without_limits_keeps_its_whole_distribution_beside_limited_rows()
     assert bool((got > 0).all())
 
 
-def test_a_tiny_temperature_is_the_argmax_not_nan() -> None:
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1e-40), SamplingParams(temperature=1e-50),
+                                    SamplingParams(temperature=5e-324), SamplingParams(top_p=1e-46),
+                                    SamplingParams(top_p=5e-324, top_k=3)])
+def test_a_tiny_temperature_or_top_p_is_the_argmax_not_nan(params) -> None:
+    # 1e-40 is a float32 subnormal; 1e-50, 1e-46 and 5e-324 round to 0 in float32, where 0 / 0 or an empty
+    # nucleus would leave a row of NaN (and `sample` its last index)
     logits = torch.tensor([[0.5, 2.0, -1.0, 1.0]])
-    probs = probabilities(logits, [SamplingParams(temperature=1e-40)])
+    probs = probabilities(logits, [params])
     assert probs.tolist() == [[0.0, 1.0, 0.0, 0.0]]
     assert sample(probs, torch.tensor([0.99], dtype=torch.float64)).tolist() == [1]
 

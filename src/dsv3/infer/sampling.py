@@ -97,6 +97,9 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return (chunk * ARGMAX_CHUNK + at.gather(-1, chunk)).squeeze(-1)
 
 
+_TINY = torch.finfo(torch.float32).tiny
+
+
 def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """logits [B, ..., V] -> float32 probabilities after temperature, top-k then top-p (row b uses params[b]).
 
@@ -108,7 +111,9 @@ def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     B, V = shape[0], shape[-1]
     x = logits.reshape(B, -1, V).float()
     dev = x.device
-    temp = to_device(torch.tensor([p.temperature or 1.0 for p in params]), dev).view(B, 1, 1)
+    # at least float32's smallest normal: a temperature below it would round to 0 there and 0 / 0 the top logit
+    temp = torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float64).clamp(min=_TINY)
+    temp = to_device(temp.float(), dev).view(B, 1, 1)
     x = (x - x.amax(-1, keepdim=True)) / temp  # shifted first: a tiny temperature gives -inf, never inf - inf
     if any(p.top_k or p.top_p < 1 for p in params):
         kmax = max(p.top_k or V for p in params)
@@ -121,8 +126,10 @@ def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
         keep = torch.arange(xs.shape[-1], device=dev) < top_k
         ps = xs.masked_fill(~keep, float("-inf")).softmax(-1)
         # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
-        # (top_p = 1 keeps all: float32 rounding can put the mass before a tail token at 1.0)
-        keep = keep & (((ps.cumsum(-1) - ps) < top_p) | (top_p >= 1))
+        # (top_p = 1 keeps all: float32 rounding can put the mass before a tail token at 1.0; the top token always
+        # stays, also where a tiny top_p rounds to 0 in float32)
+        first = torch.arange(xs.shape[-1], device=dev) == 0
+        keep = keep & (((ps.cumsum(-1) - ps) < top_p) | (top_p >= 1) | first)
         x = torch.full_like(x, float("-inf")).scatter_(-1, order, xs.masked_fill(~keep, float("-inf")))
     probs = x.softmax(-1)
     if any(p.greedy for p in params):  # decided on the host: no device sync
