@@ -171,6 +171,49 @@ def test_chat_without_a_template_is_refused_before_the_weights_load(model_dir: P
         run("chat", "--model", str(d), "--device", "cpu")
 
 
+def _with_template(model_dir: Path, tmp_path: Path, template: object) -> Path:
+    import json
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    return d
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{% for m in messages %}{{ m['content'] }", "does not compile"),
+    ("{{ raise_exception('no user turns here') }}", "refused these messages: no user turns here"),
+    ([{"name": "tool_use", "template": "{{ messages }}"}], "none named 'default'"),
+    (7, r"must be a string \(got int\)"),
+])
+def test_a_broken_chat_template_is_refused_before_the_weights_load(
+        model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, template: object, match: str) -> None:
+    import dsv3.checkpoint
+
+    d = _with_template(model_dir, tmp_path, template)
+    monkeypatch.setattr(dsv3.checkpoint, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(ValueError, match=match):
+        run("chat", "--model", str(d), "--device", "cpu")
+
+
+def test_chat_reports_a_template_refusing_a_turn_and_goes_on(
+        model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # transformers' list of named templates (the 'default' one used); it refuses a system turn, as many do
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                "supported') }}{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}")
+    d = _with_template(model_dir, tmp_path, [{"name": "default", "template": template}])
+    lines = iter(["hello", "/reset", "again"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    monkeypatch.setattr(Engine, "generate", lambda *a, **k: pytest.fail("a refused turn generated"))
+    with pytest.raises(StopIteration):  # the input ran out: every turn was answered with an error, no traceback
+        run("chat", "--model", str(d), "--system", "be brief", "--device", "cpu")
+    err = capsys.readouterr().err
+    assert err.count("error: the chat template refused these messages: System role not supported") == 2
+
+
 def test_null_sampling_defaults_in_generation_config_mean_unset(model_dir: Path, tmp_path: Path) -> None:
     # released checkpoints may write "top_p": null; that means "not set", not a TypeError
     import json
@@ -186,7 +229,8 @@ def test_null_sampling_defaults_in_generation_config_mean_unset(model_dir: Path,
     assert (p.temperature, p.top_p, p.top_k) == (0.6, 1.0, 0)
     # a damaged generation_config.json names itself
     for text, match in (("[1]", "expected a JSON object"), ("{oops", "not a JSON file"),
-                        ('{"temperature": [1]}', "`temperature` must be a finite number")):
+                        ('{"temperature": [1]}', "`temperature` must be a finite number"),
+                        ('{"top_k": 2.7}', "`top_k` must be a whole number")):
         (d / "generation_config.json").write_text(text)
         with pytest.raises(ValueError, match=f"generation_config.json: {match}"):
             sampling_params(args, d)

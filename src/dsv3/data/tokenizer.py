@@ -216,13 +216,19 @@ class Tokenizer:
                             tokenize: bool = False) -> str | list[int]:
         """Render `messages` ([{"role": ..., "content": ...}]) with the config's Jinja chat template.
 
-        The template writes BOS itself, so `tokenize=True` encodes without adding another one.
+        The template writes BOS itself, so `tokenize=True` encodes without adding another one. A template that
+        does not compile, or refuses the messages (`raise_exception`), raises ValueError.
         """
-        text = self._chat_template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.tokenizer.id_to_token(self.bos_id),
-            eos_token=self.tokenizer.id_to_token(self.eos_id),
-            pad_token=self.tokenizer.id_to_token(self.pad_id))
+        import jinja2
+
+        try:
+            text = self._chat_template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.tokenizer.id_to_token(self.bos_id),
+                eos_token=self.tokenizer.id_to_token(self.eos_id),
+                pad_token=self.tokenizer.id_to_token(self.pad_id))
+        except jinja2.exceptions.TemplateError as e:  # the template's own raise_exception(...) among them
+            raise ValueError(f"the chat template refused these messages: {e}") from e
         return self.encode(text, bos=False) if tokenize else text
 
     @cached_property
@@ -230,8 +236,17 @@ class Tokenizer:
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        if not self.config.get("chat_template"):
+        source = self.config.get("chat_template")
+        if isinstance(source, list):  # transformers' named templates: [{"name": ..., "template": ...}]
+            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+            source = named.get("default")
+            if source is None:
+                raise ValueError(f"tokenizer_config.json's chat_template lists templates {sorted(map(str, named))} "
+                                 "but none named 'default'")
+        if not source:
             raise ValueError("tokenizer_config.json has no chat_template")
+        if not isinstance(source, str):
+            raise ValueError(f"tokenizer_config.json's chat_template must be a string (got {type(source).__name__})")
 
         def raise_exception(message: str) -> None:
             raise jinja2.exceptions.TemplateError(message)
@@ -240,7 +255,10 @@ class Tokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                            extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.config["chat_template"])
+        try:
+            return env.from_string(source)
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            raise ValueError(f"tokenizer_config.json's chat_template does not compile: {e} (line {e.lineno})") from e
 
     # --- facts used by the data pipeline and evaluation ---
 

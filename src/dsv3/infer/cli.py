@@ -74,6 +74,8 @@ def sampling_params(args: argparse.Namespace, model_dir: Path) -> SamplingParams
             v = defaults.get(key)
             if v is not None and not is_json_number(v):
                 raise ValueError(f"{gen}: `{key}` must be a finite number or null (got {v!r})")
+            if key == "top_k" and v is not None and not float(v).is_integer():
+                raise ValueError(f"{gen}: `top_k` must be a whole number or null (got {v!r})")
         if defaults.get("do_sample") is False:
             defaults["temperature"] = 0.0
 
@@ -85,8 +87,7 @@ def sampling_params(args: argparse.Namespace, model_dir: Path) -> SamplingParams
 
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=float(pick("temperature", 1.0)),
-        top_p=float(pick("top_p", 1.0)), top_k=int(pick("top_k", 0) or 0), seed=args.seed,
-        stop=list(args.stop),
+        top_p=float(pick("top_p", 1.0)), top_k=int(pick("top_k", 0) or 0), seed=args.seed, stop=list(args.stop),
     )
 
 
@@ -112,6 +113,8 @@ def load(args: argparse.Namespace) -> tuple[Engine, Any, SamplingParams]:
     elif not tokenizer.config.get("chat_template"):  # chat
         raise ValueError(f"{path}/tokenizer_config.json has no chat_template: `dsv3 chat` needs one (use "
                          f"`dsv3 generate` for plain completion)")
+    else:  # a template that does not compile or render is refused now, before the weights load
+        tokenizer.apply_chat_template([{"role": "user", "content": "hello"}])
     device = resolve_device(args.device)
     default = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 matmuls are slow on CPUs
     dtype = DTYPES[args.dtype] if args.dtype else default
@@ -172,13 +175,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         start = time.perf_counter()
         try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             result = _stream(engine, ids, params)
-        except ValueError as e:  # the conversation outgrew the context: say so and let the user /reset
+        except ValueError as e:  # the template refused the messages, or the conversation outgrew the context
             messages.pop()
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e} (/reset starts the conversation over)", file=sys.stderr)
             continue
         except KeyboardInterrupt:  # stop this reply, keep the conversation
             print("\n[interrupted]", file=sys.stderr)
