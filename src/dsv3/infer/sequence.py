@@ -1,9 +1,10 @@
 """One request's state in the engine: its tokens, how many are cached, sampling RNG, stop checks and text.
 
 The engine works on token ids. Text comes from a tokenizer that only has to satisfy `TokenizerLike` (the
-project's `dsv3.data.Tokenizer` does; tests use a byte-level stand-in). Text is decoded from all output
-tokens each step and released to a stream only up to a safe point: never an incomplete UTF-8 character
-(the decoder's U+FFFD) and never a tail that could still grow into a stop string.
+project's `dsv3.data.Tokenizer` does; tests use a byte-level stand-in). Text is decoded incrementally: each
+step decodes only the tokens since the last whole character and a few before them (decoding all output tokens
+every step made long generations quadratic). It is released to a stream only up to a safe point: never an
+incomplete UTF-8 character (the decoder's U+FFFD) and never a tail that could still grow into a stop string.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ class Sequence:
         self.text = ""
         self._text_tokens = 0  # output tokens that count towards the text (a final stop token does not)
         self._decoded = 0  # output tokens whose text the last update_text checked for stop strings
+        # incremental decoding: output[:_read] decodes to _stable (ends on a whole character); the next step
+        # decodes output[_prefix:] and keeps what follows the text of output[_prefix:_read], the few tokens
+        # before _read giving a decoder context (one that drops a word's leading space at the start, say)
+        self._stable = ""
+        self._prefix = self._read = 0
         self._sent_text = 0
         self._sent_tokens = 0
 
@@ -92,8 +98,20 @@ class Sequence:
         if tokenizer is None:
             return
         n = self._text_tokens
-        text = tokenizer.decode(self.output[:n])
-        cut = self._stop_at(text)
+        p0 = self.num_prompt + self._prefix  # (slicing `tokens` itself: `output` would copy all of it)
+        known = tokenizer.decode(self.tokens[p0:self.num_prompt + self._read])
+        window = tokenizer.decode(self.tokens[p0:self.num_prompt + n])
+        text = self._stable + window[len(known):]
+        searched = len(self._stable)  # a stop string inside _stable was found in an earlier step
+        if n > self._read and not window.endswith("\ufffd"):  # whole characters up to n: their text is final
+            self._stable, self._prefix, self._read = text, self._read, n
+        elif n - 3 > self._read:  # bytes that may never complete (a model's invalid UTF-8): commit 3 tokens back,
+            # where the split is final once the window still starts with its text (a character spans <= 4 bytes)
+            head = tokenizer.decode(self.tokens[p0:self.num_prompt + n - 3])
+            if window.startswith(head):
+                self._stable, self._prefix, self._read = self._stable + head[len(known):], self._read, n - 3
+        longest = max((len(s) for s in self.params.stop), default=1)
+        cut = self._stop_at(text, max(0, searched - longest + 1))
         if cut is not None:
             for m in range(self._decoded + 1, n):  # the shortest output that already shows a stop string
                 shorter = tokenizer.decode(self.output[:m])
@@ -107,8 +125,8 @@ class Sequence:
         self._decoded = n
         self.text = text
 
-    def _stop_at(self, text: str) -> int | None:
-        hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
+    def _stop_at(self, text: str, start: int = 0) -> int | None:
+        hits = [i for i in (text.find(s, start) for s in self.params.stop) if i >= 0]
         return min(hits) if hits else None
 
     def take_delta(self) -> tuple[str, list[int]]:
