@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -501,3 +502,45 @@ def test_save_over_existing_checkpoint_replaces_it(make_cfg, make_model, tmp_pat
     for k, v in new.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_a_save_cut_short_earlier_does_not_block_the_next(make_cfg, make_model, tmp_path):
+    # an earlier process's swapped-out copy: half deleted beside a complete `ck` (an rmtree cut short), or alone
+    # where it was killed between the two renames (then loading names it, and the next save puts it back first)
+    cfg = make_cfg()
+    old, new = make_model(cfg, seed=1), make_model(cfg, seed=2)
+    ck = tmp_path / "ck"
+    save_model(old, ck)
+    stale = tmp_path / f".ck.old-{os.getpid()}"  # the name every swap of this process took before
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"half deleted")
+    save_model(new, ck)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+    assert all(torch.equal(v, load_model(ck, dtype=torch.float32).state_dict()[k]) for k, v in new.state_dict().items())
+
+    os.replace(ck, tmp_path / ".ck.old-4242")  # killed between the renames
+    with pytest.raises(FileNotFoundError, match=r"previous checkpoint at .*\.ck\.old-4242"):
+        load_model(ck)
+    save_model(old, ck)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+    assert all(torch.equal(v, load_model(ck, dtype=torch.float32).state_dict()[k]) for k, v in old.state_dict().items())
+
+
+def test_extra_files_may_write_folders(make_cfg, make_model, tmp_path):
+    def extra(d):  # noqa: ANN001, ANN202
+        (d / "tokenizer").mkdir()
+        (d / "tokenizer" / "tokenizer.json").write_text("{}")
+
+    save_model(make_model(make_cfg()), tmp_path / "ck", extra_files=extra)
+    assert (tmp_path / "ck" / "tokenizer" / "tokenizer.json").read_text() == "{}"
+
+
+def test_an_unreadable_shard_is_a_permission_error(make_cfg, make_model, tmp_path, monkeypatch):
+    # (safetensors reports a shard it may not open as missing); as root, which reads any file, the check is
+    # told the shard is unreadable
+    save_model(make_model(make_cfg()), tmp_path / "ck")
+    shard = tmp_path / "ck" / "model-00001-of-00001.safetensors"
+    real = os.access
+    monkeypatch.setattr(dsv3.checkpoint.os, "access", lambda p, mode: Path(p) != shard and real(p, mode))
+    with pytest.raises(CheckpointError, match="model-00001-of-00001.safetensors: permission denied"):
+        load_model(tmp_path / "ck")

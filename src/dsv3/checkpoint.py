@@ -157,6 +157,7 @@ def save_model(
     if not fp8 and any(p.dtype == torch.float8_e4m3fn for p in model.parameters()):
         raise ValueError("the model holds FP8 weights (loaded with fp8='keep'): save it with fp8=True")
     path.parent.mkdir(parents=True, exist_ok=True)
+    restore_replaced(path.parent, path.name)  # an earlier save of `path` cut short between its renames
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -200,10 +201,13 @@ def save_model(
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         if extra_files is not None:
             extra_files(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(tmp)  # the files' names (the shard renames included), before the directory is published
+        for folder, _, names in os.walk(tmp):  # (extra_files may have made folders of its own)
+            for name in names:
+                f = os.path.join(folder, name)
+                os.chmod(f, 0o666 & ~umask)  # safetensors writes shards 0600: others could not read them
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            fsync_dir(folder)  # the files' names (the shard renames included), before the directory is published
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -212,11 +216,11 @@ def save_model(
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Move directory src to dst; an existing dst is swapped out first (to `.NAME.old-PID`, which a crash
-    before the second rename leaves for `restore_replaced` to put back) and deleted only afterwards."""
+    """Move directory src to dst; an existing dst is swapped out first (to `.NAME.old-PID-RANDOM`, which a
+    crash before the second rename leaves for `restore_replaced` to put back) and deleted only afterwards."""
     old = None
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{os.urandom(4).hex()}")  # never a leftover's name
         os.replace(dst, old)
     try:
         os.replace(src, dst)
@@ -229,13 +233,29 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def restore_replaced(parent: Path) -> None:
-    """Undo a `_replace_dir` cut short between its two renames: `.NAME.old-PID` goes back to NAME when NAME
-    is missing (with NAME present, the swap completed and the old copy is garbage)."""
+_OLD = re.compile(r"\.(.+)\.old-\d+(?:-[0-9a-f]+)?")
+
+
+def replaced_copies(parent: str | Path, name: str | None = None) -> list[Path]:
+    """The `.NAME.old-*` directories that `_replace_dir` swapped out of `parent` (of NAME = `name` only)."""
+    out = []
     for p in Path(parent).iterdir():
-        m = re.fullmatch(r"\.(.+)\.old-\d+", p.name)
-        if m and p.is_dir() and not (p.parent / m[1]).exists():
-            os.replace(p, p.parent / m[1])
+        m = _OLD.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and (name is None or m[1] == name):
+            out.append(p)
+    return sorted(out)
+
+
+def restore_replaced(parent: str | Path, name: str | None = None) -> None:
+    """Undo a `_replace_dir` cut short between its two renames: `.NAME.old-*` goes back to NAME when NAME
+    is missing (with NAME present, the swap completed and the old copy is garbage). With `name`, only that
+    checkpoint's copies are looked at, and the garbage ones (an rmtree cut short) are deleted."""
+    for p in replaced_copies(parent, name):
+        target = p.parent / _OLD.fullmatch(p.name)[1]
+        if not target.exists():
+            os.replace(p, target)
+        elif name is not None:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -278,6 +298,8 @@ def _shard_name(file: Path | None) -> str:
 
 def _open_shard(file: Path) -> Any:
     """safe_open(file), a damaged file (truncated, not safetensors) raising CheckpointError naming it."""
+    if file.is_file() and not os.access(file, os.R_OK):  # safetensors would call it missing
+        raise CheckpointError(f"{file}: permission denied (mode {file.stat().st_mode & 0o777:o})")
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except SafetensorError as e:
@@ -344,7 +366,10 @@ def load_model(
     if fp8 not in ("dequantize", "keep"):
         raise ValueError(f"fp8 must be 'dequantize' or 'keep', got {fp8!r}")
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        left = replaced_copies(path.parent, path.name) if path.parent.is_dir() else []
+        hint = (f"; a save cut short left the previous checkpoint at {left[-1]} (the next save_model to {path} "
+                f"puts it back, or rename it)") if left else ""
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist{hint}")
     cfg = ModelConfig.from_json(path)
     keep = fp8 == "keep"
     if keep:

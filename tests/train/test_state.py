@@ -102,7 +102,19 @@ def test_checkpoints_are_readable_by_others(tmp_path, tiny_model):
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "ck").stat().st_mode) == 0o755
+    # every file too: safetensors writes its shards 0600, which other users and jobs could not read
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ck").iterdir()}
+    assert set(modes.values()) == {0o644}, modes
     load_model(tmp_path / "ck", dtype=torch.float32)
+
+
+def test_a_damaged_trainer_state_names_the_file(tmp_path):
+    (tmp_path / "trainer_state.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(checkpoint.CheckpointError, match="trainer_state.pt: not a readable trainer state"):
+        load_trainer_state(tmp_path)
+    torch.save([1, 2], tmp_path / "trainer_state.pt")
+    with pytest.raises(ValueError, match="trainer state format 'list'"):
+        load_trainer_state(tmp_path)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced descriptors through /proc")

@@ -15,6 +15,7 @@ not made (with a warning) and resuming takes the newest complete `step-N`.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dsv3.checkpoint import fsync_dir, restore_replaced, save_model
+from dsv3.checkpoint import CheckpointError, fsync_dir, restore_replaced, save_model
 from dsv3.data.tokenizer import Tokenizer
 from dsv3.model import DeepSeekV3
 
@@ -117,9 +118,13 @@ def load_trainer_state(ckpt: str | Path) -> dict[str, Any]:
     path = Path(ckpt) / TRAINER_STATE
     if not path.is_file():
         raise FileNotFoundError(f"{ckpt}: no {TRAINER_STATE}; not a checkpoint of `dsv3 train`")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path}: trainer state format {state.get('format')!r}, expected {STATE_FORMAT}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:  # truncated, not a torch zip
+        raise CheckpointError(f"{path}: not a readable trainer state ({e})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: trainer state format {found!r}, expected {STATE_FORMAT}")
     return state
 
 
