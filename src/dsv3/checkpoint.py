@@ -149,9 +149,11 @@ def save_model(
 
     fp8=True stores block linear weights as E4M3 with 128x128 `weight_scale_inv`, as the released checkpoint.
     Atomic: written to a temporary sibling directory, then renamed over `path`; a crash leaves any previous
-    checkpoint at `path` intact. Extra files already in `path` (e.g. a tokenizer) are not carried over:
-    `extra_files(dir)` writes whatever else belongs in the checkpoint (tokenizer files, trainer state) into
-    the temporary directory, so they appear together with the weights or not at all.
+    checkpoint at `path` intact (or, killed between the two renames, beside it as `.NAME.old-*`, which
+    `load_model`'s error names and the next save to `path` puts back first). Extra files already in `path`
+    (e.g. a tokenizer) are not carried over: `extra_files(dir)` writes whatever else belongs in the checkpoint
+    (tokenizer files, trainer state) into the temporary directory, so they appear together with the weights or
+    not at all.
     """
     path = Path(path)
     if not fp8 and any(p.dtype == torch.float8_e4m3fn for p in model.parameters()):
