@@ -431,3 +431,87 @@ def test_overlap_launches_before_reading(model64, monkeypatch, overlap) -> None:
     assert "".join(log) == ("LL" + "RL" * 4 + "RR" if overlap else "LR" * 6)
     assert [r.token_ids for r in results] == [greedy_reference(model64, p, n)
                                               for p, n in zip(prompts, (4, 7), strict=True)]
+
+
+@pytest.mark.parametrize("mtp", [0, 1])
+def test_a_prefill_cut_short_is_run_again(make_cfg, make_model, monkeypatch, mtp) -> None:
+    """Ctrl-C inside a prefill (after the scheduler took the batch): its rows go back to waiting and are
+    prefilled again, so the output is the greedy reference (it was decoded from an empty cache; with MTP the
+    engine then failed on the missing drafter state)."""
+    model = make_model(make_cfg(num_nextn_predict_layers=1), dtype=torch.float64)
+    prompt = _prompts(model.cfg.vocab_size, (6,), seed=1)[0]
+    engine = Engine(model, None, block_size=4, mtp=mtp)
+    prefill, calls = engine.runner.prefill, []
+
+    def interrupted(seqs):  # noqa: ANN001, ANN202
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return prefill(seqs)
+
+    monkeypatch.setattr(engine.runner, "prefill", interrupted)
+    sid = engine.add_request(prompt, SamplingParams(max_tokens=10, temperature=0))
+    with pytest.raises(KeyboardInterrupt):
+        engine.step()
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.result(sid).token_ids == greedy_reference(model, prompt, 10)
+    assert len(calls) >= 2
+    engine.blocks.check()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_step_cut_short_while_its_tokens_are_handed_over(model64, overlap) -> None:
+    """Ctrl-C inside the host's bookkeeping of a step (here the tokenizer, after some rows took their tokens
+    and before others did): the next steps recompute, so every row's output is still the greedy reference."""
+
+    class Interrupting(CharTokenizer):
+        def __init__(self, at: int):
+            super().__init__()
+            self.calls, self.at = 0, at
+
+        def decode(self, ids: list[int]) -> str:
+            self.calls += 1
+            if self.calls == self.at:
+                raise KeyboardInterrupt
+            return super().decode(ids)
+
+    prompts = _prompts(model64.cfg.vocab_size, (5, 9), seed=3)
+    want = [greedy_reference(model64, p, 8) for p in prompts]
+    for at in (1, 2, 5, 6, 9, 13):
+        engine = Engine(model64, Interrupting(at), block_size=4, overlap=overlap)
+        ids = [engine.add_request(p, SamplingParams(max_tokens=8, temperature=0)) for p in prompts]
+        with pytest.raises(KeyboardInterrupt):
+            while engine.has_unfinished():
+                engine.step()
+        while engine.has_unfinished():
+            engine.step()
+        assert [engine.result(i).token_ids for i in ids] == want, at
+        engine.blocks.check()
+        assert engine.blocks.num_free == engine.blocks.num_blocks - 1
+
+
+def test_a_stream_closed_before_its_first_delta_frees_its_cache(model64) -> None:
+    engine = Engine(model64, None, block_size=4)
+    prompts = _prompts(model64.cfg.vocab_size, (5, 9))
+    stream = engine.generate(prompts, SamplingParams(max_tokens=40), stream=True)
+    stream.close()  # never iterated: a plain generator would not run its cleanup
+    assert not engine.has_unfinished() and not engine._seqs
+    del stream
+    stream = engine.generate(prompts, SamplingParams(max_tokens=40), stream=True)
+    del stream  # dropped unread
+    assert not engine.has_unfinished() and not engine._seqs
+    engine.blocks.check()
+    assert engine.blocks.num_free == engine.blocks.num_blocks - 1
+
+
+def test_prompts_as_tensors_arrays_and_numpy_ids(model64) -> None:
+    import numpy as np
+
+    engine = Engine(model64, None, block_size=4)
+    prompt = _prompts(model64.cfg.vocab_size, (6,), seed=2)[0]
+    params = SamplingParams(max_tokens=4, temperature=0)
+    want = engine.generate(prompt, params)[0].token_ids
+    for p in (torch.tensor(prompt), np.array(prompt), [np.int64(t) for t in prompt]):
+        assert engine.generate(p, params)[0].token_ids == want
+    assert [r.token_ids for r in engine.generate(torch.tensor([prompt, prompt]), iter([params, params]))] == [want] * 2

@@ -20,6 +20,7 @@ one step per call with the same results; `sync()` completes the step left in fli
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -201,7 +202,12 @@ class Engine:
             if not seqs:
                 return []
             if is_prefill:
-                return self._advance(seqs, self._prefill(seqs), prefill=True)
+                try:
+                    new = self._prefill(seqs)
+                except BaseException:  # its latents or drafter state may be half written: prefill again
+                    self.scheduler.recompute(seqs)
+                    raise
+                return self._advance(seqs, new, prefill=True)
             cur = self._launch_decode(seqs)
         self._inflight = self._launch_next(cur)
         try:
@@ -226,15 +232,23 @@ class Engine:
     def _advance(self, seqs: list[Sequence], new: list[list[int]], prefill: bool) -> list[Sequence]:
         """Hand each sequence its new tokens: stop rules, text, cache bookkeeping; finished ones leave."""
         ahead = {s.seq_id for s in self._inflight.seqs} if self._inflight else set()
-        for seq, tokens in zip(seqs, new, strict=True):
-            before = len(seq.tokens)
-            seq.append(tokens, self.max_model_len)
-            seq.update_text(self.tokenizer)
-            seq.num_cached = len(seq.tokens) - 1
-            if not prefill:  # tokens kept beyond one per step (a stop can cut accepted drafts off)
-                seq.accepted += min(len(tokens) - 1, len(seq.tokens) - before - 1)
-            if seq.finish_reason is None:
-                self.scheduler.rollback(seq, in_flight=seq.seq_id in ahead)
+        try:
+            for seq, tokens in zip(seqs, new, strict=True):
+                before = len(seq.tokens)
+                seq.append(tokens, self.max_model_len)
+                seq.update_text(self.tokenizer)
+                seq.num_cached = len(seq.tokens) - 1
+                if not prefill:  # tokens kept beyond one per step (a stop can cut accepted drafts off)
+                    seq.accepted += min(len(tokens) - 1, len(seq.tokens) - before - 1)
+                if seq.finish_reason is None:
+                    self.scheduler.rollback(seq, in_flight=seq.seq_id in ahead)
+        except BaseException:  # cut short (a tokenizer error, Ctrl-C): some rows advanced, some not, one maybe
+            # halfway; the step ahead follows tokens the host did not all take, and the unfinished rows' caches
+            # are recomputed from their tokens, which are the truth
+            self._inflight = None
+            self.scheduler.finish([s for s in seqs if s.finish_reason is not None])
+            self.scheduler.recompute(seqs)
+            raise
         self.scheduler.finish([s for s in seqs if s.finish_reason is not None])
         return seqs
 
@@ -335,9 +349,14 @@ class Engine:
     ) -> list[GenerationResult] | Iterator[GenerationDelta]:
         """Run prompts to completion. A single prompt (text or one list of ids) counts as a batch of one.
         `params`: one SamplingParams for all, or one per prompt. stream=True returns an iterator of deltas."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if hasattr(prompts, "tolist"):  # a tensor or array of ids (or of id rows)
+            prompts = prompts.tolist()
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
-        plist = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            plist = [params or SamplingParams()] * len(prompts)
+        else:
+            plist = list(params)
         if len(plist) != len(prompts):
             raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
         seqs = [self._sequence(p, sp) for p, sp in zip(prompts, plist, strict=True)]  # validate all first
@@ -352,7 +371,7 @@ class Engine:
             raise
         deltas = self._run([s.seq_id for s in seqs])
         if stream:
-            return deltas
+            return _Stream(self, [s.seq_id for s in seqs], deltas)
         results: list[GenerationResult | None] = [None] * len(seqs)
         for d in deltas:
             if d.result is not None:
@@ -388,6 +407,28 @@ class Engine:
         finally:
             for sid in pending:
                 self.abort(sid)
+
+
+class _Stream(Iterator[GenerationDelta]):
+    """`generate(..., stream=True)`'s iterator. Closing it (or dropping it) aborts its unfinished requests and
+    frees their cache, also before its first delta, when a bare generator's cleanup would never run."""
+
+    def __init__(self, engine: Engine, ids: list[int], deltas: Iterator[GenerationDelta]):
+        self._engine, self._ids, self._deltas = engine, ids, deltas
+
+    def __next__(self) -> GenerationDelta:
+        return next(self._deltas)
+
+    def close(self) -> None:
+        self._deltas.close()  # a started stream aborts what it has not finished itself
+        for sid in self._ids:  # never started: all of them (finished ones too, whose results nobody will take)
+            self._engine.abort(sid)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: S110 - at interpreter exit the engine may be half torn down
+            pass
 
 
 def check_prompt_length(n: int, max_model_len: int) -> None:

@@ -100,6 +100,20 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preempted += 1
 
+    def recompute(self, seqs: list[Sequence]) -> None:
+        """Send the running ones of `seqs` back to the front of the waiting queue, in order, their blocks freed:
+        after a step cut short (an exception, Ctrl-C) their cache may not hold what their tokens say, and a
+        recomputing prefill of all their tokens makes it so."""
+        back = [s for s in seqs if s.status is Status.RUNNING]
+        ids = {s.seq_id for s in back}
+        self.running = deque(s for s in self.running if s.seq_id not in ids)
+        for seq in reversed(back):
+            self.blocks.free(seq.seq_id)
+            seq.status = Status.WAITING
+            seq.num_cached = 0
+            seq.draft = None
+            self.waiting.appendleft(seq)
+
     def reserve_ahead(self, seqs: list[Sequence]) -> bool:
         """For a step launched while the one writing each sequence's position num_cached is in flight: reserve
         position num_cached + 1 for every sequence, all or none, never preempting (False: the pool is short)."""
