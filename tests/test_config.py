@@ -206,3 +206,12 @@ def test_yarn_numbers_are_checked(key, value):
     d["rope_scaling"] = {**d["rope_scaling"], key: value}
     with pytest.raises(ConfigError, match=f"`rope_scaling.{key}`: must be a finite number"):
         ModelConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("name", ["mps", "meta", "cpu:3", "xla"])
+def test_devices_other_than_cpu_and_cuda_are_refused(name):
+    from dsv3.argtypes import resolve_device
+
+    with pytest.raises(ConfigError, match=f"--device: '{name}' is not"):
+        resolve_device(name)
+    assert resolve_device("cpu") == torch.device("cpu")

@@ -50,6 +50,8 @@ def resolve_device(name: str | None, what: str = "--device") -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"{what}: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise ConfigError(f"{what}: {name!r} is not supported (auto, cpu, cuda, cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{what}: {name!r} but this torch has no CUDA device")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

@@ -94,6 +94,10 @@ def test_resume_gives_identical_batches():
     assert ds.epoch >= 1
     with pytest.raises(ValueError, match="seq_len"):
         TokenDataset(stream, 16, 4).load_state_dict(state)
+    other = stream.copy()
+    other[len(other) // 2] += 1  # one token of another corpus (FIM rate, tokenizer...): as many sequences
+    with pytest.raises(ValueError, match="training data differs"):
+        TokenDataset(other, 8, 4, doc_starts=starts).load_state_dict(state)
 
 
 def test_validation_order_is_fixed():

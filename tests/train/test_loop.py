@@ -220,6 +220,31 @@ def test_a_refused_resume_leaves_the_run_files(make_run):
     assert train(RunConfig.load(first.run_dir / "train.toml"), resume=True).step == 6
 
 
+@pytest.mark.parametrize("setting, value, match", [
+    ("data.fim_rate", 0.3, "training data differs"),  # other tokens, as many sequences
+    ("train.seed", 5, "resuming keeps the seed"),
+])
+def test_resuming_on_other_data_is_refused(make_run, setting, value, match):
+    first = train(make_run(), callback=interrupt_at(2))
+    saved = (first.run_dir / "train.toml").read_text()
+    run = RunConfig.load(first.run_dir / "train.toml")
+    run.set(setting, value)
+    with pytest.raises(ValueError, match=match):  # (ConfigError is a ValueError)
+        train(run, resume=True)
+    assert (first.run_dir / "train.toml").read_text() == saved
+
+
+def test_too_little_data_for_a_batch_is_refused_before_training(make_run):
+    from dsv3.config import ConfigError
+
+    run = make_run(**{"train.batch_size": 1 << 20, "train.micro_batch_size": 8})
+    with pytest.raises(ConfigError, match="fewer than train.batch_size 1048576"):
+        train(run)
+    assert not (Path(run.run.dir) / "metrics.jsonl").exists()  # nothing to --resume: the same command runs again
+    with pytest.raises(ConfigError, match="MTP depth 2 needs sequences longer"):
+        train(make_run("mtp", **{"data.seq_len": 2, "model.num_nextn_predict_layers": 2}))
+
+
 def test_resuming_a_run_that_never_saved_starts_it_over(make_run):
     def crash_at_2(step, row):
         if step == 2:

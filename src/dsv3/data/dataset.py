@@ -13,6 +13,8 @@ so the model should see it in training, and it marks where a document starts whe
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -265,14 +267,31 @@ class TokenDataset:
                 return
             yield self.sequences(seqs[i:i + b])
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "seq_len": self.seq_len, "n_sequences": self.n_sequences}
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A hash of the token stream's length and of up to 2^20 tokens evenly spread over it (and the document
+        starts): another corpus, tokenizer, FIM rate or seed, or validation split, changes it."""
+        n = len(self.tokens)
+        at = np.unique(np.linspace(0, max(n - 1, 0), num=min(n, 1 << 20), dtype=np.int64))
+        h = hashlib.blake2b(np.int64(n).tobytes(), digest_size=16)
+        h.update(np.ascontiguousarray(self.tokens[at]).tobytes())
+        if self.doc_starts is not None:
+            m = len(self.doc_starts)
+            docs = np.unique(np.linspace(0, max(m - 1, 0), num=min(m, 1 << 20), dtype=np.int64))
+            h.update(np.int64(m).tobytes() + np.ascontiguousarray(self.doc_starts[docs], dtype=np.int64).tobytes())
+        return h.hexdigest()
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        for k in ("seq_len", "n_sequences"):
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "seq_len": self.seq_len, "n_sequences": self.n_sequences, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where `state` left off, its shuffling seed included; refused (ValueError) when it describes
+        other data (its sequences, or its tokens' fingerprint, differ)."""
+        for k in ("seq_len", "n_sequences", "fingerprint"):
             if k in state and state[k] != getattr(self, k):
-                raise ValueError(f"data state has {k} {state[k]}, this dataset {getattr(self, k)}: "
-                                 "resuming needs the same corpus, tokenizer and seq_len")
+                what = "tokens" if k == "fingerprint" else f"{k} {state[k]}, this dataset {getattr(self, k)}"
+                raise ValueError(f"the checkpoint's training data differs ({what}): resuming needs the same corpus, "
+                                 "tokenizer, FIM rate and seed, validation fraction and seq_len")
         self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
         self._perm = None

@@ -117,11 +117,17 @@ def train(run: RunConfig, *, resume: bool = False,
     if cfg.max_position_embeddings < d.seq_len:
         raise ConfigError(f"data.seq_len {d.seq_len} exceeds the model's max_position_embeddings "
                           f"{cfg.max_position_embeddings}")
+    if d.seq_len <= cfg.num_nextn_predict_layers:
+        raise ConfigError(f"data.seq_len {d.seq_len}: MTP depth {cfg.num_nextn_predict_layers} needs sequences "
+                          "longer than it")
     caches = tokenize_corpus(tok, d.sources, cache_dir=d.cache_dir or None, fim_rate=d.fim_rate, seed=t.seed,
                              val_fraction=d.val_fraction, progress=log.progress)
     mb, S = t.micro_batch_size, d.seq_len
     train_data = _dataset(caches["train"], "training", S, mb, seed=t.seed, doc_ids=d.doc_mask)
     val_data = _dataset(caches["val"], "validation", S, mb, shuffle=False, doc_ids=d.doc_mask)
+    if train_data.n_sequences < t.batch_size:  # found now, not when the batch ramp reaches it mid-run
+        raise ConfigError(f"training split: {train_data.n_sequences} sequences of {S} tokens, fewer than "
+                          f"train.batch_size {t.batch_size}: more data, or a smaller data.seq_len or train.batch_size")
     token_bytes = tok.token_bytes()
 
     # ---- schedules (pure functions of step and tokens) -----------------------------------------------
@@ -152,6 +158,9 @@ def train(run: RunConfig, *, resume: bool = False,
         load_optimizer_state(opt, state["optimizer"])
         for group, own in zip(opt.param_groups, settings, strict=True):
             group.update(own)
+        if int(state["data"].get("seed", t.seed)) != t.seed:  # it drew the data order (and FIM's cuts)
+            raise ConfigError(f"train.seed {t.seed}, but the run was trained with seed {state['data']['seed']}: "
+                              "resuming keeps the seed")
         train_data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         step, tokens = int(state["step"]), int(state["tokens"])
