@@ -75,5 +75,16 @@ def test_values_that_would_train_to_nan_or_fail_late_are_refused(args, match):
 
 
 def test_parse_overrides_reads_toml_values():
-    assert parse_overrides(["--a.b", "[1, 2]", "--a.c=true", "--a.d", "x y"]) == [
-        ("a.b", [1, 2]), ("a.c", True), ("a.d", "x y")]
+    parsed = parse_overrides(["--a.b", "[1, 2]", "--a.c=true", "--a.d", "x y"])
+    assert [(k, v.value) for k, v in parsed] == [("a.b", [1, 2]), ("a.c", True), ("a.d", "x y")]
+    assert [str(v) for _, v in parsed] == ["[1, 2]", "true", "x y"]  # and keeps the text
+
+
+def test_a_string_setting_takes_the_text_as_given():
+    # TOML would read these as a date, an integer and a float: a key that takes a string gets the text, a bool
+    # its 0 / 1, a list of strings the one name; numbers and quoted strings still read as TOML
+    run = RunConfig.load(None, ["--run.dir", "2024-06-01", "--data.tokenizer", "0.1", "--train.batch_ramp", "0",
+                                "--log.plots", "1", "--data.sources", "2024-06-01", "--train.lr", "3e-3",
+                                "--model.preset", '"tiny"'])
+    assert (run.run.dir, run.data.tokenizer, run.train.batch_ramp, run.log.plots) == ("2024-06-01", "0.1", False, True)
+    assert (run.data.sources, run.train.lr, run.model.preset) == (["2024-06-01"], 3e-3, "tiny")

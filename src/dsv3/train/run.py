@@ -253,12 +253,21 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def _parse_value(raw: str) -> Any:
-    """A TOML value (3e-3, true, [1, 2], {a = 1}, "x") when `raw` is one, else the string itself."""
+class _Override(str):
+    """A command-line value: its text, and `value`, the TOML value it reads as (or the text itself), so that a
+    key taking a string gets the text (`--run.dir 2024-06-01` is a name, not a TOML date) and the others the
+    value (3e-3, [1, 2], {a = 1})."""
+
+    value: Any
+
+
+def _parse_value(raw: str) -> _Override:
+    out = _Override(raw)
     try:
-        return tomllib.loads(f"v = {raw}")["v"]
+        out.value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        return raw
+        out.value = raw
+    return out
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -279,6 +288,11 @@ def convert(value: Any, hint: Any, name: str) -> Any:
             except ConfigError as e:
                 errors.append(e)
         raise errors[0]
+
+    if isinstance(value, _Override):  # text for a string (or a bool's 0 / 1 / yes), else its TOML value
+        parsed = value.value
+        text = hint in (str, bool) or (typing.get_origin(hint) is list and not isinstance(parsed, list))
+        value = (parsed if isinstance(parsed, str) else str(value)) if text else parsed
 
     def bad(expected: str) -> ConfigError:
         return ConfigError(f"run setting `{name}`: expected {expected}, got {value!r}")
