@@ -79,9 +79,15 @@ def test_train_eval_sample(make_run, loop_corpus, tmp_path, capsys):
     (["train", "/no/such.toml"], "run file /no/such.toml does not exist"),
     (["train", "--resume", "/no/such/run"], "/no/such/run: no train.toml"),
     (["train", "--train.device", "tpu"], "`train.device`"),
+    (["train", "--train.device", "mps"], "`train.device`: 'mps' is not supported"),
+    (["train", "--run.dir", ""], "`run.dir`: must name a directory"),
+    (["train", "--resume", "RUN", "--run.dir", "elsewhere"], "give no --run.dir with it"),
 ])
 def test_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a stray default run directory lands in tmp
+    if "RUN" in argv:  # a run directory that exists
+        (tmp_path / "RUN").mkdir()
+        (tmp_path / "RUN" / "train.toml").write_text("")
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and err.startswith(f"dsv3 {argv[0]}: error:")

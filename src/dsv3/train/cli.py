@@ -71,6 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if positional:
             raise ConfigError("--resume RUN reads RUN/train.toml; give no run file with it")
+        if any(a == "--run.dir" or a.startswith("--run.dir=") for a in overrides):
+            raise ConfigError("--resume RUN continues the run in RUN: give no --run.dir with it")
         settings = Path(args.resume) / "train.toml"
         if not settings.is_file():
             raise FileNotFoundError(f"{args.resume}: no train.toml; not a run directory of `dsv3 train`")

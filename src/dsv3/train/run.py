@@ -174,6 +174,7 @@ class RunConfig:
                 if isinstance(value, float):
                     need(math.isfinite(value), f"{name}.{key}", "must be a finite number")
         need(t.tokens > 0, "train.tokens", "must be > 0")
+        need(self.run.dir.strip() != "", "run.dir", "must name a directory")
         need(t.max_minutes >= 0, "train.max_minutes", "must be >= 0 (0: no limit)")
         need(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         need(t.batch_size >= t.micro_batch_size and t.batch_size % t.micro_batch_size == 0, "train.batch_size",
