@@ -234,6 +234,15 @@ def test_resuming_on_other_data_is_refused(make_run, setting, value, match):
     assert (first.run_dir / "train.toml").read_text() == saved
 
 
+def test_a_resume_with_another_token_budget_says_the_schedules_change(make_run, capsys):
+    first = train(make_run(), callback=interrupt_at(2))
+    run = RunConfig.load(first.run_dir / "train.toml")
+    run.set("train.tokens", 8 * 32 * 9)
+    capsys.readouterr()
+    assert train(run, resume=True).step == 9
+    assert "train.tokens 1,536 -> 2,304: the learning-rate" in capsys.readouterr().out
+
+
 def test_too_little_data_for_a_batch_is_refused_before_training(make_run):
     from dsv3.config import ConfigError
 

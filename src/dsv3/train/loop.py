@@ -164,6 +164,11 @@ def train(run: RunConfig, *, resume: bool = False,
         train_data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         step, tokens = int(state["step"]), int(state["tokens"])
+        saved = run_dir / "train.toml"
+        before = RunConfig.load(saved).train.tokens if saved.is_file() else t.tokens
+        if before != t.tokens:  # the schedules are functions of the total: they change shape from here on
+            say(f"train.tokens {before:,} -> {t.tokens:,}: the learning-rate, batch-size and loss-weight schedules "
+                f"follow the new total from step {step} on (the lr jumps to where the new schedule has it)", True)
     # written once the checkpoint, model and data state are known to fit these settings: a refused resume
     # leaves the run's files as they were
     run.save(run_dir / "train.toml")
