@@ -215,3 +215,21 @@ def test_devices_other_than_cpu_and_cuda_are_refused(name):
     with pytest.raises(ConfigError, match=f"--device: '{name}' is not"):
         resolve_device(name)
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"rope_interleave": False}, "rope_interleave"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "truncate": False}}, "rope_scaling.truncate"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "attention_factor": 1.2}},
+     "rope_scaling.attention_factor"),
+])
+def test_transformers_rope_options_we_do_not_compute_are_refused(change, match):
+    # silently ignored, they gave other logits (rope_interleave false: 0.54 of the largest logit off)
+    d = {**tiny_config().to_dict(), **change}
+    if "rope_parameters" in change:
+        d.pop("rope_scaling")
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_dict(d)
+    ok = {**tiny_config().to_dict(), "rope_interleave": True,
+          "rope_scaling": {"type": "yarn", "factor": 4.0, "truncate": True, "attention_factor": None}}
+    ModelConfig.from_dict(ok)  # their defaults are what we compute

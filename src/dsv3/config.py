@@ -222,6 +222,13 @@ class ModelConfig:
                     raise ConfigError(f"config field `rope_scaling.{key}`: must be a finite number (got {rs[key]!r})")
             if kind == "yarn" and not (float(rs.get("factor", 0)) >= 1.0):
                 raise ConfigError(f"config field `rope_scaling`: YaRN factor must be >= 1 (got {rs.get('factor')!r})")
+            # transformers' YaRN options beyond DeepSeek's: refused rather than silently computed another way
+            if kind == "yarn" and rs.get("truncate", True) is not True:
+                raise ConfigError("config field `rope_scaling.truncate`: only true (DeepSeek's YaRN rounds its "
+                                  f"correction range to whole dimensions) is supported (got {rs['truncate']!r})")
+            if kind == "yarn" and rs.get("attention_factor") is not None:
+                raise ConfigError("config field `rope_scaling.attention_factor`: not supported (DeepSeek's YaRN "
+                                  "derives the scale from mscale and mscale_all_dim)")
 
     # ---- I/O -----------------------------------------------------------------------------------
     @classmethod
@@ -248,6 +255,9 @@ class ModelConfig:
             d["rope_scaling"] = rs
         if "dtype" in d and "torch_dtype" not in d:
             d["torch_dtype"] = d["dtype"]
+        if d.get("rope_interleave", True) is not True:  # (transformers' key; DeepSeek's checkpoints interleave)
+            raise ConfigError("config field `rope_interleave`: only true (RoPE over adjacent channel pairs, as the "
+                              f"released checkpoints store q_R and k_R) is supported (got {d['rope_interleave']!r})")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
