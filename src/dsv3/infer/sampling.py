@@ -123,13 +123,13 @@ def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
             xs, order = x.topk(kmax, dim=-1)  # sorted, descending
         else:
             xs, order = x.sort(dim=-1, descending=True)
-        keep = torch.arange(xs.shape[-1], device=dev) < top_k
+        rank = torch.arange(xs.shape[-1], device=dev)
+        keep = rank < top_k
         ps = xs.masked_fill(~keep, float("-inf")).softmax(-1)
         # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
         # (top_p = 1 keeps all: float32 rounding can put the mass before a tail token at 1.0; the top token always
         # stays, also where a tiny top_p rounds to 0 in float32)
-        first = torch.arange(xs.shape[-1], device=dev) == 0
-        keep = keep & (((ps.cumsum(-1) - ps) < top_p) | (top_p >= 1) | first)
+        keep = keep & (((ps.cumsum(-1) - ps) < top_p) | (top_p >= 1) | (rank == 0))
         x = torch.full_like(x, float("-inf")).scatter_(-1, order, xs.masked_fill(~keep, float("-inf")))
     probs = x.softmax(-1)
     if any(p.greedy for p in params):  # decided on the host: no device sync

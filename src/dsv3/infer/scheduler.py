@@ -93,12 +93,15 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         """Free the sequence's blocks and queue it first for a recomputing prefill of all its tokens."""
+        self._requeue(seq)
+        self.num_preempted += 1
+
+    def _requeue(self, seq: Sequence) -> None:
         self.blocks.free(seq.seq_id)
         seq.status = Status.WAITING
         seq.num_cached = 0
         seq.draft = None
         self.waiting.appendleft(seq)
-        self.num_preempted += 1
 
     def recompute(self, seqs: list[Sequence]) -> None:
         """Send the running ones of `seqs` back to the front of the waiting queue, in order, their blocks freed:
@@ -108,11 +111,7 @@ class Scheduler:
         ids = {s.seq_id for s in back}
         self.running = deque(s for s in self.running if s.seq_id not in ids)
         for seq in reversed(back):
-            self.blocks.free(seq.seq_id)
-            seq.status = Status.WAITING
-            seq.num_cached = 0
-            seq.draft = None
-            self.waiting.appendleft(seq)
+            self._requeue(seq)
 
     def reserve_ahead(self, seqs: list[Sequence]) -> bool:
         """For a step launched while the one writing each sequence's position num_cached is in flight: reserve
