@@ -29,7 +29,9 @@ written, measured in this run). Bytes per step, bf16:
 fraction = (bytes / bandwidth) / measured step time.
 `--fp8-weights keep` serves dsv3 with the blocks' linear weights and experts in FP8 E4M3 (quantised in memory,
 128x128 block scales, as `load_model(..., fp8="keep")` serves an FP8 checkpoint); those weights then count 1
-byte each plus their scales, the peer keeps bf16.
+byte each plus their scales, the peer keeps bf16. `--preset 671b --config num_hidden_layers=4
+first_k_dense_replace=1 num_nextn_predict_layers=0` measures V3's own layer shapes (four of its layers fit one
+H200 in bf16; leave the peer out, --impl dsv3+compile: it would need a second copy).
 
 Every measurement runs in its own try/except (a failure prints its error and the rest go on), units of work
 are skipped once --time-limit would be exceeded, and rows are printed (and written to --out) as they finish.
@@ -288,9 +290,11 @@ def speed(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
-    cfg = preset(args.preset)
+    cfg = preset(args.preset, **args.config)
+    settings = "".join(f" {k}={v}" for k, v in args.config.items())
     torch.manual_seed(0)
-    result: dict = {"bench": "decode", "preset": args.preset, "device": device_name(device), "dtype": str(dtype),
+    result: dict = {"bench": "decode", "preset": args.preset, "config": args.config, "device": device_name(device),
+                    "dtype": str(dtype),
                     "torch": torch.__version__, "steps": args.steps, "block_size": args.block_size,
                     "overlap": not args.no_overlap, "inductor": args.inductor, "rows": [],
                     "errors": [], "skipped": []}
@@ -300,12 +304,17 @@ def speed(args: argparse.Namespace) -> None:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True))
 
-    with torch.device(device):
-        model = DeepSeekV3(cfg)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: V3-sized layers (--config) would not fit in float32 first
+    try:
+        with torch.device(device):
+            model = DeepSeekV3(cfg)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.init_weights()
     model = model.to(dtype).eval()
-    log(f"model: preset {args.preset}, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, "
-        f"{dtype}, {device_name(device)}")
+    log(f"model: preset {args.preset}{settings}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, {dtype}, {device_name(device)}")
     bw = copy_bandwidth(device)
     result["copy_bandwidth"] = bw
     log(f"device-to-device copy: {bw / 1e12:.2f} TB/s (bytes read + written)")
@@ -388,7 +397,8 @@ def speed(args: argparse.Namespace) -> None:
                 if p:
                     r[f"vs_{peer_name}"] = r["tokens_per_s"] / p["tokens_per_s"]
     save()
-    print(f"\ndecode, preset {args.preset}, {dtype}, {device_name(device)}, copy bandwidth {bw / 1e12:.2f} TB/s; "
+    print(f"\ndecode, preset {args.preset}{settings}, {dtype}, {device_name(device)}, "
+          f"copy bandwidth {bw / 1e12:.2f} TB/s; "
           f"{args.steps} timed steps (hf: {args.hf_steps}); roofline = bytes per step / copy bandwidth / step time")
     print("bytes per step = weights (attention, dense, norms, head, B embedding rows; per MoE layer router + shared "
           "+ E(1-(1-K/E)^B) routed experts) + B x context x (kv_lora_rank + rope) x layers, 2 bytes each")
@@ -502,6 +512,25 @@ def mtp(args: argparse.Namespace) -> None:
                        "repeats": args.repeats, "torch": torch.__version__, "rows": rows}))
 
 
+def config_overrides(pairs: list[str]) -> dict[str, object]:
+    """KEY=VALUE model settings over the preset (values parsed as Python literals), e.g. the 671b preset cut to a
+    few layers: num_hidden_layers=4 first_k_dense_replace=1 num_nextn_predict_layers=0."""
+    import ast
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--config {pair}: not KEY=VALUE with KEY a ModelConfig field")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
+
+
 def inductor_options(pairs: list[str]) -> None:
     """Apply KEY=VALUE settings to torch._inductor.config (values parsed as Python literals: True, 4, 'x');
     an unknown key or a value of another type than the setting's exits with a message."""
@@ -531,6 +560,9 @@ def inductor_options(pairs: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="bench")
+    ap.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="model settings over the preset, e.g. --preset 671b --config num_hidden_layers=4 "
+                         "first_k_dense_replace=1 num_nextn_predict_layers=0 (V3's layers, a few of them)")
     ap.add_argument("--device", default=None, help="default: cuda when available (the --model mode: cpu)")
     ap.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: bf16 on cuda, float32 on cpu)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
@@ -570,6 +602,7 @@ def main() -> None:
     ap.add_argument("--prompts", default=None, help="MTP mode: a text file of prompts separated by blank lines")
     ap.add_argument("--repeats", type=int, default=2, help="MTP mode: runs per setting, fastest kept")
     args = ap.parse_args()
+    args.config = config_overrides(args.config)
     inductor_options(args.inductor)
     if args.model:
         args.device = args.device or "cpu"
