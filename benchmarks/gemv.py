@@ -102,7 +102,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="also time every program shape of SWEEP (bf16), keep the best")
     ap.add_argument("--chain", action="store_true", help="time the chain of one decode step's GEMVs, PDL on / off")
+    ap.add_argument("--linears", nargs="+", default=[f"{n}x{k}" for n, k in LINEARS], metavar="NxK",
+                    help="the dense linears [N, K] to time (default: bench's); V3's single-row ones: 2112x7168 "
+                         "(W_DQ with [W_DKV; W_KR]) 24576x1536 (W_UQ) 7168x16384 (W_O)")
+    ap.add_argument("--tiles", nargs="+", default=None, metavar="NxKxW",
+                    help="the program shapes --sweep tries (BLOCK_N x BLOCK_K x warps; default every one of SWEEP)")
+    ap.add_argument("--no-experts", action="store_true", help="only the linears, not bench's routed experts")
     args = ap.parse_args()
+    linears = [tuple(int(v) for v in a.split("x")) for a in args.linears]
+    if args.tiles:
+        SWEEP[:] = [tuple(int(v) for v in a.split("x")) for a in args.tiles]
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
     if args.chain:
@@ -118,7 +127,7 @@ def main() -> None:
             row.update({k: f"{v:.1f}" if isinstance(v, float) else v for k, v in best.items()})
         rows.append(row)
 
-    for n, k in LINEARS:
+    for n, k in linears:
         c = n_copies(n * k * 2)
         w = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(c)]
         q = [x.to(fp8) for x in w]
@@ -133,6 +142,8 @@ def main() -> None:
         })
         del w, q
 
+    if args.no_experts:
+        return report(rows, bw, dev, args.sweep)
     # one token's 8 pairs; call i takes experts 8i..8i+7 (mod 64), so 8 calls sweep all 226 MB of a stack
     E, topk, d, inter = 64, 8, 1536, 576
     idx = [torch.arange(i * topk, (i + 1) * topk, device=dev) % E for i in range(E // topk)]
@@ -165,11 +176,15 @@ def main() -> None:
            "gemv bf16 us": replay_us(lambda i: gemv(h, down, idx[i], swiglu=True), c),
            "gemv e4m3 us": replay_us(lambda i: gemv(h, down8, idx[i], s_dn, swiglu=True), c),
            "gemv L2 us": replay_us(lambda i: gemv(h, down, idx[0], swiglu=True))})
+    report(rows, bw, dev, args.sweep)
 
+
+def report(rows: list[dict], bw: float, dev: torch.device, swept: bool) -> None:
+    """The table and the JSON line."""
     print(f"few-row GEMMs, {device_name(dev)}, copy bandwidth {bw / 1e12:.2f} TB/s; floor = bf16 weight bytes / "
           "bandwidth (E4M3: half); experts: cuBLAS column = grouped_mm (grouped path, SwiGLU not included)")
     print_table(rows, ["case", "MB", "floor us", "cuBLAS bf16 us", "gemv bf16 us", "gemv e4m3 us", "gemv L2 us"]
-                + (["best us", "best tiles", "best bw"] if args.sweep else []))
+                + (["best us", "best tiles", "best bw"] if swept else []))
     emit_json({"bench": "gemv", "device": device_name(dev), "copy_bandwidth": bw, "torch": torch.__version__,
                "rows": rows})
 

@@ -213,6 +213,29 @@ def test_linear_streams_one_bf16_row_and_leaves_the_rest_to_the_module(monkeypat
     assert linear(x, m).requires_grad and calls == [1]  # under autograd: the module (gemv has no backward)
 
 
+def test_weights_beyond_gemv_max_bytes_go_to_the_module(monkeypatch):
+    """Above GEMV_MAX_BYTES (V3's W_UQ and W_O) a single row takes the module's cuBLAS GEMM, the norm and the
+    residual outside it; at or below it, gemv (a pair counts both weights)."""
+    import dsv3.model.gemv as gv
+
+    g = torch.Generator().manual_seed(9)
+    K = 4096
+    n_max = gv.GEMV_MAX_BYTES // (2 * K)  # rows of a bf16 weight of exactly GEMV_MAX_BYTES
+    at, over = (torch.nn.Linear(K, n, bias=False).cuda().bfloat16() for n in (n_max, n_max + 1))
+    calls = []
+    monkeypatch.setattr(gv, "gemv", lambda *a, **k: calls.append(1) or gemv(*a, **k))
+    norm = RMSNorm(K).cuda().bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(1 + torch.randn(K, generator=g) * 0.1)
+        x = torch.randn(1, 1, K, generator=g).to("cuda", torch.bfloat16)
+        r = torch.randn(1, 1, n_max + 1, generator=g).to("cuda", torch.bfloat16)
+        linear(x, at)
+        assert calls == [1]
+        assert torch.equal(linear(x, over, norm, r), r + over(norm(x))) and calls == [1]
+        half = torch.nn.Linear(K, n_max // 2 + 1, bias=False).cuda().bfloat16()
+        assert linear_pair(x, half, half) is None and calls == [1]  # together over the limit
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_fused_rmsnorm_matches_float64(dtype, device="cuda"):
     """gemv(x, w, norm=(weight, eps)) = W RMSNorm(x) with the norm inside the kernel (the weight on the loaded

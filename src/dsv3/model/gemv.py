@@ -32,6 +32,13 @@ except ImportError:  # CPU-only installs: the callers' general paths run
 
 BLOCK = 128  # FP8 scale block, and the kernel's K step
 GEMV_MAX_ROWS = 8  # decode batches: below a GEMM tile, where cuBLAS would pad M (and quantise x for FP8)
+# Largest 16/32-bit weight (bytes, all of a launch's together) a single row streams through gemv rather than
+# cuBLAS. Small ones are latency: there gemv wins, and carries the norm and the residual. Large ones are bytes:
+# there cuBLAS keeps more loads in flight. V3's single-row linears on an H200 (`python -m benchmarks.gemv
+# --linears 2112x7168 24576x1536 7168x16384 --no-experts --sweep`, weights from HBM; cuBLAS / gemv / gemv's
+# best program shape): 30 MB 12.4 / 12.1 / 12.1 us, W_UQ 75 MB 21.3 / 26.2 / 25.5, W_O 235 MB 59.9 / 91.4 / 85.8.
+# `bench`'s are all under 7 MB.
+GEMV_MAX_BYTES = 32 << 20
 
 
 @torch.compiler.assume_constant_result
@@ -345,16 +352,18 @@ def plain_linear(m: torch.nn.Module) -> bool:
 
 def _streams(x: torch.Tensor, *mods: torch.nn.Module) -> bool:
     """Whether gemv should run bias-free linears `mods` (sharing the input x) instead of their forwards: a single
-    row of 16/32-bit weights in x's dtype (cuBLAS's GEMV takes about as long per launch, and gemv streams each
-    weight once per row, so more rows lose), or up to GEMV_MAX_ROWS rows of E4M3 ones (dsv3.fp8's FP8Linear:
-    `weight` and `weight_scale_inv`, which stream through gemv one launch each anyway); not under autocast."""
+    row of 16/32-bit weights in x's dtype of at most GEMV_MAX_BYTES together (cuBLAS's GEMV takes about as long
+    per launch there, and faster beyond; gemv streams each weight once per row, so more rows lose), or up to
+    GEMV_MAX_ROWS rows of E4M3 ones (dsv3.fp8's FP8Linear: `weight` and `weight_scale_inv`, which stream through
+    gemv one launch each anyway); not under autocast."""
     if not all(plain_linear(m) for m in mods):
         return False
     w = mods[0].weight
     scaled = getattr(mods[0], "weight_scale_inv", None) is not None
     rows = x.numel() // max(1, x.shape[-1])
     return (rows <= (GEMV_MAX_ROWS if scaled else 1) and all(m.weight.shape[1] == x.shape[-1] for m in mods)
-            and gemv_supported(x, *(m.weight for m in mods)) and (scaled or w.dtype == x.dtype)
+            and gemv_supported(x, *(m.weight for m in mods))
+            and (scaled or (w.dtype == x.dtype and sum(m.weight.nbytes for m in mods) <= GEMV_MAX_BYTES))
             and not torch.is_autocast_enabled(x.device.type))
 
 
@@ -362,8 +371,9 @@ def linear(
     x: torch.Tensor, m: torch.nn.Module, norm: torch.nn.Module | None = None, residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """m(x), or m(norm(x)) for an RMSNorm `norm`, plus `residual` when given, for a bias-free linear layer:
-    through one gemv launch where that pays (`_streams`: decode's single row, where cuBLAS reads MLA's W_UQ and
-    W_O at a fraction of the bandwidth: 4.6 / 8.0 us against gemv's 2.8 / 4.2 on the H200, benchmarks/gemv.py),
+    through one gemv launch where that pays (`_streams`: decode's single row over weights of up to
+    GEMV_MAX_BYTES, where cuBLAS reads `bench`'s W_UQ and W_O at a fraction of the bandwidth: 4.6 / 8.0 us
+    against gemv's 2.8 / 4.2 on the H200, benchmarks/gemv.py),
     the norm and the residual inside it (a norm that is not `layers.plain_rmsnorm`, or autograd: norm(x) first);
     otherwise the modules' own forwards."""
     x, norm = defer_norm(x, norm)
