@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--tiles", nargs="+", default=None, metavar="NxKxW",
                     help="the program shapes --sweep tries (BLOCK_N x BLOCK_K x warps; default every one of SWEEP)")
     ap.add_argument("--no-experts", action="store_true", help="only the linears, not bench's routed experts")
+    ap.add_argument("--sweep-e4m3", action="store_true", help="--sweep the linears' E4M3 weights instead of bf16")
     args = ap.parse_args()
     linears = [tuple(int(v) for v in a.split("x")) for a in args.linears]
     if args.tiles:
@@ -133,7 +134,10 @@ def main() -> None:
         q = [x.to(fp8) for x in w]
         s = torch.rand(-(-n // 128), -(-k // 128), device=dev)
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
-        best = sweep(lambda i, t, x=x, w=w: gemv(x, w[i], tiles=t), c, n * k * 2, bw) if args.sweep else None
+        if args.sweep and args.sweep_e4m3:  # (the best column's bandwidth then counts the E4M3 bytes)
+            best = sweep(lambda i, t, x=x, q=q, s=s: gemv(x, q[i], scale_inv=s, tiles=t), c, n * k, bw)
+        else:
+            best = sweep(lambda i, t, x=x, w=w: gemv(x, w[i], tiles=t), c, n * k * 2, bw) if args.sweep else None
         add(f"linear {n}x{k}", n * k * 2, best, **{
             "cuBLAS bf16 us": replay_us(lambda i, x=x, w=w: F.linear(x, w[i]), c),
             "gemv bf16 us": replay_us(lambda i, x=x, w=w: gemv(x, w[i]), c),
