@@ -73,6 +73,7 @@ from benchmarks.common import (  # noqa: E402
     sync,
     time_fn,
 )
+from dsv3.checkpoint import build_empty  # noqa: E402
 from dsv3.config import ModelConfig, preset  # noqa: E402
 from dsv3.infer import Engine, SamplingParams  # noqa: E402
 from dsv3.info import count_params  # noqa: E402
@@ -304,13 +305,7 @@ def speed(args: argparse.Namespace) -> None:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True))
 
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in its dtype: V3-sized layers (--config) would not fit in float32 first
-    try:
-        with torch.device(device):
-            model = DeepSeekV3(cfg)
-    finally:
-        torch.set_default_dtype(default_dtype)
+    model = build_empty(cfg, device, dtype)  # in its dtype: V3-sized layers (--config) would not fit in float32 first
     model.init_weights()
     model = model.to(dtype).eval()
     log(f"model: preset {args.preset}{settings}, "
@@ -512,44 +507,45 @@ def mtp(args: argparse.Namespace) -> None:
                        "repeats": args.repeats, "torch": torch.__version__, "rows": rows}))
 
 
-def config_overrides(pairs: list[str]) -> dict[str, object]:
-    """KEY=VALUE model settings over the preset (values parsed as Python literals), e.g. the 671b preset cut to a
-    few layers: num_hidden_layers=4 first_k_dense_replace=1 num_nextn_predict_layers=0."""
+def key_value(pair: str) -> tuple[str, bool, object]:
+    """KEY=VALUE as (KEY, whether there was an `=`, VALUE parsed as a Python literal: True, 4, 'x'; else the text)."""
     import ast
+
+    key, sep, text = pair.partition("=")
+    try:
+        return key, bool(sep), ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return key, bool(sep), text
+
+
+def config_overrides(pairs: list[str]) -> dict[str, object]:
+    """KEY=VALUE model settings over the preset (`key_value`), e.g. the 671b preset cut to a few layers:
+    num_hidden_layers=4 first_k_dense_replace=1 num_nextn_predict_layers=0."""
     import dataclasses
 
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     out: dict[str, object] = {}
     for pair in pairs:
-        key, sep, text = pair.partition("=")
+        key, sep, value = key_value(pair)
         if not sep or key not in fields:
             raise SystemExit(f"--config {pair}: not KEY=VALUE with KEY a ModelConfig field")
-        try:
-            out[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            out[key] = text
+        out[key] = value
     return out
 
 
 def inductor_options(pairs: list[str]) -> None:
-    """Apply KEY=VALUE settings to torch._inductor.config (values parsed as Python literals: True, 4, 'x');
-    an unknown key or a value of another type than the setting's exits with a message."""
-    import ast
-
+    """Apply KEY=VALUE settings (`key_value`) to torch._inductor.config; an unknown key or a value of another
+    type than the setting's exits with a message."""
     import torch._inductor.config as inductor
 
     for pair in pairs:
-        key, sep, text = pair.partition("=")
+        key, sep, value = key_value(pair)
         *path, leaf = key.split(".")  # nested settings: triton.enable_pdl
         owner = inductor
         for part in path:
             owner = getattr(owner, part, None)
         if not sep or owner is None or not hasattr(owner, leaf):
             raise SystemExit(f"--inductor {pair}: not KEY=VALUE with KEY a torch._inductor.config setting")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
         old = getattr(owner, leaf)
         if old is not None and type(value) is not type(old):
             raise SystemExit(f"--inductor {pair}: {key} is a {type(old).__name__} (now {old!r})")

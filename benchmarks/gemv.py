@@ -51,6 +51,14 @@ def sweep(fn, copies: int, nbytes: int, bw: float) -> dict:  # noqa: ANN001
             "best bw": f"{nbytes / (times[best] * 1e-6) / bw:.0%}"}
 
 
+def dims(text: str) -> tuple[int, ...]:
+    """An argparse type: "NxK" or "NxKxW" as integers."""
+    try:
+        return tuple(int(v) for v in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not numbers joined by x, such as 7168x16384") from None
+
+
 def chain(dev: torch.device, bw: float, layers: int = 11, reps: int = 20) -> None:
     """--chain: the GEMV + router kernels of `layers` MoE layers of `bench`, each on the previous output, as
     one CUDA graph replayed `reps` times, with and without PDL (see the module docstring)."""
@@ -102,17 +110,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="also time every program shape of SWEEP (bf16), keep the best")
     ap.add_argument("--chain", action="store_true", help="time the chain of one decode step's GEMVs, PDL on / off")
-    ap.add_argument("--linears", nargs="+", default=[f"{n}x{k}" for n, k in LINEARS], metavar="NxK",
+    ap.add_argument("--linears", nargs="+", type=dims, default=LINEARS, metavar="NxK",
                     help="the dense linears [N, K] to time (default: bench's); V3's single-row ones: 2112x7168 "
                          "(W_DQ with [W_DKV; W_KR]) 24576x1536 (W_UQ) 7168x16384 (W_O)")
-    ap.add_argument("--tiles", nargs="+", default=None, metavar="NxKxW",
+    ap.add_argument("--tiles", nargs="+", type=dims, default=None, metavar="NxKxW",
                     help="the program shapes --sweep tries (BLOCK_N x BLOCK_K x warps; default every one of SWEEP)")
     ap.add_argument("--no-experts", action="store_true", help="only the linears, not bench's routed experts")
     ap.add_argument("--sweep-e4m3", action="store_true", help="--sweep the linears' E4M3 weights instead of bf16")
     args = ap.parse_args()
-    linears = [tuple(int(v) for v in a.split("x")) for a in args.linears]
     if args.tiles:
-        SWEEP[:] = [tuple(int(v) for v in a.split("x")) for a in args.tiles]
+        SWEEP[:] = args.tiles
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
     if args.chain:
@@ -128,16 +135,17 @@ def main() -> None:
             row.update({k: f"{v:.1f}" if isinstance(v, float) else v for k, v in best.items()})
         rows.append(row)
 
-    for n, k in linears:
+    for n, k in args.linears:
         c = n_copies(n * k * 2)
         w = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(c)]
         q = [x.to(fp8) for x in w]
         s = torch.rand(-(-n // 128), -(-k // 128), device=dev)
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        best = None
         if args.sweep and args.sweep_e4m3:  # (the best column's bandwidth then counts the E4M3 bytes)
             best = sweep(lambda i, t, x=x, q=q, s=s: gemv(x, q[i], scale_inv=s, tiles=t), c, n * k, bw)
-        else:
-            best = sweep(lambda i, t, x=x, w=w: gemv(x, w[i], tiles=t), c, n * k * 2, bw) if args.sweep else None
+        elif args.sweep:
+            best = sweep(lambda i, t, x=x, w=w: gemv(x, w[i], tiles=t), c, n * k * 2, bw)
         add(f"linear {n}x{k}", n * k * 2, best, **{
             "cuBLAS bf16 us": replay_us(lambda i, x=x, w=w: F.linear(x, w[i]), c),
             "gemv bf16 us": replay_us(lambda i, x=x, w=w: gemv(x, w[i]), c),
@@ -147,7 +155,8 @@ def main() -> None:
         del w, q
 
     if args.no_experts:
-        return report(rows, bw, dev, args.sweep)
+        report(rows, bw, dev, args.sweep)
+        return
     # one token's 8 pairs; call i takes experts 8i..8i+7 (mod 64), so 8 calls sweep all 226 MB of a stack
     E, topk, d, inter = 64, 8, 1536, 576
     idx = [torch.arange(i * topk, (i + 1) * topk, device=dev) % E for i in range(E // topk)]
