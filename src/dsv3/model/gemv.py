@@ -343,17 +343,17 @@ def _tiles(rows: int, K: int, swiglu: bool, scaled: bool) -> tuple[int, int, int
     steps; `python -m benchmarks.gemv --sweep`). Fewer rows (a bf16 linear's single row): 8-row programs that
     load the whole row at once (up to 2048 columns a step), so that each program's loads are in flight
     together rather than one latency per 128-column step: W_UQ 3072 x 768 3.5 -> 2.9 us, W_O 1536 x 2048 5.0 ->
-    4.1, W_DQ 768 x 1536 2.6 -> 2.1 (a sweep of 1-8 rows, 128-2048 columns, 1-8 warps). E4M3 weights, whose
-    scales double the registers of a step, take 4 rows of 512 columns at 4 warps (`python -m benchmarks.gemv
-    --linears ... --no-experts --sweep --sweep-e4m3`, against 4 x 128 at 8 warps: `bench`'s W_O 1536 x 2048
-    7.7 -> 4.8 us, W_UQ 3072 x 768 5.2 -> 3.8; V3's [W_DQ; W_DKV; W_KR] 2112 x 7168 27.2 -> 16.4, W_O 7168 x
-    16384 174 -> 108)."""
+    4.1, W_DQ 768 x 1536 2.6 -> 2.1 (a sweep of 1-8 rows, 128-2048 columns, 1-8 warps). E4M3 weights,
+    with their scales on the activation (ROW_SCALE), take 8 rows of 1024 columns at 4 warps (`python -m
+    benchmarks.gemv --linears ... --no-experts --sweep --sweep-e4m3 --tiles ...`, against 4 x 512 at 4 warps,
+    the best before ROW_SCALE: `bench`'s W_O 1536 x 2048 3.4 -> 2.8 us, W_UQ 3072 x 768 3.0 -> 2.4; V3's
+    [W_DQ; W_DKV; W_KR] 2112 x 7168 10.3 -> 9.3, W_O 7168 x 16384 69.0 -> 45.9)."""
     if rows >= 16 * 132 * 4:
         return 16, 2 * BLOCK, 4 if swiglu else 8
     if swiglu:
         return 4, BLOCK, 4
     whole = max(BLOCK, triton.next_power_of_2(K))
-    return (4, min(4 * BLOCK, whole), 4) if scaled else (8, min(16 * BLOCK, whole), 8)
+    return (8, min(8 * BLOCK, whole), 4) if scaled else (8, min(16 * BLOCK, whole), 8)
 
 
 def plain_linear(m: torch.nn.Module) -> bool:
