@@ -168,24 +168,11 @@ COLD_BYTES = 256e6  # each timed call reads weights the previous ~256 MB of call
 
 
 def replay_us(fn, copies: int = 1, n: int = 50) -> float:  # noqa: ANN001
-    """Mean GPU time of one call in microseconds, from a CUDA graph of n calls replayed twice. Call i runs
-    fn(i % copies) on its own copy of the weights, so with enough copies every call streams them from HBM
+    """Mean GPU time of one call in microseconds, from a CUDA graph of n calls replayed twice (`graph_us`). Call
+    i runs fn(i % copies) on its own copy of the weights, so with enough copies every call streams them from HBM
     (as decode does: each weight once per step) instead of from the L2 cache."""
-    fn(0)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(n):
-            fn(i % copies)
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    g.replay()
-    g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (2 * n)
+    us, _ = graph_us(lambda: [fn(i % copies) for i in range(n)], reps=2)
+    return us / n
 
 
 def graph_us(fn: Callable[[], Any], reps: int = 20) -> tuple[float, Any]:
