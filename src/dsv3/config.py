@@ -280,7 +280,11 @@ class ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        path.write_text(self.to_json())
+
+    def to_json(self) -> str:
+        """config.json's text (HF's field names, indented)."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

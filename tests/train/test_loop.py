@@ -377,3 +377,24 @@ def test_a_tokenizer_left_by_a_failed_start_is_reused_only_if_trained_as_asked(m
     train(good)
     assert len(Tokenizer.from_pretrained(tok_dir)) == 280
     assert len(Tokenizer.from_pretrained(Path(good.run.dir) / "checkpoints" / "latest")) == 280
+
+
+def test_a_tokenizer_save_cut_short_is_not_taken_for_the_old_settings(make_run, monkeypatch, tmp_path):
+    # killed after the new tokenizer's files are written but before its marker: the old settings' marker must
+    # not vouch for them (it did: a later start asking for 300 ids got the 400-id tokenizer)
+    from dsv3.train import loop
+
+    def ask(vocab):
+        return make_run(**{"data.tokenizer": "train", "data.vocab_size": vocab})
+
+    assert len(loop.build_tokenizer(ask(300), tmp_path)) == 300
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "write_atomic", killed)
+        with pytest.raises(KeyboardInterrupt):
+            loop.build_tokenizer(ask(400), tmp_path)
+    assert len(Tokenizer.from_pretrained(tmp_path / "tokenizer")) == 400  # the cut-short save's files
+    assert len(loop.build_tokenizer(ask(300), tmp_path)) == 300

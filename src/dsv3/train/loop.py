@@ -172,7 +172,7 @@ def train(run: RunConfig, *, resume: bool = False,
     # written once the checkpoint, model and data state are known to fit these settings: a refused resume
     # leaves the run's files as they were
     run.save(run_dir / "train.toml")
-    cfg.save_json(run_dir / "config.json")
+    write_atomic(run_dir / "config.json", cfg.to_json())
     forward = torch.compile(model, mode=t.compile_mode) if t.compile else model
     loss_fn = torch.compile(compute_loss, mode=t.compile_mode) if t.compile else compute_loss  # fused float32 CE
 
@@ -385,6 +385,9 @@ def build_tokenizer(run: RunConfig, run_dir: Path) -> Tokenizer:
     settings = out / "trained_with.json"
     if (out / "tokenizer.json").is_file() and settings.is_file() and settings.read_text() == trained_with:
         return Tokenizer.from_pretrained(out)
+    # the marker goes before the files it vouches for are replaced: a run killed mid-save then trains again,
+    # rather than finding the old settings' marker beside the new settings' tokenizer
+    settings.unlink(missing_ok=True)
     docs = limit_bytes(split_documents(iter_documents(d.sources), "train", d.val_fraction),
                        d.tokenizer_max_mb * 1e6)  # never train on validation documents
     tok = train_bpe(docs, d.vocab_size, out, show_progress=run.log.progress)
