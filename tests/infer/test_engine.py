@@ -117,6 +117,7 @@ def test_stop_rules_against_reference_output(model64) -> None:
     stop = text[7:10]  # a stop string spanning three tokens
     r = run(stop=[stop, "never there"])
     assert (r.text, r.finish_reason) == (text[: text.find(stop)], "stop")
+    assert run(stop=stop).text == r.text  # one string is one stop string, not one for each of its characters
 
 
 class OracleDrafter:
@@ -223,6 +224,15 @@ def test_user_errors_are_clear(model64, tokenizer) -> None:
     with pytest.raises(CacheExhausted, match="raise cache_tokens"):
         Engine(model64, None, cache_tokens=8, block_size=4).generate([1, 2, 3], SamplingParams(max_tokens=10))
     assert not engine.has_unfinished()  # refused requests left nothing queued
+
+
+@pytest.mark.parametrize("option", ["max_num_seqs", "block_size", "cache_tokens", "max_num_batched_tokens",
+                                    "max_model_len"])
+def test_engine_sizes_below_one_are_refused_naming_the_option(model64, option) -> None:
+    # max_num_seqs=0 admitted nothing and generate() spun for ever; block_size=0 divided by zero; 0 for
+    # max_model_len or cache_tokens quietly meant the default
+    with pytest.raises(ValueError, match=option):
+        Engine(model64, None, **{option: 0})
 
 
 def test_max_model_len_beyond_the_positions_is_refused(model64) -> None:

@@ -15,18 +15,29 @@ from dsv3.infer.speculative import accept_drafts
     ("top_p", 0.0, "top_p"), ("top_p", 1.5, "top_p"), ("top_k", -1, "top_k"), ("max_tokens", 0, "max_tokens"),
     ("stop", [""], "stop"), ("stop_token_ids", [-3], "stop_token_ids"), ("seed", 1.5, "seed"),
     ("seed", 2**70, "seed"),  # would fail later, inside torch.Generator.manual_seed
+    ("stop_token_ids", 7, "stop_token_ids"), ("stop", None, "stop"),  # not lists: a TypeError naming neither
 ])
 def test_bad_values_raise_naming_the_field(field, value, match) -> None:
     with pytest.raises(ValueError, match=match):
         SamplingParams(**{field: value})
 
 
+def test_numpy_and_torch_integers_are_integers() -> None:
+    import numpy as np
+
+    p = SamplingParams(max_tokens=np.int64(5), top_k=torch.tensor(3).item(), seed=np.uint32(7),
+                       stop_token_ids=(np.int32(2),))
+    assert (p.max_tokens, p.top_k, p.seed, p.stop_token_ids) == (5, 3, 7, [2])
+    assert all(type(v) is int for v in (p.max_tokens, p.top_k, p.seed, *p.stop_token_ids))
+
+
 def _reference(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """One row, by the book: sort, keep top_k, then the smallest prefix with mass >= top_p, renormalise."""
+    """One row, by the book: sort (ties to the lower index), keep top_k, then the smallest prefix with mass >=
+    top_p, renormalise."""
     if p.temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(), logits.numel()).double()
     probs = (logits.double() / p.temperature).softmax(-1)
-    order = probs.argsort(descending=True).tolist()
+    order = probs.argsort(descending=True, stable=True).tolist()
     kept = order[: p.top_k] if p.top_k else order
     mass, nucleus = 0.0, []
     sub = probs[kept] / probs[kept].sum()
@@ -72,6 +83,21 @@ def test_probabilities_match_reference() -> None:
     for b, p in enumerate(params):
         for s in range(3):
             torch.testing.assert_close(got[b, s].double(), _reference(logits[b, s], p), rtol=0, atol=1e-6)
+
+
+def test_tied_logits_keep_the_lower_index_whatever_the_batch() -> None:
+    # bf16 logits tie often: which tied token makes a top-k / top-p cut must not depend on the other rows'
+    # settings (the batch's largest top_k decided it, so a seeded request's tokens changed with its neighbours)
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randint(0, 6, (4, 2, 64), generator=g).float() * 0.5  # six levels: ties at every cut
+    rows = [SamplingParams(top_k=1), SamplingParams(top_k=3, top_p=0.81), SamplingParams(top_p=0.37),
+            SamplingParams(temperature=0.7, top_k=9)]
+    for b, p in enumerate(rows):
+        want = torch.stack([_reference(logits[b, s], p) for s in range(2)])
+        for neighbour in (None, SamplingParams(top_p=0.5), SamplingParams(top_k=40), SamplingParams(top_k=2)):
+            batch = [p] if neighbour is None else [p, neighbour]
+            got = probabilities(logits[[b] * len(batch)], batch)[0]
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
 
 
 def test_a_row_without_limits_keeps_its_whole_distribution_beside_limited_rows() -> None:

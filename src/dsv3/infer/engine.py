@@ -114,7 +114,11 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_id = getattr(tokenizer, "eos_id", None)
-        self.max_model_len = max_model_len or cfg.max_position_embeddings
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("block_size", block_size), ("cache_tokens", cache_tokens)):
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
+        self.max_model_len = cfg.max_position_embeddings if max_model_len is None else max_model_len
         if not 1 < self.max_model_len <= cfg.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} must be in [2, {cfg.max_position_embeddings}] "
                              f"(the model's max_position_embeddings: RoPE is defined up to there)")
@@ -124,7 +128,7 @@ class Engine:
         k = self.drafter.k if self.drafter else 0
         # the MTP blocks' latents live in the same pool, after the main layers, only when they draft
         n_layers = cfg.num_hidden_layers + (len(model.mtp) if isinstance(self.drafter, MTPDrafter) else 0)
-        cache_tokens = cache_tokens or self.max_model_len + k
+        cache_tokens = self.max_model_len + k if cache_tokens is None else cache_tokens
         num_blocks = 1 + -(-cache_tokens // block_size)
         w = model.embed_tokens.weight
         self.blocks = BlockManager(num_blocks, block_size)
@@ -456,7 +460,7 @@ def generate(
     """
     if params is None:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                seed=seed, stop=list(stop), stop_token_ids=list(stop_token_ids),
+                                seed=seed, stop=stop, stop_token_ids=stop_token_ids,  # type: ignore[arg-type]
                                 ignore_eos=ignore_eos)
     engine = Engine(model, tokenizer, mtp=mtp, **engine_options)  # type: ignore[arg-type]
     return engine.generate(prompts, params, stream=stream)

@@ -13,7 +13,8 @@ short-cuts batches whose rows are all greedy, where that code reduces to the arg
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,18 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+                raise ValueError(f"{name} must be a list (got {value!r})")
+            setattr(self, name, list(value))
+        # numpy's and torch's integers are integers here too: stored as Python ints, as validate() checks them
+        for name in ("max_tokens", "top_k", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                setattr(self, name, int(value))
+        self.stop_token_ids = [int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t
+                               for t in self.stop_token_ids]
         self.validate()
 
     def validate(self) -> None:
@@ -100,12 +113,29 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 _TINY = torch.finfo(torch.float32).tiny
 
 
+def _largest(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest values of each row of x [..., V] and their indices, in descending order with ties to the
+    lower index: one total order whatever k is. topk's own choice among tied values (which of them make the cut,
+    in what order) changes with k, and k is the batch's largest top_k, so a seeded request's tokens would depend
+    on its neighbours wherever logits tie (bf16 logits often do)."""
+    V = x.shape[-1]
+    if k >= V:
+        return x.sort(dim=-1, descending=True, stable=True)
+    kth = x.topk(k, dim=-1).values[..., -1:]  # the values are topk's to decide; only the tied indices are not
+    tied = x == kth
+    keep = (x > kth) | (tied & (tied.cumsum(-1) <= k - (x > kth).sum(-1, keepdim=True)))
+    # exactly k kept a row: their indices in ascending order, then stably by value, descending
+    idx = (keep * (V - torch.arange(V, device=x.device))).topk(k, dim=-1).indices
+    xs, perm = x.gather(-1, idx).sort(dim=-1, descending=True, stable=True)
+    return xs, idx.gather(-1, perm)
+
+
 def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """logits [B, ..., V] -> float32 probabilities after temperature, top-k then top-p (row b uses params[b]).
 
     Greedy rows become one-hot at the argmax (the first one on ties, as torch.argmax). Top-k/top-p look at the
-    largest max(top_k) logits of each row (`topk`) and sort the whole vocabulary only when a row asks for
-    top-p without a top-k. Per-row values are decided on the host and copied without a sync.
+    largest max(top_k) logits of each row (ties to the lower index, as greedy) and sort the whole vocabulary
+    only when a row asks for top-p without a top-k. Per-row values are decided on the host and copied without a sync.
     """
     shape = logits.shape
     B, V = shape[0], shape[-1]
@@ -119,10 +149,7 @@ def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
         kmax = max(p.top_k or V for p in params)
         rows = to_device(torch.tensor([[p.top_k or V, p.top_p] for p in params]), dev)  # float32, exact k
         top_k, top_p = rows[:, 0].view(B, 1, 1), rows[:, 1].view(B, 1, 1)
-        if kmax < V:
-            xs, order = x.topk(kmax, dim=-1)  # sorted, descending
-        else:
-            xs, order = x.sort(dim=-1, descending=True)
+        xs, order = _largest(x, kmax)
         rank = torch.arange(xs.shape[-1], device=dev)
         keep = rank < top_k
         ps = xs.masked_fill(~keep, float("-inf")).softmax(-1)
