@@ -85,6 +85,21 @@ def test_probabilities_match_reference() -> None:
             torch.testing.assert_close(got[b, s].double(), _reference(logits[b, s], p), rtol=0, atol=1e-6)
 
 
+def test_largest_is_a_stable_sort_prefix() -> None:
+    # the CPU's topk over (value, -index) keys against the stable sort the GPU runs: signs, zeros of both
+    # signs (equal, so tied), infinities, and many ties
+    from dsv3.infer.sampling import _largest
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-3, 4, (5, 2, 300), generator=g).float() * 0.25
+    x[0, 0, :6] = torch.tensor([-0.0, 0.0, float("inf"), float("-inf"), 1e-30, -1e-30])
+    x[1] = -x[1]
+    for k in (1, 7, 60, 299, 300):
+        xs, idx = _largest(x, k)
+        ws, wi = x.sort(dim=-1, descending=True, stable=True)
+        assert torch.equal(idx, wi[..., :k]) and torch.equal(xs, ws[..., :k])
+
+
 def test_tied_logits_keep_the_lower_index_whatever_the_batch() -> None:
     # bf16 logits tie often: which tied token makes a top-k / top-p cut must not depend on the other rows'
     # settings (the batch's largest top_k decided it, so a seeded request's tokens changed with its neighbours)
