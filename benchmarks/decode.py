@@ -121,7 +121,8 @@ def run_dsv3(
     cfg, dev = model.cfg, model.embed_tokens.weight.device
     graphs = dev.type == "cuda" and not args.no_graphs
     eager_steps = args.eager_steps if "dsv3-eager" in args.impl and not compile else 0
-    name = ("dsv3" if graphs else "dsv3 (no graphs)") + ("+compile" if compile else "")
+    fp8 = "+fp8" if args.fp8_weights == "keep" else ""  # E4M3 weights against the bf16 peer: said in the row
+    name = ("dsv3" if graphs else "dsv3 (no graphs)") + ("+compile" if compile else "") + fp8
     total = args.warmup + args.steps + eager_steps + 4
     bs = args.block_size
     engine = Engine(model, None, block_size=bs, cache_tokens=B * (ctx + total + bs) + bs, max_num_seqs=B,
@@ -196,9 +197,9 @@ def run_dsv3(
                 engine.step()
             sync(dev)
             e_s = (time.perf_counter() - t0) / eager_steps
-            rows.append({"impl": "dsv3-eager", "batch": B, "context": ctx, "tokens_per_s": B / e_s,
+            rows.append({"impl": "dsv3-eager" + fp8, "batch": B, "context": ctx, "tokens_per_s": B / e_s,
                          "ms_per_step": e_s * 1e3, "roofline": roof / e_s, "bytes_per_step": nbytes["total"]})
-            log(f"dsv3-eager B={B} ctx={ctx}: {B / e_s:,.0f} tok/s, {e_s * 1e3:.2f} ms/step")
+            log(f"dsv3-eager{fp8} B={B} ctx={ctx}: {B / e_s:,.0f} tok/s, {e_s * 1e3:.2f} ms/step")
     finally:
         del engine
         free_memory(dev)
@@ -230,7 +231,8 @@ def run_hf(peer, cfg: ModelConfig, args: argparse.Namespace, B: int, ctx: int, b
 
     g = torch.Generator().manual_seed(B * 100003 + ctx)
     ids = torch.randint(0, cfg.vocab_size, (B, ctx), generator=g).to(dev)
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1, min_new_tokens=steps + 1,
+    # the first new token is prefill's, the next 2 steps are untimed warm-up (below): steps + 3 tokens
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=steps + 3, min_new_tokens=steps + 3,
               do_sample=False, stopping_criteria=StoppingCriteriaList([Stamp()]), pad_token_id=0)
     if static:
         kw["cache_implementation"] = "static"
@@ -247,7 +249,7 @@ def run_hf(peer, cfg: ModelConfig, args: argparse.Namespace, B: int, ctx: int, b
         sync(dev)
     n = len(stamps) - 1
     if n < 1:
-        raise RuntimeError(f"generate produced {len(stamps)} tokens, expected {steps + 1}")
+        raise RuntimeError(f"generate produced {len(stamps)} tokens, expected {steps + 3}")
     warm = min(2, n - 1)  # untimed steps at a new shape, as dsv3 gets (--warmup): allocator growth and the like
     step_s = (stamps[-1] - stamps[warm]) / (n - warm)
     nbytes = step_bytes(cfg, B, ctx + n / 2, bytes_per_value=next(peer.parameters()).element_size())
@@ -256,7 +258,7 @@ def run_hf(peer, cfg: ModelConfig, args: argparse.Namespace, B: int, ctx: int, b
     log(f"{name} B={B} ctx={ctx}: {B / step_s:,.1f} tok/s, {step_s * 1e3:.2f} ms/step, roofline {roof / step_s:.1%}"
         + (f", compile+first call {compile_s:.0f}s" if static else ""))
     return {"impl": name, "batch": B, "context": ctx, "tokens_per_s": B / step_s, "ms_per_step": step_s * 1e3,
-            "roofline": roof / step_s, "bytes_per_step": nbytes["total"], "steps": n, "compile_s": compile_s}
+            "roofline": roof / step_s, "bytes_per_step": nbytes["total"], "steps": n - warm, "compile_s": compile_s}
 
 
 def rounded(x: object, digits: int = 4) -> object:

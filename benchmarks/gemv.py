@@ -136,20 +136,20 @@ def main() -> None:
         rows.append(row)
 
     for n, k in args.linears:
-        c = n_copies(n * k * 2)
+        c, c8 = n_copies(n * k * 2), n_copies(n * k)  # E4M3 copies are half the bytes: more of them stay cold
         w = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(c)]
-        q = [x.to(fp8) for x in w]
+        q = [w[i % c].to(fp8) for i in range(c8)]
         s = torch.rand(-(-n // 128), -(-k // 128), device=dev)
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         best = None
         if args.sweep and args.sweep_e4m3:  # (the best column's bandwidth then counts the E4M3 bytes)
-            best = sweep(lambda i, t, x=x, q=q, s=s: gemv(x, q[i], scale_inv=s, tiles=t), c, n * k, bw)
+            best = sweep(lambda i, t, x=x, q=q, s=s: gemv(x, q[i], scale_inv=s, tiles=t), c8, n * k, bw)
         elif args.sweep:
             best = sweep(lambda i, t, x=x, w=w: gemv(x, w[i], tiles=t), c, n * k * 2, bw)
         add(f"linear {n}x{k}", n * k * 2, best, **{
             "cuBLAS bf16 us": replay_us(lambda i, x=x, w=w: F.linear(x, w[i]), c),
             "gemv bf16 us": replay_us(lambda i, x=x, w=w: gemv(x, w[i]), c),
-            "gemv e4m3 us": replay_us(lambda i, x=x, q=q, s=s: gemv(x, q[i], scale_inv=s), c),
+            "gemv e4m3 us": replay_us(lambda i, x=x, q=q, s=s: gemv(x, q[i], scale_inv=s), c8),
             "gemv L2 us": replay_us(lambda i, x=x, w=w: gemv(x, w[0])),  # (the output head, 100 MB, does not fit)
         })
         del w, q
@@ -157,7 +157,9 @@ def main() -> None:
     if args.no_experts:
         report(rows, bw, dev, args.sweep)
         return
-    # one token's 8 pairs; call i takes experts 8i..8i+7 (mod 64), so 8 calls sweep all 226 MB of a stack
+    # one token's 8 pairs; call i takes experts 8i..8i+7 (mod 64) of stack copy i // 8, so 8 calls sweep a whole
+    # stack (226 MB for gate_up in bf16, down half that, E4M3 half again) and enough copies of the smaller stacks
+    # are cycled that each call reads its experts from HBM
     E, topk, d, inter = 64, 8, 1536, 576
     idx = [torch.arange(i * topk, (i + 1) * topk, device=dev) % E for i in range(E // topk)]
     x = torch.randn(1, d, device=dev, dtype=torch.bfloat16)
@@ -169,26 +171,44 @@ def main() -> None:
         offs.append(o.cumsum(0).to(torch.int32))
     grouped = getattr(F, "grouped_mm", None) or torch._grouped_mm
     xs = x.expand(topk, d).contiguous()
-    gate_up = torch.randn(E, 2 * inter, d, device=dev, dtype=torch.bfloat16)
-    down = torch.randn(E, d, inter, device=dev, dtype=torch.bfloat16)
-    gate_up8, down8 = gate_up.to(fp8), down.to(fp8)
+
+    def stacks(n: int, k: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        t = torch.randn(E, n, k, device=dev, dtype=torch.bfloat16)
+        return [(t if i == 0 else torch.randn_like(t)).to(dtype) for i in range(n_copies(t[0].numel() * E * (
+            1 if dtype == fp8 else 2)))]
+
+    gate_up, down = stacks(2 * inter, d, torch.bfloat16), stacks(d, inter, torch.bfloat16)
+    gate_up8, down8 = stacks(2 * inter, d, fp8), stacks(d, inter, fp8)
     s_gu = torch.rand(E, 2 * -(-inter // 128), d // 128, device=dev)
     s_dn = torch.rand(E, d // 128, -(-inter // 128), device=dev)
     a = F.silu(h[:, :inter]) * h[:, inter:]
-    c = len(idx)
-    sw = (lambda f, n: sweep(f, c, n, bw)) if args.sweep else (lambda f, n: None)
+    n_idx = len(idx)
+
+    def cold(stack: list[torch.Tensor], fn):  # noqa: ANN001, ANN202 - call i: stack copy i // 8, pairs idx[i % 8]
+        return (lambda i, *t: fn(stack[i // n_idx % len(stack)], i % n_idx, *t)), n_idx * len(stack)
+
+    def timed(stack: list[torch.Tensor], fn) -> float:  # noqa: ANN001
+        f, c = cold(stack, fn)
+        return replay_us(f, c)
+
+    def swept(stack: list[torch.Tensor], fn, nbytes: int) -> dict | None:  # noqa: ANN001
+        if not args.sweep:
+            return None
+        f, c = cold(stack, fn)
+        return sweep(f, c, nbytes, bw)
+
     add("experts gate_up, 8 pairs", topk * 2 * inter * d * 2,
-        sw(lambda i, t: gemv(x, gate_up, idx[i], rows_per_x=topk, tiles=t), topk * 2 * inter * d * 2),
-        **{"cuBLAS bf16 us": replay_us(lambda i: grouped(xs, gate_up.transpose(1, 2), offs=offs[i]), c),
-           "gemv bf16 us": replay_us(lambda i: gemv(x, gate_up, idx[i], rows_per_x=topk), c),
-           "gemv e4m3 us": replay_us(lambda i: gemv(x, gate_up8, idx[i], s_gu, rows_per_x=topk, split=inter), c),
-           "gemv L2 us": replay_us(lambda i: gemv(x, gate_up, idx[0], rows_per_x=topk))})
+        swept(gate_up, lambda w, i, t: gemv(x, w, idx[i], rows_per_x=topk, tiles=t), topk * 2 * inter * d * 2),
+        **{"cuBLAS bf16 us": timed(gate_up, lambda w, i: grouped(xs, w.transpose(1, 2), offs=offs[i])),
+           "gemv bf16 us": timed(gate_up, lambda w, i: gemv(x, w, idx[i], rows_per_x=topk)),
+           "gemv e4m3 us": timed(gate_up8, lambda w, i: gemv(x, w, idx[i], s_gu, rows_per_x=topk, split=inter)),
+           "gemv L2 us": replay_us(lambda i: gemv(x, gate_up[0], idx[0], rows_per_x=topk))})
     add("experts down (+SwiGLU), 8 pairs", topk * inter * d * 2,
-        sw(lambda i, t: gemv(h, down, idx[i], swiglu=True, tiles=t), topk * inter * d * 2),
-        **{"cuBLAS bf16 us": replay_us(lambda i: grouped(a, down.transpose(1, 2), offs=offs[i]), c),
-           "gemv bf16 us": replay_us(lambda i: gemv(h, down, idx[i], swiglu=True), c),
-           "gemv e4m3 us": replay_us(lambda i: gemv(h, down8, idx[i], s_dn, swiglu=True), c),
-           "gemv L2 us": replay_us(lambda i: gemv(h, down, idx[0], swiglu=True))})
+        swept(down, lambda w, i, t: gemv(h, w, idx[i], swiglu=True, tiles=t), topk * inter * d * 2),
+        **{"cuBLAS bf16 us": timed(down, lambda w, i: grouped(a, w.transpose(1, 2), offs=offs[i])),
+           "gemv bf16 us": timed(down, lambda w, i: gemv(h, w, idx[i], swiglu=True)),
+           "gemv e4m3 us": timed(down8, lambda w, i: gemv(h, w, idx[i], s_dn, swiglu=True)),
+           "gemv L2 us": replay_us(lambda i: gemv(h, down[0], idx[0], swiglu=True))})
     report(rows, bw, dev, args.sweep)
 
 
