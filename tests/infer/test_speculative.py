@@ -12,7 +12,7 @@ import torch
 import dsv3.infer.engine as engine_module
 from dsv3.infer import Engine, SamplingParams
 from dsv3.infer.sampling import uniforms
-from dsv3.infer.speculative import FixedDrafter
+from dsv3.infer.speculative import FixedDrafter, MTPDrafter
 from tests.conftest import SHAPES
 from tests.infer.test_engine import _prompts, greedy_reference, tv_bound
 from tests.infer.test_sampling import _resample_from_p
@@ -53,6 +53,77 @@ def test_mtp_drafts_are_the_models_mtp_predictions(make_cfg, make_model) -> None
             torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)  # float64 model, float32 router
             checked += 1
     assert checked >= 8
+
+
+def _mtp_chain_drafts_logits(model, tokens: list[int], drafts: list[int], k: int) -> list[torch.Tensor]:
+    """Draft j's logits (j = 1..k) by uncached forwards of the MTP chain, for N committed `tokens` and the
+    drafter's own drafts 1..k-1 (module docstring of dsv3.infer.speculative): depth j's slot s pairs the
+    previous depth's output at slot s-1 (depth 1: the main model's hidden at s; slot -1: the nearest, slot 0)
+    with token s+1 of tokens + drafts, and draft j <= D reads depth j at slot N+j-3; past the last depth D,
+    depth D runs one slot further on its own output at the slot before."""
+    N, D, E = len(tokens), len(model.mtp), model.embed_tokens
+    T = torch.tensor([tokens + drafts[: k - 1]])
+    with torch.inference_mode():
+        h_in = model.hidden_states(T[:, :N])[0][:, : N - 1]  # depth 1's hiddens, slots 0 .. N-2
+        logits, out = [], None
+        for j in range(1, min(D, k) + 1):
+            n = N + j - 2  # slots 0 .. N+j-3
+            if j > 1:
+                h_in = torch.cat([out[:, :1], out[:, : n - 1]], dim=1)
+            cos, sin = model.rope(torch.arange(n)[None])
+            out = model.mtp[j - 1](h_in, E(T[:, 1 : n + 1]), cos, sin)[0]
+            logits.append(model.lm_head(out[0, -1]))
+        for _ in range(D + 1, k + 1):  # depth D one slot further, fed its own output
+            h_in, n = torch.cat([h_in, out[:, -1:]], dim=1), h_in.shape[1] + 1
+            cos, sin = model.rope(torch.arange(n)[None])
+            out = model.mtp[D - 1](h_in, E(T[:, 1 : n + 1]), cos, sin)[0]
+            logits.append(model.lm_head(out[0, -1]))
+    return logits
+
+
+@pytest.mark.parametrize("shape", ["base", "no_qlora-1group-rope-mtp2-dense0"])  # MTP depth 1 and depth 2
+@pytest.mark.parametrize("accept", [False, True])
+def test_every_draft_is_the_mtp_chain_also_after_accepted_drafts(make_cfg, make_model, shape, accept) -> None:
+    """Each of the k drafts' logits at every step against `_mtp_chain_drafts_logits`. A random model's MTP
+    drafts are never accepted, so with `accept` the drafter's tokens are swapped for the greedy continuation
+    after it drafted: verification accepts them, and the next step's drafts then rest on the catch-up of the
+    accepted positions (its state and its cache writes)."""
+    model = make_model(make_cfg(**SHAPES[shape]), dtype=torch.float64)
+    prompts = _prompts(model.cfg.vocab_size, (3, 8))
+    n = 12
+    reference = {tuple(p): p + greedy_reference(model, p, n + 4) for p in prompts}
+
+    class Recording(MTPDrafter):
+        def __init__(self, k: int):
+            super().__init__(model, k)
+            self.seen: list[tuple[list[int], list[int], list[torch.Tensor]]] = []
+
+        def propose(self, runner, seqs):  # noqa: ANN001, ANN202
+            heads: list[torch.Tensor] = []
+            hook = model.lm_head.register_forward_hook(lambda m, i, o: heads.append(o.detach().clone()))
+            try:
+                drafts, q = super().propose(runner, seqs)
+            finally:
+                hook.remove()
+            assert len(heads) == self.k
+            for b, seq in enumerate(seqs):
+                self.seen.append((list(seq.tokens), drafts[b].tolist(), [h[b] for h in heads]))
+            if not accept:
+                return drafts, q
+            full = [reference[tuple(s.tokens[: s.num_prompt])] for s in seqs]
+            return torch.tensor([f[len(s.tokens): len(s.tokens) + self.k]
+                                 for f, s in zip(full, seqs, strict=True)]), None
+
+    for k in (2, 3):
+        drafter = Recording(k)
+        engine = Engine(model, None, drafter=drafter, block_size=4)
+        results = engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0))
+        assert [r.token_ids for r in results] == [reference[tuple(p)][len(p): len(p) + n] for p in prompts]
+        assert (sum(r.accepted for r in results) > 0) == accept
+        assert len(drafter.seen) >= 6
+        for tokens, drafts, got in drafter.seen:
+            for j, ref in enumerate(_mtp_chain_drafts_logits(model, tokens, drafts, k)):
+                torch.testing.assert_close(got[j], ref, rtol=0, atol=1e-6, msg=f"k={k}, draft {j + 1}")
 
 
 class OracleDrafter:

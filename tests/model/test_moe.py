@@ -75,6 +75,16 @@ def test_route_masks_dropped_groups_with_minus_inf_not_zero():
     assert not set(zero_masked) & {0, 1, 4}
 
 
+def test_route_tied_groups_keep_exactly_topk_group_lower_indices_first():
+    # four groups of two, every group score 0.75 (exact in binary): the two kept are groups 0 and 1, so the
+    # top 3 come from {0: .5, 1: .25, 2: .625, 3: .125}; keeping every tied group would pick expert 7 (.75),
+    # keeping the higher indices experts 7 and 4 / 5
+    scores = [0.5, 0.25, 0.625, 0.125, 0.375, 0.375, 0.0, 0.75]
+    idx, w = _route1(scores, [0.0] * 8, n_group=4, topk_group=2, top_k=3, routed_scaling_factor=1.0)
+    assert idx == [2, 0, 1]
+    torch.testing.assert_close(w, torch.tensor([0.625, 0.5, 0.25]) / 1.375, rtol=0, atol=HAND_ATOL)
+
+
 def test_route_batch_of_tokens_each_routed_independently():
     scores = torch.tensor([[0.9, 0.1, 0.5, 0.7], [0.2, 0.8, 0.6, 0.1]])
     w, idx = route(scores, torch.tensor([-0.5, 0.0, 0.0, 0.0]), n_group=2, topk_group=1, top_k=2,

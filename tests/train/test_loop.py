@@ -284,17 +284,19 @@ def test_vocab_smaller_than_tokenizer_is_a_clear_error(make_run):
 
 def test_cpu_bf16_runs_the_step_under_bf16_autocast(make_run):
     # train.cpu_bf16: the same run with bf16 matmuls (float32 master weights and loss): the first losses agree
-    # to bf16 rounding of a few layers, and differ from float32's (the autocast really applied)
+    # to bf16 rounding of a few layers (~2e-4 relative here; 1e-3 still fails a run whose routed experts output
+    # nothing under autocast), and differ from float32's (the autocast really applied). The forward itself is
+    # bounded per token against float64 in tests/train/test_step.py.
     fp32 = train(make_run("fp32", **{"train.tokens": 8 * 32 * 2})).run_dir
     bf16 = train(make_run("bf16", **{"train.tokens": 8 * 32 * 2, "train.cpu_bf16": True})).run_dir
     a, b = rows(fp32), rows(bf16)
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b, strict=True):
         assert ra["loss"] != rb["loss"]
-        assert abs(ra["loss"] - rb["loss"]) < 2e-2 * ra["loss"]
+        assert abs(ra["loss"] - rb["loss"]) < 1e-3 * ra["loss"]
     # and the validation passes too (the first one scores the same initial weights)
     va, vb = rows(fp32, "val_loss")[0]["val_loss"], rows(bf16, "val_loss")[0]["val_loss"]
-    assert va != vb and abs(va - vb) < 2e-2 * va
+    assert va != vb and abs(va - vb) < 1e-3 * va
 
 
 def test_compile_on_the_cpu_needs_cpu_bf16(make_run):
@@ -313,7 +315,7 @@ def test_compiled_cpu_bf16_run_matches_eager(make_run):
     b = rows(train(make_run("compiled", **settings, **{"train.compile": True})).run_dir)
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b, strict=True):
-        assert abs(ra["loss"] - rb["loss"]) < 2e-2 * ra["loss"]
+        assert abs(ra["loss"] - rb["loss"]) < 1e-3 * ra["loss"]
 
 
 def test_the_run_settings_reach_every_step(make_run):
