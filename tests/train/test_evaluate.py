@@ -109,10 +109,11 @@ def test_sample_greedy_and_seeded(loop_tok_dir, monkeypatch):
     assert a == sample(model, tok, prompt, max_new_tokens=6)
 
     # top-k sampling: every sampled id is a real token among the k best of the reference logits at its step
-    k, seen = 10, 0
+    k, seen, drawn = 10, 0, set()
     for seed in range(4):
         b = sample(model, tok, prompt, max_new_tokens=8, temperature=1.0, top_k=k, seed=seed)
         ids = decoded[-1]
+        drawn.add(tuple(ids))
         assert b == real_decode(ids) and len(ids) <= 8
         for t, nxt in enumerate(ids):
             assert nxt < n, f"seed {seed} step {t} produced padding id {nxt}"
@@ -122,4 +123,9 @@ def test_sample_greedy_and_seeded(loop_tok_dir, monkeypatch):
             seen += 1
         assert b == sample(model, tok, prompt, max_new_tokens=8, temperature=1.0, top_k=k, seed=seed)
     assert seen >= 16  # enough sampled steps that ignoring top_k would show
+    assert len(drawn) > 1  # the seed is the draws' (four seeds, one output: a seed ignored)
+    # EOS ends the text before it: the greedy run again with its third token as EOS
+    monkeypatch.setattr(tok, "eos_id", greedy[2])
+    sample(model, tok, prompt, max_new_tokens=6)
+    assert decoded[-1] == greedy[: greedy.index(greedy[2])]
     assert all(i < n for ids in decoded for i in ids)

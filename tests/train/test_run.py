@@ -88,3 +88,11 @@ def test_a_string_setting_takes_the_text_as_given():
                                 "--model.preset", '"tiny"'])
     assert (run.run.dir, run.data.tokenizer, run.train.batch_ramp, run.log.plots) == ("2024-06-01", "0.1", False, True)
     assert (run.data.sources, run.train.lr, run.model.preset) == (["2024-06-01"], 3e-3, "tiny")
+
+
+def test_defaults_are_the_papers_training_hyperparameters():
+    # paper §4.2: AdamW beta1 0.9, beta2 0.95, weight decay 0.1, peak lr 2.2e-4, gradient clipping at 1.0,
+    # the aux-free bias speed 0.001 and the MTP weight 0.3; §2.1.2: balancing without auxiliary loss
+    t = RunConfig().train
+    got = (t.beta1, t.beta2, t.weight_decay, t.lr, t.grad_clip, t.gamma, t.mtp_lambda, t.balance)
+    assert got == (0.9, 0.95, 0.1, 2.2e-4, 1.0, 0.001, 0.3, "aux-free")

@@ -72,6 +72,7 @@ def test_scaled_run_keeps_the_shape():
     # 1.48M tokens of 128-token sequences: every boundary is the paper's divided by 1e7
     cfg = ScheduleConfig.scaled(1.48e6, seq_len=128, batch_max=40, batch_multiple=4, peak_lr=1e-3)
     assert (cfg.batch_min, cfg.batch_max) == (8, 40)
+    assert ScheduleConfig.scaled(1e6, seq_len=128, batch_max=100).batch_min == 20  # V3's 3072 / 15360 = 1/5
     assert batch_size(0, cfg) == 8
     # 4.69e4 tokens ramp: at 1e4 tokens 8 + floor(32 x 0.2132) = 14, down to a multiple of 4 -> 12
     assert batch_size(1e4, cfg) == 12

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from dsv3.data.dataset import Batch
 from dsv3.data.tokenizer import Tokenizer
+from dsv3.infer.sampling import SamplingParams, probabilities, uniforms
+from dsv3.infer.sampling import sample as draw
 from dsv3.model import DeepSeekV3
 
 
@@ -103,7 +105,9 @@ def sample(
         raise ValueError(f"sampling needs temperature >= 0, top_k >= 0, max_new_tokens >= 0 "
                          f"(got {temperature}, {top_k}, {max_new_tokens})")
     device = torch.device(device)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # the engine's sampling (dsv3.infer.sampling): its temperature / top-k rule and inverse-CDF draws
+    params = SamplingParams(max_tokens=max(1, max_new_tokens), temperature=temperature, top_k=top_k, seed=seed)
+    gen = params.generator()
     ids = tokenizer.encode(prompt)
     context = model.cfg.max_position_embeddings
     new: list[int] = []
@@ -114,14 +118,7 @@ def sample(
             x = torch.tensor([(ids + new)[-context:]], device=device)
             logits = model(x, mtp=False).logits[0, -1].float().cpu()
             logits[len(tokenizer):] = float("-inf")  # padding rows of the embedding are no token
-            if temperature == 0:
-                nxt = int(logits.argmax())
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = logits.topk(min(top_k, logits.numel())).values[-1]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+            nxt = int(draw(probabilities(logits[None], [params]), uniforms([gen], 1, "cpu")[:, 0])[0])
             if nxt == tokenizer.eos_id:
                 break
             new.append(nxt)
