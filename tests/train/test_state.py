@@ -15,7 +15,14 @@ import dsv3.checkpoint as checkpoint
 from dsv3.checkpoint import load_model, write_atomic
 from dsv3.train.loop import _truncate_metrics, train
 from dsv3.train.run import RunConfig
-from dsv3.train.state import checkpoint_dirs, latest_checkpoint, load_trainer_state, remove_partial
+from dsv3.train.state import (
+    checkpoint_dirs,
+    latest_checkpoint,
+    load_trainer_state,
+    remove_partial,
+    rng_state,
+    set_rng_state,
+)
 
 
 def test_write_atomic_keeps_the_old_file_when_the_disk_fills(tmp_path, monkeypatch):
@@ -79,6 +86,28 @@ def test_resume_takes_the_newest_complete_checkpoint_over_a_stale_link(tmp_path)
             (ckpts / name / f).write_text("{}")
     (ckpts / "latest").symlink_to("step-2")
     assert latest_checkpoint(tmp_path) == ckpts / "step-4"
+
+
+def test_checkpoints_are_ordered_by_step_number_not_name(tmp_path):
+    # "step-10" < "step-9" as strings: the newest must be step 10, and pruning must take step 9 first
+    ckpts = tmp_path / "checkpoints"
+    for n in (9, 10, 100):
+        (ckpts / f"step-{n}").mkdir(parents=True)
+        for f in ("trainer_state.pt", "model.safetensors.index.json"):
+            (ckpts / f"step-{n}" / f).write_text("{}")
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-9", "step-10", "step-100"]
+    assert latest_checkpoint(tmp_path).name == "step-100"
+
+
+def test_rng_state_round_trips():
+    import random
+
+    state = rng_state()
+    want = (torch.rand(3), random.random())
+    torch.rand(5), random.random()
+    set_rng_state(state)
+    got = (torch.rand(3), random.random())
+    assert torch.equal(got[0], want[0]) and got[1] == want[1]
 
 
 def test_without_symlinks_training_goes_on_and_prunes(make_run, monkeypatch):
