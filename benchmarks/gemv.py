@@ -174,8 +174,8 @@ def main() -> None:
 
     def stacks(n: int, k: int, dtype: torch.dtype) -> list[torch.Tensor]:
         t = torch.randn(E, n, k, device=dev, dtype=torch.bfloat16)
-        return [(t if i == 0 else torch.randn_like(t)).to(dtype) for i in range(n_copies(t[0].numel() * E * (
-            1 if dtype == fp8 else 2)))]
+        nbytes = t.numel() * torch.finfo(dtype).bits // 8
+        return [(t if i == 0 else torch.randn_like(t)).to(dtype) for i in range(n_copies(nbytes))]
 
     gate_up, down = stacks(2 * inter, d, torch.bfloat16), stacks(d, inter, torch.bfloat16)
     gate_up8, down8 = stacks(2 * inter, d, fp8), stacks(d, inter, fp8)

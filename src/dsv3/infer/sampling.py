@@ -20,6 +20,11 @@ from dataclasses import dataclass, field
 import torch
 
 
+def _python_int(value: object) -> object:
+    """int(value) for any integer type but bool (numpy's, torch's), else value unchanged for validate() to judge."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+
+
 @dataclass
 class SamplingParams:
     """How one request samples and when it stops.
@@ -48,11 +53,8 @@ class SamplingParams:
             setattr(self, name, list(value))
         # numpy's and torch's integers are integers here too: stored as Python ints, as validate() checks them
         for name in ("max_tokens", "top_k", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-                setattr(self, name, int(value))
-        self.stop_token_ids = [int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t
-                               for t in self.stop_token_ids]
+            setattr(self, name, _python_int(getattr(self, name)))
+        self.stop_token_ids = [_python_int(t) for t in self.stop_token_ids]
         self.validate()
 
     def validate(self) -> None:
