@@ -293,6 +293,37 @@ def test_fused_rmsnorm_with_e4m3_weights():
     assert within_output_rounding(got, a @ wd.T, a.abs() @ wd.abs().T, torch.bfloat16)
 
 
+@pytest.mark.parametrize("K,tiles,fp8", [
+    (333, (8, 128, 8), False),  # three 128-column K steps
+    (2100, None, False),  # the default's 2048-column steps: two
+    (333, None, True),  # E4M3, N = 264 and its split multiples of BLOCK_N = 8: scales on the activation (ROW_SCALE)
+    (333, (8, 128, 4), True),  # ROW_SCALE over three K steps
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_rmsnorm_keeps_eps_and_every_k_step(dtype, K, tiles, fp8, device="cuda"):
+    """The fused RMSNorm where a single K step and rows of rms ~1 cannot tell: a row of rms 1e-3, where eps = 1e-6
+    moves 1/rms by sqrt(2) (a dropped eps shows); the row's sum of squares gathered over every K step (the last
+    step's alone shows); E4M3 weights with the block scales on the activation (ROW_SCALE), where the norm must
+    square the unscaled row. Against float64, within the output's rounding. `device` "cpu" runs the kernel in
+    the Triton interpreter (TRITON_INTERPRET=1; not bf16 there)."""
+    g = torch.Generator().manual_seed(16)
+    N, eps = 264 if fp8 else 200, 1e-6
+    x = (torch.randn(3, K, generator=g) * torch.tensor([[3.0], [1e-3], [0.5]])).to(dtype)  # rms 3, 1e-3, 0.5
+    nw = (1 + torch.randn(K, generator=g) * 0.1).to(dtype)
+    if fp8:
+        w, s = quantize_blockwise(torch.randn(N, K, generator=g))
+        wd = dequantize_blockwise(w, s, torch.float64)
+    else:
+        w, s = torch.randn(N, K, generator=g).to(dtype), None
+        wd = w.double()
+    got = gemv(x.to(device), w.to(device), scale_inv=None if s is None else s.to(device),
+               norm=(nw.to(device), eps), tiles=tiles)
+    xd = x.double()
+    a = xd * (xd.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * nw.double()
+    assert got.dtype == dtype
+    assert within_output_rounding(got, a @ wd.T, a.abs() @ wd.abs().T, dtype)
+
+
 def test_linear_takes_the_norm_into_its_launch(monkeypatch):
     """linear(x, m, norm): one gemv launch for m(norm(x)) at a bf16 row, within its output's rounding of
     float64; a norm that is not exactly `RMSNorm` (a subclass) runs first, and under autograd the modules."""
