@@ -54,6 +54,18 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
+# pyproject.toml's default per-test timeout (300 s) is for the default suite; compilations may take longer
+LONG_TIMEOUT_S = 1800
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked slow or gpu get LONG_TIMEOUT_S unless they set their own `timeout` mark."""
+    for item in items:
+        long = item.get_closest_marker("slow") or item.get_closest_marker("gpu")
+        if long and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(LONG_TIMEOUT_S))
+
+
 def tiny_config(**overrides: Any) -> ModelConfig:
     return ModelConfig(**{**TINY, **overrides})
 
