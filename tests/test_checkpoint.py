@@ -282,6 +282,22 @@ def test_the_index_decides_which_shard_holds_a_tensor(make_cfg, make_model, tmp_
             load_model(ck, fp8=mode)
 
 
+def test_fp8_scales_are_stored_in_their_weights_shard(make_cfg, make_model, tmp_path):
+    """With a shard limit of one byte every tensor starts a shard of its own, except a `weight_scale_inv`, which
+    stays with its weight (readers that open one shard per weight, as DeepSeek's conversion tools, need it)."""
+    save_model(make_model(make_cfg()), tmp_path / "ck", fp8=True, max_shard_bytes=1)
+    weight_map = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())["weight_map"]
+    scales = [k for k in weight_map if k.endswith("_scale_inv")]
+    assert len(scales) > 20
+    for s in scales:
+        assert weight_map[s] == weight_map[s.removesuffix("_scale_inv")], s
+    assert len(set(weight_map.values())) == len(weight_map) - len(scales)  # one shard per weight
+    for shard in (tmp_path / "ck").glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            [weight] = [k for k in f.keys() if not k.endswith("_scale_inv")]
+            assert set(f.keys()) <= {weight, weight + "_scale_inv"}, shard.name
+
+
 def test_fp8_save_writes_release_format_within_e4m3_error(make_cfg, make_model, tmp_path):
     cfg = make_cfg(**UNALIGNED)
     model = make_model(cfg)
@@ -368,6 +384,8 @@ def _corrupt_scale_missing(t):
     [_corrupt_missing, _corrupt_unexpected, _corrupt_shape, _corrupt_scale_shape, _corrupt_scale_missing],
     ids=["missing", "unexpected", "wrong-shape", "wrong-scale-shape", "fp8-without-scale"],
 )
+
+
 def test_bad_checkpoint_raises_listing_every_problem(make_cfg, make_model, tmp_path, corrupt):
     save_model(make_model(make_cfg()), tmp_path / "ck")
     tensors = read_checkpoint(tmp_path / "ck")
@@ -381,6 +399,8 @@ def test_bad_checkpoint_raises_listing_every_problem(make_cfg, make_model, tmp_p
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "index-not-json", "index-without-map", "map-not-names",
                                     "map-outside", "map-absolute"])
+
+
 def test_damaged_files_raise_naming_the_file(make_cfg, make_model, tmp_path, damage):
     # a half-copied download or a hand-edited index: a CheckpointError naming the file, not a library traceback
     save_model(make_model(make_cfg()), tmp_path / "ck")
@@ -405,6 +425,17 @@ def test_damaged_files_raise_naming_the_file(make_cfg, make_model, tmp_path, dam
         index.write_text(json.dumps(m))
     bad = shard if damage in ("truncated", "garbage") else index
     with pytest.raises(CheckpointError, match=f"{bad.name}: (not a|`weight_map` (must map|names shards outside))"):
+        load_model(tmp_path / "ck", dtype=torch.float32)
+
+
+def test_a_missing_shard_is_named(make_cfg, make_model, tmp_path):
+    # a download that stopped before its last shards: the error names the files to fetch again
+    save_model(make_model(make_cfg()), tmp_path / "ck", max_shard_bytes=50_000)
+    shards = sorted(p.name for p in (tmp_path / "ck").glob("*.safetensors"))
+    assert len(shards) >= 3
+    for gone in shards[1:3]:
+        (tmp_path / "ck" / gone).unlink()
+    with pytest.raises(CheckpointError, match=f"shard files listed in the index are missing: {shards[1]}, {shards[2]}"):
         load_model(tmp_path / "ck", dtype=torch.float32)
 
 
@@ -481,6 +512,15 @@ def test_interrupt_between_the_renames_puts_the_old_checkpoint_back(make_cfg, ma
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
     loaded = load_model(ck, dtype=torch.float32)
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in old.state_dict().items())
+
+
+def test_config_json_records_the_dtype_of_the_saved_weights(make_cfg, make_model, tmp_path):
+    # torch_dtype says what the shards hold, whatever the model's config said before (TINY says float32)
+    for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float32, "float32")):
+        cfg = make_cfg(torch_dtype="float32" if name == "bfloat16" else "bfloat16")
+        save_model(make_model(cfg, dtype=dtype), tmp_path / name)
+        assert json.loads((tmp_path / name / "config.json").read_text())["torch_dtype"] == name
+        assert read_checkpoint(tmp_path / name)["model.norm.weight"].dtype == dtype
 
 
 def test_a_plain_save_of_an_fp8_loaded_model_is_not_marked_fp8(make_cfg, make_model, tmp_path):

@@ -154,9 +154,83 @@ def test_q_lora_rank_zero_means_none():
          "rope_scaling"),
     ],
 )
+
+
 def test_validation_error_names_the_field(overrides, field):
     with pytest.raises(ConfigError, match=f"`{field}`"):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [  # each bound at its edge: the first value refused
+        (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+        (dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
+        (dict(num_nextn_predict_layers=-1), "num_nextn_predict_layers"),
+        (dict(n_shared_experts=-1), "n_shared_experts"),
+        (dict(moe_layer_freq=0), "moe_layer_freq"),
+        (dict(q_lora_rank=-1), "q_lora_rank"),
+        (dict(first_k_dense_replace=-1), "first_k_dense_replace"),
+        (dict(intermediate_size=0), "intermediate_size"),  # TINY's first layer is dense
+        (dict(n_group=0, topk_group=0), "n_group"),
+        (dict(topk_group=0), "topk_group"),
+        (dict(num_experts_per_tok=0), "num_experts_per_tok"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(kv_lora_rank=0), "kv_lora_rank"),
+        (dict(qk_rope_head_dim=0), "qk_rope_head_dim"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(attention_bias=True), "attention_bias"),
+        (dict(tie_word_embeddings=True), "tie_word_embeddings"),
+        (dict(rope_scaling={"type": "yarn", "factor": 0.99}), "rope_scaling"),
+    ],
+)
+
+
+def test_range_checks_name_the_field_at_their_bounds(overrides, field):
+    with pytest.raises(ConfigError, match=f"config field `{field}`"):
+        tiny_config(**overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(num_nextn_predict_layers=0), dict(n_shared_experts=0), dict(first_k_dense_replace=0, intermediate_size=0),
+    dict(first_k_dense_replace=3), dict(q_lora_rank=None), dict(topk_group=4, num_experts_per_tok=8),
+    dict(n_group=1, topk_group=1), dict(rms_norm_eps=1e-12), dict(rope_scaling={"type": "yarn", "factor": 1.0}),
+])
+
+
+def test_values_at_the_edge_of_each_range_are_accepted(overrides):
+    cfg = tiny_config(**overrides)
+    assert all(getattr(cfg, k) == v for k, v in overrides.items())
+
+
+def test_yarn_defaults_for_keys_a_rope_scaling_block_omits():
+    # DeepSeek's own modeling_deepseek.py (DeepseekV3YarnRotaryEmbedding and the attention's softmax scale) reads
+    # a missing original_max_position_embeddings as 4096, beta_fast 32, beta_slow 1, mscale 1 and
+    # mscale_all_dim 0; mscale_all_dim 0 means no softmax correction, and cos/sin then carry
+    # mscale(s, 1) / mscale(s, 0) = 0.1 ln s + 1 (transformers' YaRN gives the same factor without mscale_all_dim)
+    import math
+
+    from dsv3.model.rope import rope_frequencies
+
+    cfg = tiny_config(rope_scaling={"type": "yarn", "factor": 4})
+    assert cfg.yarn == {"factor": 4.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+                        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
+    assert cfg.softmax_scale == (24 + 16) ** -0.5
+    assert rope_frequencies(cfg)[1] == pytest.approx(0.1 * math.log(4) + 1, rel=1e-12)
+    # against the same block with every key written out: identical frequencies, and only mscale_all_dim = 1
+    # (the released value) brings the softmax factor (0.1 ln 4 + 1)^2 = 1.2966 and unscaled cos/sin
+    full = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 4096, "beta_fast": 32,
+            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0}
+    assert torch.equal(rope_frequencies(tiny_config(rope_scaling=full))[0], rope_frequencies(cfg)[0])
+    released = tiny_config(rope_scaling={**full, "mscale_all_dim": 1.0})
+    assert released.softmax_scale == pytest.approx(40**-0.5 * (0.1 * math.log(4) + 1) ** 2, rel=1e-12)
+    assert rope_frequencies(released)[1] == 1.0
+    # the ramp: with an original context of 4096 and d_R 16, theta 1e4, correction dims floor(2.62) = 2 and
+    # ceil(5.63) = 6; a 512-token original context (TINY's max_position_embeddings) would give 0 and 4
+    f = rope_frequencies(cfg)[0]
+    base = 1e4 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    ramp = ((torch.arange(8, dtype=torch.float64) - 2) / 4).clamp(0, 1)
+    assert torch.allclose(f, base * (1 - ramp) + base / 4 * ramp, rtol=1e-15, atol=0)
 
 
 def test_unknown_preset_is_an_error():
@@ -181,6 +255,8 @@ def test_a_config_without_any_rope_key_is_plain_rope():
     ("rope_parameters", [1], "must be an object or null"), ("routed_scaling_factor", float("inf"), "must be a finite"),
     ("rms_norm_eps", float("nan"), "must be a finite number"),
 ])
+
+
 def test_wrong_json_types_name_the_field(field, value, message):
     # a hand-edited config.json: a string where a number belongs fails as a ConfigError naming the field,
     # not as a TypeError deep in validation or the model
@@ -201,6 +277,8 @@ def test_config_json_that_is_not_json_or_not_an_object(tmp_path):
 
 @pytest.mark.parametrize("key,value", [("factor", None), ("mscale_all_dim", None), ("factor", "4x"),
                                        ("original_max_position_embeddings", None), ("beta_fast", float("inf"))])
+
+
 def test_yarn_numbers_are_checked(key, value):
     d = preset("tiny").to_dict()
     d["rope_scaling"] = {**d["rope_scaling"], key: value}
@@ -223,6 +301,8 @@ def test_devices_other_than_cpu_and_cuda_are_refused(name):
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "attention_factor": 1.2}},
      "rope_scaling.attention_factor"),
 ])
+
+
 def test_transformers_rope_options_we_do_not_compute_are_refused(change, match):
     # silently ignored, they gave other logits (rope_interleave false: 0.54 of the largest logit off)
     d = {**tiny_config().to_dict(), **change}

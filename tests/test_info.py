@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,53 @@ def test_info_cli(capsys):
     assert "671.03B" in out and "37.55B" in out and "70,272 bytes" in out
     assert main(["info", "--config", "/no/such/dir"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_info_rows_of_the_tiny_preset(capsys):
+    """Every row of `dsv3 info --preset tiny --context 1024`, counted by hand from the preset (vocab 4096, hidden
+    256, 4 layers of which 1 dense (FFN 768), 4 heads, q_lora 128, kv_lora 64, rope 32, nope 64, v 64, 16 routed
+    experts of width 128 + 1 shared, top-4, MTP depth 1)."""
+    # attention per layer: q_a 256*128 + its norm 128 + q_b 128*4*96; kv_a 256*(64+32) + its norm 64 + kv_b
+    # 64*4*(64+64); o 4*64*256
+    attn = 256 * 128 + 128 + 128 * 4 * 96 + 256 * 96 + 64 + 64 * 4 * 128 + 4 * 64 * 256
+    assert attn == 204_992
+    expert = 3 * 256 * 128  # gate, up, down
+    moe, moe_active = 16 * 256 + 17 * expert, 16 * 256 + 5 * expert  # router + experts (routed + shared)
+    main_total = 2 * 4096 * 256 + 4 * attn + 3 * 256 * 768 + 3 * moe + (4 * 2 * 256 + 256)
+    main_active = main_total - 3 * (moe - moe_active)
+    assert (main_total, main_active) == (8_535_040, 4_996_096)
+    mtp = 2 * 256 + attn + 3 * 256 + 2 * 256 * 256  # enorm, hnorm, block + head norms, eh_proj
+    # forward FLOPs: 2 x matmul weights (activated, without the embedding lookup and the RMSNorm weights:
+    # 2304 block/final + 4 * (128 + 64) latent) + 2 * 4 layers * 4 heads * (96 + 64) = 5120 per key
+    matmul = main_active - 4096 * 256 - 2304 - 4 * (128 + 64)
+    assert main(["info", "--preset", "tiny", "--context", "1024"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("tiny: 4 layers (1 dense), hidden 256, 4 heads, 16 routed experts (top-4, 4 groups keep 2), "
+                        "vocab 4,096")
+    rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in lines[1:])  # label, value
+    assert rows == {
+        "total parameters (main model)": "8.54M",  # 8,535,040
+        "without embedding": "7.49M",  # - 1,048,576
+        "embedding / head": "1.05M / 1.05M",
+        "attention (MLA)": "0.82M",  # 4 * 204,992 = 819,968
+        "dense FFN": "0.59M",  # 589,824
+        "MoE (routers + experts)": "5.03M",  # 3 * 1,675,264 = 5,025,792
+        "activated per token (main model)": "5.00M",  # 4,996,096
+        "without embedding lookup": "3.95M",  # 3,947,520
+        "MTP modules (1), total / activated": "2.01M / 0.83M",  # 337,344 + 1,675,264 / + 495,616
+        "KV cache per token, BF16": "768 bytes",  # 4 layers * (64 + 32) * 2 bytes
+        "KV cache per token, FP8 (1 byte/value)": "384 bytes",
+        "forward FLOPs per token, at context 1,024": "13.13 MFLOP",  # 2 * 3,944,448 + 5120 * 1024
+        "averaged over a causal 1,024-token sequence": "10.51 MFLOP",  # 2 * 3,944,448 + 5120 * 512.5
+    }
+    assert (mtp + moe, mtp + moe_active) == (2_012_608, 832_960)
+    assert matmul == 3_944_448 and 2 * matmul + 5120 * 1024 == 13_131_776 and 2 * matmul + 5120 * 512.5 == 10_512_896
+    p = count_params(preset("tiny"))
+    assert (p.main, p.main_active, p.mtp_total, p.mtp_active) == (main_total, main_active, mtp + moe, mtp + moe_active)
+    assert kv_cache_bytes_per_token(preset("tiny")) == 768 and kv_cache_bytes_per_token(preset("tiny"), 1) == 384
+    assert kv_cache_bytes_per_token(preset("tiny"), 2, mtp=True) == 5 * 96 * 2
+    assert forward_flops_per_token(preset("tiny"), 1024) == 13_131_776  # the rounded rows, exactly
+    assert forward_flops_per_token(preset("tiny"), 1024, causal_mean=True) == 10_512_896
 
 
 def test_cli_refuses_a_context_below_one_and_tells_its_version(capsys):

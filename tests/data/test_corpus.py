@@ -12,6 +12,7 @@ from dsv3.data.corpus import (
     corpus_fingerprint,
     is_validation,
     iter_documents,
+    limit_bytes,
     read_documents,
     resolve_files,
     split_documents,
@@ -98,3 +99,14 @@ def test_corpus_fingerprint_tracks_files(tmp_path):
     os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert corpus_fingerprint(resolve_files(tmp_path)) != fp2
     json.dumps(fp)  # plain string, goes into the cache sidecar
+
+
+def test_limit_bytes_counts_utf8_bytes_and_stops_once_reached():
+    docs = ["abc", "défg", "hi"]  # 3, 5 (é is two bytes) and 2 bytes: 3, 8, 10 in all
+    assert list(limit_bytes(iter(docs), None)) == docs
+    assert list(limit_bytes(iter(docs), 0)) == []
+    assert list(limit_bytes(iter(docs), 2)) == ["abc"]  # the last document may cross the limit
+    assert list(limit_bytes(iter(docs), 3)) == ["abc"]  # reached exactly: no more
+    assert list(limit_bytes(iter(docs), 4)) == ["abc", "défg"]
+    assert list(limit_bytes(iter(docs), 8)) == ["abc", "défg"]  # 8 bytes (7 characters) reach it
+    assert list(limit_bytes(iter(docs), 8.5)) == docs

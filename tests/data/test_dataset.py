@@ -6,7 +6,7 @@ import torch
 
 from dsv3.data.corpus import is_validation
 from dsv3.data.dataset import TokenDataset, encode_documents, pack_documents, tokenize_corpus
-from dsv3.data.tokenizer import BOS, EOS, Tokenizer
+from dsv3.data.tokenizer import BOS, EOS, Tokenizer, train_bpe
 
 # hand-made documents as token ids: BOS (0) ... EOS (1)
 DOCS = [[0, 10, 11, 12, 1], [0, 20, 21, 1], [0, 30, 1]]
@@ -187,6 +187,40 @@ def test_token_cache_reused_and_invalidated(small_tok, v3_tok, tmp_path, monkeyp
     (tmp_path / "corpus" / "m000.py").write_text("changed = True\n")  # an edited corpus
     c = tokenize_corpus(small_tok, tmp_path / "corpus", **kw)
     assert calls and c["train"].path != path
+
+
+def test_token_cache_of_another_tokenizer_with_the_same_special_ids_is_its_own(small_tok, tmp_path):
+    # two BPEs trained on different text: the same special-token ids (0..7), other merges. The second must get
+    # its own tokens, not the first one's cache, and the first one's cache stays valid beside it
+    texts = make_corpus(tmp_path / "corpus")
+    other = train_bpe(texts, 300)
+    ids = [(t.bos_id, t.eos_id, t.fim_begin, t.fim_hole, t.fim_end) for t in (small_tok, other)]
+    assert ids[0] == ids[1] and small_tok.fingerprint != other.fingerprint
+    kw = dict(cache_dir=tmp_path / "cache", val_fraction=0.1, fim_rate=0.0, progress=False)
+    first = tokenize_corpus(small_tok, tmp_path / "corpus", **kw)
+    second = tokenize_corpus(other, tmp_path / "corpus", **kw)
+    train = [t for t in texts if not is_validation(t, 0.1)]
+    for tok, cache in ((small_tok, first), (other, second)):
+        stream, starts = pack_documents([[0, *tok.encode(t, bos=False), 1] for t in train])
+        assert np.array_equal(cache["train"].tokens, stream) and np.array_equal(cache["train"].doc_starts, starts)
+    assert second["train"].path != first["train"].path
+    mtime = (first["train"].path / "meta.json").stat().st_mtime_ns
+    assert tokenize_corpus(small_tok, tmp_path / "corpus", **kw)["train"].path == first["train"].path
+    assert (first["train"].path / "meta.json").stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+def test_token_cache_without_bos(small_tok, tmp_path):
+    # bos=False: each document is `body EOS`, in the cache as in encode_documents
+    texts = make_corpus(tmp_path / "corpus")
+    caches = tokenize_corpus(small_tok, tmp_path / "corpus", cache_dir=tmp_path / "cache", val_fraction=0.1,
+                             fim_rate=0.0, bos=False, progress=False)
+    for split, docs in (("train", [t for t in texts if not is_validation(t, 0.1)]),
+                        ("val", [t for t in texts if is_validation(t, 0.1)])):
+        bodies = [small_tok.encode(t, bos=False) for t in docs]
+        c = caches[split]
+        assert c.tokens.tolist() == [i for b in bodies for i in [*b, 1]], split
+        assert c.doc_starts.tolist() == np.cumsum([0] + [len(b) + 1 for b in bodies]).tolist(), split
+        assert small_tok.bos_id not in c.tokens and c.meta["settings"]["bos"] is False
 
 
 def test_token_cache_ignores_incomplete_build(small_tok, tmp_path):

@@ -132,6 +132,26 @@ def test_save_and_load(small_tok, tmp_path):
         Tokenizer.from_pretrained(tmp_path)
 
 
+def test_special_token_ids_come_from_the_config(small_tok, tmp_path):
+    # a tokenizer_config.json may name other special tokens (as a string or an AddedToken object): the ids are
+    # those tokens' ids in the vocabulary, not V3's defaults (BOS 0, EOS 1)
+    small_tok.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.update(bos_token={"content": USER, "special": True}, eos_token=FIM_END)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_pretrained(tmp_path)
+    assert (tok.bos_id, tok.eos_id) == (6, 5) and (small_tok.bos_id, small_tok.eos_id) == (0, 1)
+    assert tok.encode("x")[0] == 6
+    from dsv3.data.dataset import encode_documents
+
+    [doc] = encode_documents(["x = 1"], tok)
+    assert doc == [6, *tok.encode("x = 1", bos=False), 5]
+    config.update(eos_token="<｜no▁such｜>")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="eos_token '<｜no▁such｜>' is not in the vocabulary"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
 def test_transformers_reads_our_files_the_same(small_tok, v3_tok, tmp_path):
     """transformers is the oracle: from our saved files it must produce our ids (BOS included) and chat."""
     transformers = pytest.importorskip("transformers")

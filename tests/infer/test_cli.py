@@ -249,3 +249,39 @@ def test_chat_prompts_only_on_a_terminal(model_dir: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(sys.stdin, "isatty", lambda: tty)
     run("chat", "--model", str(model_dir), "--max-tokens", "2", "--device", "cpu")
     assert shown == ([">>> "] if tty else [""])
+def _one_line_error(capsys: pytest.CaptureFixture, command: str) -> str:
+    out = capsys.readouterr()
+    err = out.err.strip()
+    assert "\n" not in err and err.startswith(f"dsv3 {command}: error: ") and "Traceback" not in err, out.err
+    return err
+
+
+def test_a_damaged_checkpoint_exits_2_with_one_line(model_dir: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    from dsv3.cli import main
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    shard = d / "model-00001-of-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a download cut short
+    assert main(["generate", "--model", str(d), "--prompt", "x", "--device", "cpu"]) == 2
+    err = _one_line_error(capsys, "generate")
+    assert f"{shard}: not a readable safetensors file" in err
+
+
+def test_an_exhausted_kv_cache_exits_2_with_one_line(model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    # a pool of one 16-slot block cannot hold BOS + "x" (one token) + 20 new tokens = 22 positions, two blocks:
+    # the engine's CacheExhausted says so
+    from dsv3.cli import main
+
+    original = Engine.__init__
+    monkeypatch.setattr(Engine, "__init__", lambda self, model, tokenizer=None, **kw: original(
+        self, model, tokenizer, **{**kw, "cache_tokens": 16}))
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--max-tokens", "20",
+                 "--device", "cpu"]) == 2
+    err = _one_line_error(capsys, "generate")
+    assert err.endswith("request needs KV cache for up to 22 positions (2 blocks of 16), the pool has 16 "
+                        "(1 blocks): lower max_tokens or raise cache_tokens")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dsv3.cli import main
 
@@ -70,6 +71,22 @@ def test_train_eval_sample(make_run, loop_corpus, tmp_path, capsys):
     # the finished run continues when given more tokens
     assert main(["train", "--resume", str(tmp_path / "cli"), "--train.tokens", "768"]) == 0
     assert "done: step 3" in capsys.readouterr().out
+
+
+def test_a_nan_loss_exits_2_with_one_line(make_run, tmp_path, capsys, monkeypatch):
+    import dataclasses
+
+    import dsv3.train.loop as loop
+
+    real = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda *a, **kw: dataclasses.replace(
+        real(*a, **kw), loss=torch.tensor(float("nan"))))
+    path = tmp_path / "run.toml"
+    make_run("nan").save(path)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("dsv3 train: error: the loss is nan at step 1; "), err
+    assert "the last checkpoint (none yet) is kept" in err
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -224,6 +224,8 @@ def test_a_refused_resume_leaves_the_run_files(make_run):
     ("data.fim_rate", 0.3, "training data differs"),  # other tokens, as many sequences
     ("train.seed", 5, "resuming keeps the seed"),
 ])
+
+
 def test_resuming_on_other_data_is_refused(make_run, setting, value, match):
     first = train(make_run(), callback=interrupt_at(2))
     saved = (first.run_dir / "train.toml").read_text()
@@ -400,3 +402,27 @@ def test_a_tokenizer_save_cut_short_is_not_taken_for_the_old_settings(make_run, 
             loop.build_tokenizer(ask(400), tmp_path)
     assert len(Tokenizer.from_pretrained(tmp_path / "tokenizer")) == 400  # the cut-short save's files
     assert len(loop.build_tokenizer(ask(300), tmp_path)) == 300
+
+
+def test_the_run_trains_its_tokenizer_on_at_most_tokenizer_max_mb(make_run, monkeypatch, tmp_path):
+    # 28-byte documents; data.tokenizer_max_mb 0.00011 is 110 bytes: the first four training documents (84 bytes
+    # after three, 112 after four; validation documents are never trained on)
+    from dsv3.data.corpus import is_validation
+    from dsv3.train import loop
+
+    texts = [f"def f{i}(x):\n    return x * {i}\n" for i in range(10)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    seen = []
+
+    def fake_train_bpe(docs, vocab_size, out, **kw):
+        seen.extend(docs)
+        Path(out).mkdir(parents=True)
+        return "a tokenizer"
+
+    monkeypatch.setattr(loop, "train_bpe", fake_train_bpe)
+    run = make_run(**{"data.tokenizer": "train", "data.sources": [str(tmp_path / "docs.jsonl")],
+                      "data.tokenizer_max_mb": 0.00011, "data.val_fraction": 0.2})
+    assert loop.build_tokenizer(run, tmp_path / "run") == "a tokenizer"
+    train_docs = [t for t in texts if not is_validation(t, 0.2)]
+    assert len(train_docs) >= 5 and all(len(t.encode()) == 28 for t in texts)
+    assert seen == train_docs[:4]

@@ -35,6 +35,8 @@ def test_overrides_are_typed_by_the_defaults(tmp_path):
     (["--train.lr"], r"needs a value"),
     (["stray"], r"unexpected argument"),
 ])
+
+
 def test_bad_overrides_name_the_setting(args, match):
     with pytest.raises(ConfigError, match=match):
         RunConfig.load(None, args)
@@ -67,11 +69,58 @@ def test_validate_names_the_field():
     (["--train.beta2", "1"], r"`train.beta2`: must be in \[0, 1\)"),
     (["--data.tokenizer_max_mb", "0"], r"`data.tokenizer_max_mb`: must be > 0"),
 ])
+
+
 def test_values_that_would_train_to_nan_or_fail_late_are_refused(args, match):
     # nan / inf trained to a NaN checkpoint with exit code 0; a negative seed failed after the run's files were
     # written, which then refused a corrected run
     with pytest.raises(ConfigError, match=match):
         RunConfig.load(None, args).validate()
+
+
+@pytest.mark.parametrize(("args", "match"), [  # each range at its edge: the first value refused
+    (["--train.tokens", "0"], r"`train.tokens`: must be > 0 \(got 0\)"),
+    (["--train.max_minutes", "-0.5"], r"`train.max_minutes`: must be >= 0"),
+    (["--train.micro_batch_size", "0"], r"`train.micro_batch_size`: must be >= 1"),
+    (["--train.lr", "-1e-9"], r"`train.lr`: must be >= 0"),
+    (["--train.grad_clip", "-0.1"], r"`train.grad_clip`: must be >= 0"),
+    (["--train.weight_decay", "-0.1"], r"`train.weight_decay`: must be >= 0"),
+    (["--train.beta1", "1"], r"`train.beta1`: must be in \[0, 1\)"),
+    (["--train.beta1", "-0.1"], r"`train.beta1`: must be in \[0, 1\)"),
+    (["--train.alpha", "-1e-4"], r"`train.alpha`: must be >= 0"),
+    (["--train.warmup_steps", "-1"], r"`train.warmup_steps`: must be >= 0"),
+    (["--train.seed", str(2**32)], r"`train.seed`: must be in \[0, 2\^32\)"),
+    (["--train.balance", "greedy"], r"`train.balance`: must be one of"),
+    (["--train.eval_interval", "0"], r"`train.eval_interval`: must be >= 1"),
+    (["--train.eval_batches", "0"], r"`train.eval_batches`: must be >= 1"),
+    (["--train.checkpoint_interval", "0"], r"`train.checkpoint_interval`: must be >= 1"),
+    (["--train.keep_last", "-1"], r"`train.keep_last`: must be >= 0"),
+    (["--train.threads", "-1"], r"`train.threads`: must be >= 0"),
+    (["--data.seq_len", "1"], r"`data.seq_len`: must be >= 2 \(got 1\)"),
+    (["--data.fim_rate", "1.01"], r"`data.fim_rate`: must be in \[0, 1\]"),
+    (["--data.fim_rate", "-0.01"], r"`data.fim_rate`: must be in \[0, 1\]"),
+    (["--data.val_fraction", "0"], r"`data.val_fraction`: must be in \(0, 1\)"),
+    (["--data.val_fraction", "1"], r"`data.val_fraction`: must be in \(0, 1\)"),
+    (["--data.sources", ""], r"`data.sources`: must name at least one source"),
+    (["--log.load_interval", "0"], r"`log.load_interval`: must be >= 1"),
+])
+
+
+def test_range_checks_name_the_setting_at_their_bounds(args, match):
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.load(None, args).validate()
+
+
+def test_values_at_the_edge_of_each_range_are_accepted():
+    edges = ["--train.tokens", "1", "--train.max_minutes", "0", "--train.micro_batch_size", "1",
+             "--train.batch_size", "1", "--train.lr", "0", "--train.grad_clip", "0", "--train.weight_decay", "0",
+             "--train.beta1", "0", "--train.beta2", "0", "--train.alpha", "0", "--train.warmup_steps", "0",
+             "--train.seed", str(2**32 - 1), "--train.eval_interval", "1", "--train.eval_batches", "1",
+             "--train.checkpoint_interval", "1", "--train.keep_last", "0", "--train.threads", "0",
+             "--data.seq_len", "2", "--data.fim_rate", "1", "--data.val_fraction", "0.999",
+             "--log.load_interval", "1", "--train.gamma", "0", "--train.mtp_lambda", "0"]
+    RunConfig.load(None, edges).validate()
+    RunConfig.load(None, ["--data.fim_rate", "0", "--data.val_fraction", "1e-9"]).validate()
 
 
 def test_parse_overrides_reads_toml_values():
