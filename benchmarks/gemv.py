@@ -20,6 +20,12 @@ previous one's output (W_DQ + [W_DKV; W_KR], W_UQ with q_a_layernorm, W_O, the r
 routed experts' gate_up and down), every layer on its own weights (so from HBM), in one CUDA graph: with
 programmatic dependent launch (`dsv3.model.pdl`: waiting only, and with each weight prefetched toward L2
 before the wait) and without, outputs compared bit for bit.
+
+    python -m benchmarks.gemv --dense-ffn
+
+times `bench`'s dense FFN (layer 0: d 1536, I 8192, 75 MB) at one row, as decode runs it (RMSNorm, cuBLAS gate and
+up, SiLU, cuBLAS down, the skip connection; eager and torch.compiled) against gemv's norm-fused pair launch for
+gate and up and its SwiGLU-on-load down launch with the skip connection, at a few program shapes each.
 """
 
 from __future__ import annotations
@@ -106,10 +112,65 @@ def chain(dev: torch.device, bw: float, layers: int = 11, reps: int = 20) -> Non
         raise SystemExit("outputs differ with PDL")
 
 
+def dense_ffn(dev: torch.device, bw: float) -> None:
+    """--dense-ffn: `bench`'s dense FFN at one row, cuBLAS (eager, compiled) against two gemv launches (see the
+    module docstring); every call on its own copy of the weights (from HBM)."""
+    d, inter, bf = 1536, 8192, torch.bfloat16
+    nbytes = 3 * d * inter * 2
+    c = n_copies(nbytes)
+    g = torch.Generator(device=dev).manual_seed(0)
+    ws = [[torch.randn(*shape, device=dev, dtype=bf, generator=g) * shape[1] ** -0.5
+           for shape in ((inter, d), (inter, d), (d, inter))] for _ in range(c)]
+    nw = 1 + 0.1 * torch.randn(d, device=dev, dtype=bf, generator=g)
+    x = torch.randn(1, d, device=dev, dtype=bf, generator=g)
+
+    def modules(i: int) -> torch.Tensor:  # what the MLP module and its block's norm and skip connection run
+        wg, wu, wd = ws[i]
+        xf = x.float()
+        h = nw * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(bf)
+        return x + F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
+
+    def pair(i: int, t: tuple[int, int, int] | None = None) -> torch.Tensor:
+        return gemv_pair(x, ws[i][0], ws[i][1], norm=(nw, 1e-6), tiles=t)
+
+    h = pair(0)
+
+    def down(i: int, t: tuple[int, int, int] | None = None) -> torch.Tensor:
+        return gemv(h, ws[i][2], swiglu=True, residual=x, tiles=t)
+
+    def both(i: int, tiles: tuple[tuple[int, int, int] | None, ...] = (None, None)) -> torch.Tensor:
+        return gemv(pair(i, tiles[0]), ws[i][2], swiglu=True, residual=x, tiles=tiles[1])
+
+    best = ((16, 512, 8), (8, 512, 8))  # the shapes below that were fastest on the H200
+
+    rows = []
+    for name, fn, by in [("cuBLAS chain, eager", modules, nbytes),
+                         ("cuBLAS chain, compiled", torch.compile(modules), nbytes), ("gemv pair + down", both, nbytes),
+                         ("gemv pair + down, 16x512x8 + 8x512x8", lambda i: both(i, best), nbytes),
+                         ("gemv pair (gate, up, norm)", pair, 2 * d * inter * 2),
+                         ("gemv down (SwiGLU, skip)", down, d * inter * 2)]:
+        us = replay_us(fn, c)
+        rows.append({"case": name, "MB": f"{by / 1e6:.1f}", "floor us": f"{by / bw * 1e6:.1f}", "us": f"{us:.1f}",
+                     "of bandwidth": f"{by / (us * 1e-6) / bw:.0%}"})
+    for name, fn, shapes in [("gemv pair", pair, [(16, 256, 8), (16, 512, 8), (8, 512, 8), (32, 256, 8)]),
+                             ("gemv down", down, [(4, 128, 4), (8, 256, 4), (16, 256, 4), (8, 512, 8), (16, 512, 8)])]:
+        for t in shapes:
+            us = replay_us(lambda i, fn=fn, t=t: fn(i, t), c)
+            rows.append({"case": f"{name} {'x'.join(map(str, t))}", "us": f"{us:.1f}"})
+    ref = modules(0).double()  # the two ways compute the same FFN: their difference against its scale
+    err = ((both(0).double() - ref).abs().max() / ref.abs().max()).item()
+    print(f"`bench` dense FFN at one row, {device_name(dev)}, copy bandwidth {bw / 1e12:.2f} TB/s; gemv against "
+          f"cuBLAS: max difference {err:.1e} of the output's largest value")
+    print_table(rows, ["case", "MB", "floor us", "us", "of bandwidth"])
+    emit_json({"bench": "gemv-dense-ffn", "device": device_name(dev), "copy_bandwidth": bw,
+               "torch": torch.__version__, "max_difference": err, "rows": rows})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="also time every program shape of SWEEP (bf16), keep the best")
     ap.add_argument("--chain", action="store_true", help="time the chain of one decode step's GEMVs, PDL on / off")
+    ap.add_argument("--dense-ffn", action="store_true", help="time bench's dense FFN: cuBLAS against gemv")
     ap.add_argument("--linears", nargs="+", type=dims, default=LINEARS, metavar="NxK",
                     help="the dense linears [N, K] to time (default: bench's); V3's single-row ones: 2112x7168 "
                          "(W_DQ with [W_DKV; W_KR]) 24576x1536 (W_UQ) 7168x16384 (W_O)")
@@ -124,6 +185,9 @@ def main() -> None:
     bw = copy_bandwidth(dev)
     if args.chain:
         chain(dev, bw)
+        return
+    if args.dense_ffn:
+        dense_ffn(dev, bw)
         return
     fp8 = torch.float8_e4m3fn
     rows = []
