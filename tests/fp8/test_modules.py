@@ -415,3 +415,17 @@ def test_kept_dense_copy_has_the_linears_dtype_and_is_served(dtype):
     assert q8.dense is not None and q8.dense.dtype == dtype
     assert q8.dense_weight(dtype) is q8.dense
     torch.testing.assert_close(q8.dense, dequantize_blockwise(q8.weight, q8.weight_scale_inv, dtype), rtol=0, atol=0)
+
+
+def test_dense_weight_of_another_dtype_is_dequantised_not_the_cached_copy():
+    # a bf16 copy is cached; asking for float32 (or float64) must dequantise the E4M3 values in that dtype
+    lin = torch.nn.Linear(256, 130, bias=False).to(torch.bfloat16)
+    q8 = FP8Linear.from_linear(lin, keep_dense=True)
+    assert q8.dense is not None and q8.dense.dtype == torch.bfloat16
+    for dtype in (torch.float32, torch.float64):
+        w = q8.dense_weight(dtype)
+        assert w.dtype == dtype
+        # each E4M3 value times its block's scale, exact in float64, rounded once to float32 (the product's dtype)
+        ref = q8.weight.double() * q8.weight_scale_inv.double().repeat_interleave(128, 0)[:130].repeat_interleave(
+            128, 1)[:, :256]
+        torch.testing.assert_close(w.double(), ref.float().double(), rtol=0, atol=0)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from dsv3.model.attention import attend
 from dsv3.model.cache import StaticLatentCache
 from dsv3.model.rope import rope_frequencies
 from tests.conftest import SHAPES
@@ -233,3 +234,24 @@ def test_a_cache_takes_the_models_dtype_and_mtp_is_refused_with_it(make_cfg, mak
         assert cache.c_kv.dtype == torch.bfloat16
         with pytest.raises(ValueError, match="MTP blocks are not cached"):
             model(tokens[:, 6:7], cache=cache, start_pos=6, mtp=True)
+
+
+def test_attend_doc_mask_is_same_label_causal_whatever_the_labels_order():
+    # doc_ids are labels: a query sees the earlier keys with its own label only, also when labels are not
+    # increasing along the row (float64 loop over queries written from the definition)
+    g = torch.Generator().manual_seed(0)
+    B, H, S, D, Dv, scale = 2, 3, 7, 8, 5, 0.4
+    q, k = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, H, S, Dv, generator=g, dtype=torch.float64)
+    doc_ids = torch.tensor([[2, 2, 0, 0, 0, 1, 1], [5, 5, 5, 3, 3, 4, 4]])
+    with torch.no_grad():
+        got = attend(q, k, v, scale, 0, doc_ids)
+    want = torch.empty_like(got)
+    for b in range(B):
+        for i in range(S):
+            keys = [j for j in range(i + 1) if doc_ids[b, j] == doc_ids[b, i]]
+            p = torch.softmax((q[b, :, i : i + 1] @ k[b, :, keys].transpose(-1, -2)) * scale, dim=-1)
+            want[b, :, i] = (p @ v[b, :, keys])[:, 0]
+    assert_rel_close(got, want)
+    with pytest.raises(ValueError, match="document masking"):
+        attend(q, k, v, scale, 3, doc_ids)

@@ -10,7 +10,7 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
 from dsv3.model.layers import RMSNorm
-from dsv3.model.moe import MoE, Router, RouterOutput, _Bf16Logits, route, router_logits
+from dsv3.model.moe import MoE, Router, RouterOutput, _Bf16Logits, combine, route, router_logits
 from tests.conftest import randomize_bias_, tiny_config
 
 # Hand cases are float32 sums of a few numbers of order 1: 1e-6 absolute covers their rounding.
@@ -451,3 +451,25 @@ def test_shared_expert_rides_in_the_routed_launches_only_when_its_forward_is_the
         assert not rides()
         moe.shared_experts.up_proj = torch.nn.Linear(32, 16, bias=False).to(torch.float64)
         assert not rides()  # another dtype than the routed experts'
+
+
+def test_combine_weights_each_of_the_k_rows_and_adds_plus_against_float64():
+    # few_pairs' combine (the CUDA decode path): sum_k w[:, k] * y[:, k] + plus, every k with its own gate
+    g = torch.Generator().manual_seed(0)
+    T, K, d = 5, 4, 12
+    y = torch.randn(T, K, d, generator=g)
+    w = torch.rand(T, K, generator=g)
+    plus = torch.randn(T, d, generator=g)
+    want = (y.double() * w.double().unsqueeze(-1)).sum(1)
+    torch.testing.assert_close(combine(y, w, torch.float64), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(combine(y, w, torch.float64, plus=plus), want + plus.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(combine(y, None, torch.float64), y.double().sum(1), rtol=1e-6, atol=1e-6)
+
+
+def test_combine_of_bf16_rows_sums_in_float32_and_rounds_once():
+    # 8 bf16 rows sum exactly in float32 (and in float64): the result is the exact sum rounded once to bf16,
+    # where a bf16 accumulation rounds after every addition
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(64, 8, 32, generator=g).to(torch.bfloat16)
+    want = y.double().sum(1).to(torch.bfloat16)
+    torch.testing.assert_close(combine(y, None, torch.bfloat16), want, rtol=0, atol=0)

@@ -11,6 +11,7 @@ from transformers import DeepseekV3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from dsv3.config import preset
+from dsv3.model import DeepSeekV3
 from dsv3.model.rope import RotaryEmbedding, apply_rope, rope_frequencies
 from tests.conftest import YARN
 
@@ -189,3 +190,58 @@ def test_the_table_is_float32_or_wider_whatever_the_model_dtype(make_cfg):
     assert r.inv_freq.dtype == torch.float32 and torch.equal(r.inv_freq, freqs.float())
     r.double()  # recomputed in float64, not the float32 values widened
     assert r.inv_freq.dtype == torch.float64 and torch.equal(r.inv_freq, freqs)
+
+
+def test_yarn_ramp_end_clamps_at_d_minus_1_like_transformers(make_cfg):
+    # a long original context puts the beta_slow dim beyond the d_R/2 pairs (ceil(c(1)) = 9 > 7 for d_R=16):
+    # the ramp's end is clamped at d_R - 1 (transformers' find_correction_range), not at the last pair index
+    rope_scaling = {**YARN, "original_max_position_embeddings": 65536}
+    cfg = make_cfg(rope_scaling=rope_scaling, qk_rope_head_dim=16, rope_theta=10000.0,
+                   max_position_embeddings=4 * 65536)
+    d, theta, s, L = 16, 10000.0, 4.0, 65536
+
+    def c(n):
+        return d * math.log(L / (n * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = max(math.floor(c(32)), 0), min(math.ceil(c(1)), d - 1)
+    assert high == 9 > d // 2 - 1
+    expected = []
+    for i in range(d // 2):
+        r = min(max((i - low) / (high - low), 0.0), 1.0)
+        f = theta ** (-2 * i / d)
+        expected.append(f * (1 - r) + f / s * r)
+    freqs, _ = rope_frequencies(cfg)
+    torch.testing.assert_close(freqs, torch.tensor(expected, dtype=torch.float64), rtol=1e-13, atol=0)
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["yarn"](DeepseekV3Config(**cfg.to_dict()), "cpu")
+    torch.testing.assert_close(freqs.float(), inv_freq, rtol=1e-6, atol=0)
+
+
+def test_yarn_zero_width_ramp_is_a_step_like_transformers(make_cfg):
+    # original context 6: both correction dims round to pair 0 (c(1) = -0.04), a zero-width ramp; the pair at
+    # the ramp keeps its frequency and every later pair is divided by the factor (no 0/0 NaN)
+    rope_scaling = {**YARN, "original_max_position_embeddings": 6}
+    cfg = make_cfg(rope_scaling=rope_scaling, qk_rope_head_dim=16, rope_theta=10000.0)
+    freqs, _ = rope_frequencies(cfg)
+    d, s = 16, 4.0
+    expected = [10000.0 ** (-2 * i / d) / (1 if i == 0 else s) for i in range(d // 2)]
+    torch.testing.assert_close(freqs, torch.tensor(expected, dtype=torch.float64), rtol=1e-13, atol=0)
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["yarn"](DeepseekV3Config(**cfg.to_dict()), "cpu")
+    torch.testing.assert_close(freqs.float(), inv_freq, rtol=1e-6, atol=0)
+
+
+def test_softmax_scale_follows_mscale_all_dim_when_mscale_is_zero(make_cfg):
+    cfg = make_cfg(rope_scaling={**YARN, "mscale": 0.0, "mscale_all_dim": 1.0})
+    m = 0.1 * 1.0 * math.log(YARN["factor"]) + 1
+    assert cfg.softmax_scale == pytest.approx(cfg.qk_head_dim**-0.5 * m * m, rel=1e-12)
+
+
+def test_init_weights_recomputes_the_table_of_a_model_built_on_meta(make_cfg):
+    # a model built on the meta device and moved with to_empty holds an uninitialised table until init_weights
+    cfg = make_cfg()
+    with torch.device("meta"):
+        model = DeepSeekV3(cfg)
+    model.to_empty(device="cpu")
+    model.rotary.inv_freq.fill_(float("nan"))
+    model.init_weights()
+    freqs, _ = rope_frequencies(cfg)
+    assert torch.equal(model.rotary.inv_freq, freqs.float())

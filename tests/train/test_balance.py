@@ -140,3 +140,21 @@ def test_bias_update_balances_a_skewed_toy_model(tiny_model):
     assert start > 1.0, f"the toy should start unbalanced (MaxVio {start:.2f})"
     assert end < 0.4 * start, f"MaxVio {start:.2f} -> {end:.2f}"
     assert biases(tiny_model).abs().max().item() > 0.05  # the bias, not chance, did it
+
+
+def test_accumulator_refuses_micro_batches_with_another_number_of_layers():
+    # [1, E] + [2, E] would broadcast silently: the accumulator must refuse it
+    acc = LoadAccumulator()
+    acc.add([load_only([1, 2, 3, 4])])
+    with pytest.raises(ValueError, match="do not match"):
+        acc.add([load_only([1, 2, 3, 4]), load_only([4, 3, 2, 1])])
+
+
+def test_init_weights_starts_every_bias_at_zero(tiny_model):
+    # a model built on the meta device (or re-initialised) holds arbitrary bias values: init_weights zeroes them
+    for r in routers(tiny_model):
+        r.e_score_correction_bias.fill_(0.5)
+    tiny_model.init_weights(0.09)
+    for r in routers(tiny_model):
+        assert r.e_score_correction_bias.dtype == torch.float32
+        assert torch.equal(r.e_score_correction_bias, torch.zeros_like(r.e_score_correction_bias))

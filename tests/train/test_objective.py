@@ -186,6 +186,41 @@ def test_balance_loss_matches_float64_hand_loops_with_gradient():
         assert torch.allclose(s.grad.double(), s64.grad, atol=1e-6, rtol=0)
 
 
+def test_compute_loss_backpropagates_alpha_times_the_balance_gradient():
+    # the total loss carries alpha * L_bal with its graph: d loss / d s = alpha * d L_bal / d s (float64 loops)
+    g = torch.Generator().manual_seed(2)
+    V, B, S, E, K, alpha = 11, 2, 4, 6, 2, 0.25
+    tokens = torch.randint(0, V, (B, S + 1), generator=g)
+    s64 = (torch.rand(B * S, E, generator=g, dtype=torch.float64) * 0.9 + 0.05).requires_grad_()
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(B * S)])
+    ref = hand_balance([(s64, idx)], B)
+    ref.backward()
+    s32 = s64.detach().float().requires_grad_()
+    out = DeepSeekV3Output(logits=torch.randn(B, S, V, generator=g), hidden=torch.zeros(B, S, 4),
+                           router=[router(s32, idx)])
+    for mode in ("aux-loss", "aux-free"):
+        s32.grad = None
+        parts = compute_loss(out, tokens, ObjectiveConfig(mode, alpha=alpha))
+        parts.loss.backward()
+        assert torch.allclose(s32.grad.double(), alpha * s64.grad, atol=1e-7, rtol=0)
+    s32.grad = None
+    assert not compute_loss(out, tokens, ObjectiveConfig("none")).loss.requires_grad  # measured, no graph
+
+
+def test_mtp_depth_must_leave_a_target_and_the_mask_must_match_the_targets():
+    V, B, S = 13, 2, 3
+    tokens = torch.randint(0, V, (B, S + 1))
+    logits = torch.randn(B, S, V)
+    assert len(mtp_losses([logits] * 2, tokens[:, 1:])) == 2  # depth 2 < S: one target per row
+    with pytest.raises(ValueError, match="MTP depth 3"):
+        mtp_losses([logits] * 3, tokens[:, 1:])  # depth 3 == S: no position has a target
+    out = DeepSeekV3Output(logits=logits, hidden=torch.zeros(B, S, 4))
+    with pytest.raises(ValueError, match="mask"):
+        compute_loss(out, tokens, mask=torch.ones(B, S + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask"):
+        compute_loss(out, tokens, mask=torch.ones(1, S, dtype=torch.bool))
+
+
 # ---- modes and the real model ------------------------------------------------------------------------
 
 def test_balance_modes():
