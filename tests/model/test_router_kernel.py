@@ -238,3 +238,26 @@ def test_compiles_into_a_graph_with_the_same_routing():
     got = torch.compile(normed, fullgraph=True)(x)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     assert_rmsnorm_rows(got[0], x[:1], norm.weight, norm.eps)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("T", [1, 8])
+def test_load_counts_start_from_zero_at_every_graph_replay(T):
+    # a CUDA graph reuses its buffers: the per-expert counts the per-token selection programs add to must be
+    # zeroed in every replay (filled with garbage here first), not only in the first call
+    E, G, TG, K, d = 64, 8, 4, 8, 256
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, d, generator=g).bfloat16().cuda()
+    w = (torch.randn(E, d, generator=g) / 16).bfloat16().cuda()
+    bias = torch.zeros(E, device="cuda")
+    fused_router(x, w, bias, G, TG, K, True, SCALE)  # compiles the kernels outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, idx, _, load, _ = fused_router(x, w, bias, G, TG, K, True, SCALE)
+    for fill in (7, -3):
+        load.fill_(fill)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = route((x.double() @ w.double().T).sigmoid().cpu(), bias.double().cpu(), G, TG, K, True, SCALE)[1]
+        assert torch.equal(idx.cpu(), ref)
+        assert torch.equal(load.cpu(), torch.bincount(ref.flatten(), minlength=E)), fill

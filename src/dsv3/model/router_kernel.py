@@ -10,13 +10,15 @@ microseconds of almost no work. Here, for at most ROUTER_MAX_ROWS tokens:
    RMSNorm, each program first sums its rows' squares over the whole of d (a few KB from L2) and normalises
    the columns it reads as `layers.RMSNorm` does, and the first expert tile's programs write the normalised
    rows for the experts: the norm needs no launch of its own.
-2. `_select_kernel`: one program for all tokens sums the splits, writes s_i = sigmoid(.), and runs `moe.route`
-   on [T, groups, experts per group] tiles: per-group top-2 sums of the biased scores, the `topk_group` best
-   groups kept (ties to the lower group index), -inf elsewhere, then K rounds of argmax (ties to the lower
-   expert index) gathering the unbiased s_i, normalised and scaled; the per-expert load is counted in
-   registers, so it needs neither a zeroed buffer nor atomics. Its ~3 us on an H200 are the launch's wait and
-   memory round trips, not the K rounds: neither top-K as one rank count nor selecting in the logits kernel's
-   last program (an atomic count of finished programs) was faster (BENCHMARKS.md, eleventh session).
+2. `_select_kernel`: a program per token sums the splits, writes s_i = sigmoid(.), and runs `moe.route` on
+   [groups, experts per group] tiles: per-group top-2 sums of the biased scores, the `topk_group` best groups
+   kept (ties to the lower group index), -inf elsewhere, then K rounds of argmax (ties to the lower expert
+   index) gathering the unbiased s_i, normalised and scaled; the per-expert load is counted in registers and
+   added to counts the logits kernel zeroed (integers: any order gives the same sum; one token stores its own).
+   One token's ~3 us on an H200 are the launch's wait and memory round trips, not the K rounds: neither top-K
+   as one rank count nor selecting in the logits kernel's last program (an atomic count of finished programs)
+   was faster (BENCHMARKS.md, eleventh session). One program for all of 8 tokens took 23 us: the rounds'
+   reductions are serial within a program (BENCHMARKS.md, seventeenth session).
 
 `moe.route` is the reference (CPU, training, many tokens); tests/model/test_router_kernel.py holds this to it.
 CUDA only (Triton); `Router.forward` keeps the general path elsewhere (`router_kernel_supported`). Not
@@ -84,9 +86,10 @@ if triton is not None:
 
     @triton.jit
     def _logits_kernel(
-        x_ptr, w_ptr, z_ptr, nw_ptr, hn_ptr, T, E, D, CHUNK, stride_xt, stride_we, eps,
+        x_ptr, w_ptr, z_ptr, nw_ptr, hn_ptr, load_ptr, T, E, D, CHUNK, stride_xt, stride_we, eps,
         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, RMS_BLOCK: tl.constexpr,
-        NORM: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr,
+        NORM: tl.constexpr, ZERO_LOAD: tl.constexpr, BLOCK_LOAD: tl.constexpr, LINE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         split = tl.program_id(1)
         offs_t = tl.arange(0, BLOCK_T)
@@ -98,6 +101,10 @@ if triton is not None:
         pdl_prefetch_rows(tl.where(e_ok[:, None], w_rows, w_ptr) + split * CHUNK,
                           tl.minimum(CHUNK, D - split * CHUNK), LINE, PDL)
         pdl_wait(PDL)
+        if ZERO_LOAD:  # the selection's programs, one a token, add their counts to these (after this kernel)
+            if (tl.program_id(0) == 0) & (split == 0):
+                offs_l = tl.arange(0, BLOCK_LOAD)
+                tl.store(load_ptr + offs_l, tl.zeros([BLOCK_LOAD], dtype=tl.int64), mask=offs_l < E)
         if NORM:  # each program sums its rows' squares over the whole of d itself (a few KB from L2)
             sq = tl.zeros([BLOCK_T, RMS_BLOCK], dtype=tl.float32)
             for r0 in range(0, D, RMS_BLOCK):
@@ -131,13 +138,14 @@ if triton is not None:
         SPLIT: tl.constexpr, E: tl.constexpr, N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr,
         TOP_K: tl.constexpr, NORM_TOPK_PROB: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
-        PDL: tl.constexpr,
+        ADD_LOAD: tl.constexpr, PDL: tl.constexpr,
     ):
         pdl_wait(PDL)
         pdl_release(PDL)
         # [token, group, expert in group] tiles; powers of two, so lanes past the real shape are masked (their
-        # e = g * GROUP_SIZE + j can alias a real expert of the next group: every use below masks with e_ok)
-        t = tl.arange(0, BLOCK_T)[:, None, None]
+        # e = g * GROUP_SIZE + j can alias a real expert of the next group: every use below masks with e_ok).
+        # Program i selects for tokens i * BLOCK_T on (one token a program: see fused_router)
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None, None]
         g = tl.arange(0, BLOCK_G)[None, :, None]
         j = tl.arange(0, BLOCK_S)[None, None, :]
         e = g * GROUP_SIZE + j
@@ -185,12 +193,16 @@ if triton is not None:
             gates = tl.math.div_rn(gates, tl.sum(gates, axis=1)[:, None] + 1e-20)
         gates = gates * routed_scaling_factor
 
-        rows = tl.arange(0, BLOCK_T)[:, None]
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
         out_ok = (rows < T) & (k < TOP_K)
         tl.store(weights_ptr + rows * TOP_K + k, gates, mask=out_ok)
         tl.store(idx_ptr + rows * TOP_K + k, picks.to(tl.int64), mask=out_ok)
         g2, j2 = tl.arange(0, BLOCK_G)[:, None], tl.arange(0, BLOCK_S)[None, :]
-        tl.store(load_ptr + g2 * GROUP_SIZE + j2, load.to(tl.int64), mask=(g2 < N_GROUP) & (j2 < GROUP_SIZE))
+        load_ok = (g2 < N_GROUP) & (j2 < GROUP_SIZE)
+        if ADD_LOAD:  # integer counts: the sum is the same in any order
+            tl.atomic_add(load_ptr + g2 * GROUP_SIZE + j2, load.to(tl.int64), mask=load_ok, sem="relaxed")
+        else:
+            tl.store(load_ptr + g2 * GROUP_SIZE + j2, load.to(tl.int64), mask=load_ok)
 
 
 def _outputs(
@@ -260,18 +272,22 @@ def fused_router(
     norm = norm_weight is not None
     weights, idx, scores, load, normed = _outputs(x, E, top_k, norm_weight)
     _logits_kernel[(tiles, split)](
-        x, weight, z, norm_weight.contiguous() if norm else x, normed if norm else x, T, E, d, chunk, x.stride(0),
-        weight.stride(0), float(norm_eps), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
-        RMS_BLOCK=min(_pow2(d), max(block_k, _ACC_ELEMS // block_t)), NORM=norm,
+        x, weight, z, norm_weight.contiguous() if norm else x, normed if norm else x, load, T, E, d, chunk,
+        x.stride(0), weight.stride(0), float(norm_eps), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
+        RMS_BLOCK=min(_pow2(d), max(block_k, _ACC_ELEMS // block_t)), NORM=norm, ZERO_LOAD=T > 1,
+        BLOCK_LOAD=_pow2(E),
         num_warps=4 if block_t * block_e * block_k <= 1024 else 8, LINE=128 // weight.element_size(),
         **pdl.launch(x.device),
     )
     group_size = E // n_group
     block_g, block_s = _pow2(n_group), _pow2(group_size)
-    _select_kernel[(1,)](
+    # one program a token: the K rounds are serial reductions, so a single program over all T tokens took
+    # 23 us at `bench`'s 8 tokens on an H200 (3 us at one); the programs add their tokens' counts to `load`,
+    # which the logits kernel zeroed
+    _select_kernel[(T,)](
         z, bias, scores, weights, idx, load, T, float(routed_scaling_factor),
         SPLIT=split, E=E, N_GROUP=n_group, GROUP_SIZE=group_size, TOPK_GROUP=topk_group, TOP_K=top_k,
-        NORM_TOPK_PROB=norm_topk_prob, BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_S=block_s,
-        BLOCK_K=_pow2(top_k), num_warps=_select_warps(block_t * block_g * block_s), **pdl.launch(x.device),
+        NORM_TOPK_PROB=norm_topk_prob, BLOCK_T=1, BLOCK_G=block_g, BLOCK_S=block_s,
+        BLOCK_K=_pow2(top_k), ADD_LOAD=T > 1, num_warps=_select_warps(block_g * block_s), **pdl.launch(x.device),
     )
     return weights, idx, scores, load, normed
