@@ -384,8 +384,6 @@ def _corrupt_scale_missing(t):
     [_corrupt_missing, _corrupt_unexpected, _corrupt_shape, _corrupt_scale_shape, _corrupt_scale_missing],
     ids=["missing", "unexpected", "wrong-shape", "wrong-scale-shape", "fp8-without-scale"],
 )
-
-
 def test_bad_checkpoint_raises_listing_every_problem(make_cfg, make_model, tmp_path, corrupt):
     save_model(make_model(make_cfg()), tmp_path / "ck")
     tensors = read_checkpoint(tmp_path / "ck")
@@ -399,8 +397,6 @@ def test_bad_checkpoint_raises_listing_every_problem(make_cfg, make_model, tmp_p
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "index-not-json", "index-without-map", "map-not-names",
                                     "map-outside", "map-absolute"])
-
-
 def test_damaged_files_raise_naming_the_file(make_cfg, make_model, tmp_path, damage):
     # a half-copied download or a hand-edited index: a CheckpointError naming the file, not a library traceback
     save_model(make_model(make_cfg()), tmp_path / "ck")

@@ -224,8 +224,6 @@ def test_a_refused_resume_leaves_the_run_files(make_run):
     ("data.fim_rate", 0.3, "training data differs"),  # other tokens, as many sequences
     ("train.seed", 5, "resuming keeps the seed"),
 ])
-
-
 def test_resuming_on_other_data_is_refused(make_run, setting, value, match):
     first = train(make_run(), callback=interrupt_at(2))
     saved = (first.run_dir / "train.toml").read_text()

@@ -35,8 +35,6 @@ def test_overrides_are_typed_by_the_defaults(tmp_path):
     (["--train.lr"], r"needs a value"),
     (["stray"], r"unexpected argument"),
 ])
-
-
 def test_bad_overrides_name_the_setting(args, match):
     with pytest.raises(ConfigError, match=match):
         RunConfig.load(None, args)
@@ -68,17 +66,7 @@ def test_validate_names_the_field():
     (["--train.init_std", "-1"], r"`train.init_std`: must be > 0"),
     (["--train.beta2", "1"], r"`train.beta2`: must be in \[0, 1\)"),
     (["--data.tokenizer_max_mb", "0"], r"`data.tokenizer_max_mb`: must be > 0"),
-])
-
-
-def test_values_that_would_train_to_nan_or_fail_late_are_refused(args, match):
-    # nan / inf trained to a NaN checkpoint with exit code 0; a negative seed failed after the run's files were
-    # written, which then refused a corrected run
-    with pytest.raises(ConfigError, match=match):
-        RunConfig.load(None, args).validate()
-
-
-@pytest.mark.parametrize(("args", "match"), [  # each range at its edge: the first value refused
+    # each range at its edge: the first value refused
     (["--train.tokens", "0"], r"`train.tokens`: must be > 0 \(got 0\)"),
     (["--train.max_minutes", "-0.5"], r"`train.max_minutes`: must be >= 0"),
     (["--train.micro_batch_size", "0"], r"`train.micro_batch_size`: must be >= 1"),
@@ -104,9 +92,9 @@ def test_values_that_would_train_to_nan_or_fail_late_are_refused(args, match):
     (["--data.sources", ""], r"`data.sources`: must name at least one source"),
     (["--log.load_interval", "0"], r"`log.load_interval`: must be >= 1"),
 ])
-
-
-def test_range_checks_name_the_setting_at_their_bounds(args, match):
+def test_values_that_would_train_to_nan_or_fail_late_are_refused(args, match):
+    # nan / inf trained to a NaN checkpoint with exit code 0; a negative seed failed after the run's files were
+    # written, which then refused a corrected run; every range check names its setting at its bound
     with pytest.raises(ConfigError, match=match):
         RunConfig.load(None, args).validate()
 
