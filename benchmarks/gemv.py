@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import copy_bandwidth, device_name, emit_json, graph_us, n_copies, print_table, replay_us
 from dsv3.model.gemv import gemv, gemv_pair
+from dsv3.model.layers import MLP, RMSNorm
 from dsv3.model.router_kernel import fused_router
 
 LINEARS = [(768, 1536), (3072, 768), (576, 1536), (1536, 2048), (1152, 1536), (1536, 576), (8192, 1536),
@@ -118,20 +119,21 @@ def dense_ffn(dev: torch.device, bw: float) -> None:
     d, inter, bf = 1536, 8192, torch.bfloat16
     nbytes = 3 * d * inter * 2
     c = n_copies(nbytes)
-    g = torch.Generator(device=dev).manual_seed(0)
-    ws = [[torch.randn(*shape, device=dev, dtype=bf, generator=g) * shape[1] ** -0.5
-           for shape in ((inter, d), (inter, d), (d, inter))] for _ in range(c)]
-    nw = 1 + 0.1 * torch.randn(d, device=dev, dtype=bf, generator=g)
-    x = torch.randn(1, d, device=dev, dtype=bf, generator=g)
+    torch.manual_seed(0)
+    mlps = [MLP(d, inter).to(dev, bf) for _ in range(c)]
+    ws = [(m.gate_proj.weight.detach(), m.up_proj.weight.detach(), m.down_proj.weight.detach()) for m in mlps]
+    norm = RMSNorm(d).to(dev, bf)
+    with torch.no_grad():
+        norm.weight.add_(0.1 * torch.randn(d, device=dev))
+    nw = norm.weight.detach()
+    x = torch.randn(1, d, device=dev, dtype=bf)
 
-    def modules(i: int) -> torch.Tensor:  # what the MLP module and its block's norm and skip connection run
-        wg, wu, wd = ws[i]
-        xf = x.float()
-        h = nw * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(bf)
-        return x + F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
+    @torch.no_grad()
+    def modules(i: int) -> torch.Tensor:  # the MLP module and its block's norm and skip connection
+        return x + mlps[i](norm(x))
 
     def pair(i: int, t: tuple[int, int, int] | None = None) -> torch.Tensor:
-        return gemv_pair(x, ws[i][0], ws[i][1], norm=(nw, 1e-6), tiles=t)
+        return gemv_pair(x, ws[i][0], ws[i][1], norm=(nw, norm.eps), tiles=t)
 
     h = pair(0)
 
