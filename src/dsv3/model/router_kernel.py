@@ -271,10 +271,11 @@ def fused_router(
     z = torch.empty(split, T, E, dtype=torch.float32, device=x.device)
     norm = norm_weight is not None
     weights, idx, scores, load, normed = _outputs(x, E, top_k, norm_weight)
+    add_load = T > 1  # the selection's programs add their counts to `load`, which the logits kernel zeroes
     _logits_kernel[(tiles, split)](
         x, weight, z, norm_weight.contiguous() if norm else x, normed if norm else x, load, T, E, d, chunk,
         x.stride(0), weight.stride(0), float(norm_eps), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
-        RMS_BLOCK=min(_pow2(d), max(block_k, _ACC_ELEMS // block_t)), NORM=norm, ZERO_LOAD=T > 1,
+        RMS_BLOCK=min(_pow2(d), max(block_k, _ACC_ELEMS // block_t)), NORM=norm, ZERO_LOAD=add_load,
         BLOCK_LOAD=_pow2(E),
         num_warps=4 if block_t * block_e * block_k <= 1024 else 8, LINE=128 // weight.element_size(),
         **pdl.launch(x.device),
@@ -282,12 +283,11 @@ def fused_router(
     group_size = E // n_group
     block_g, block_s = _pow2(n_group), _pow2(group_size)
     # one program a token: the K rounds are serial reductions, so a single program over all T tokens took
-    # 23 us at `bench`'s 8 tokens on an H200 (3 us at one); the programs add their tokens' counts to `load`,
-    # which the logits kernel zeroed
+    # 23 us at `bench`'s 8 tokens on an H200 (3 us at one)
     _select_kernel[(T,)](
         z, bias, scores, weights, idx, load, T, float(routed_scaling_factor),
         SPLIT=split, E=E, N_GROUP=n_group, GROUP_SIZE=group_size, TOPK_GROUP=topk_group, TOP_K=top_k,
         NORM_TOPK_PROB=norm_topk_prob, BLOCK_T=1, BLOCK_G=block_g, BLOCK_S=block_s,
-        BLOCK_K=_pow2(top_k), ADD_LOAD=T > 1, num_warps=_select_warps(block_g * block_s), **pdl.launch(x.device),
+        BLOCK_K=_pow2(top_k), ADD_LOAD=add_load, num_warps=_select_warps(block_g * block_s), **pdl.launch(x.device),
     )
     return weights, idx, scores, load, normed
