@@ -63,6 +63,30 @@ def gemv_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def weight_rows(
+        w_ptr, s_ptr, xw_ptr, xs_ptr, xw2_ptr, xs2_ptr, e, extra, offs_n, SPLIT, SPLIT_BLOCKS,
+        stride_we, stride_wn, stride_se, stride_sn, HAS_EXTRA: tl.constexpr,
+    ):
+        """(pointers to rows `offs_n` of stacked weight `e`, pointers to their 128x128 block scales' rows), or of
+        the extra matrix where `extra`. A weight is read as two row ranges: rows < SPLIT from `lo`, the rest
+        from `hi` (gate_up's halves, each with its own FP8 block grid of SPLIT_BLOCKS rows for the first; for
+        the extra matrix two separate tensors, such as a shared expert's gate_proj and up_proj)."""
+        lo = w_ptr + e * stride_we
+        s_lo = s_ptr + e * stride_se
+        hi = lo + SPLIT * stride_wn
+        s_hi = s_lo + SPLIT_BLOCKS * stride_sn
+        if HAS_EXTRA:
+            lo = tl.where(extra, xw_ptr, lo)
+            hi = tl.where(extra, xw2_ptr, hi)
+            s_lo = tl.where(extra, xs_ptr, s_lo)
+            s_hi = tl.where(extra, xs2_ptr, s_hi)
+        first = offs_n < SPLIT
+        rest = tl.maximum(offs_n - SPLIT, 0).to(tl.int64)
+        w_rows = tl.where(first, lo + offs_n.to(tl.int64) * stride_wn, hi + rest * stride_wn)
+        s_rows = tl.where(first, s_lo + (offs_n // 128) * stride_sn, s_hi + (rest // 128) * stride_sn)
+        return w_rows, s_rows
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, s_ptr, idx_ptr, y_ptr, xw_ptr, xs_ptr, xw2_ptr, xs2_ptr, nw_ptr, r_ptr, eps,
         N, K, P, ROWS_PER_X, EXTRA_X0, SPLIT, SPLIT_BLOCKS,
@@ -77,38 +101,26 @@ if triton is not None:
         offs_n = tl.minimum(offs_n, N - 1)  # addresses stay inside the weight (loads are masked with n_ok)
         if HAS_IDX:  # the rows' experts come from the previous kernel (the router)
             pdl_wait(PDL)
-        # a weight is read as two row ranges: rows < SPLIT from `lo`, the rest from `hi` (gate_up's halves, each
-        # with its own FP8 block grid; for the extra matrix, two separate tensors such as a shared expert's
-        # gate_proj and up_proj)
-        lo = w_ptr
-        s_lo = s_ptr
-        if HAS_IDX:
             e = tl.load(idx_ptr + tl.minimum(p, P - 1)).to(tl.int64)
-            lo += e * stride_we
-            s_lo += e * stride_se
-        hi = lo + SPLIT * stride_wn
-        s_hi = s_lo + SPLIT_BLOCKS * stride_sn
+        else:
+            e = tl.zeros([], dtype=tl.int64)
         row = p // ROWS_PER_X
-        if HAS_EXTRA:  # programs past the P indexed rows apply the extra matrix to x's last rows
-            extra = p >= P
-            lo = tl.where(extra, xw_ptr, lo)
-            hi = tl.where(extra, xw2_ptr, hi)
-            s_lo = tl.where(extra, xs_ptr, s_lo)
-            s_hi = tl.where(extra, xs2_ptr, s_hi)
+        extra = p >= P  # programs past the P indexed rows apply the extra matrix to x's last rows
+        if HAS_EXTRA:
             row = tl.where(extra, EXTRA_X0 + p - P, row)
         x_row = x_ptr + row.to(tl.int64) * stride_xm
-        first = offs_n < SPLIT
-        rest = tl.maximum(offs_n - SPLIT, 0).to(tl.int64)
-        w_rows = tl.where(first, lo + offs_n.to(tl.int64) * stride_wn, hi + rest * stride_wn)[:, None]
+        w_rows, s_rows = weight_rows(w_ptr, s_ptr, xw_ptr, xs_ptr, xw2_ptr, xs2_ptr, e, extra, offs_n, SPLIT,
+                                     SPLIT_BLOCKS, stride_we, stride_wn, stride_se, stride_sn, HAS_EXTRA)
+        w_rows = w_rows[:, None]
+        s_rows = s_rows[:, None]
         if HAS_SCALE:
-            s_rows = tl.where(first, s_lo + (offs_n // 128) * stride_sn, s_hi + (rest // 128) * stride_sn)[:, None]
             # ROW_SCALE: the program's rows share one row of 128x128 blocks, so each column's scale multiplies the
             # activation once, not each of the BLOCK_N weights (nor is it loaded BLOCK_N times): the E4M3 GEMVs
             # are bound by that per-element work, not bytes (H200, us: `bench`'s W_O 4.9 -> 3.3, the experts'
             # gate_up 15.9 -> 9.2 and down 9.0 -> 5.0, V3's W_O 108 -> 69; `python -m benchmarks.gemv`)
-            n0 = tl.program_id(1) * BLOCK_N
-            s_row = tl.where(n0 < SPLIT, s_lo + (n0 // 128) * stride_sn,
-                             s_hi + (tl.maximum(n0 - SPLIT, 0) // 128) * stride_sn)
+            _, s_row = weight_rows(w_ptr, s_ptr, xw_ptr, xs_ptr, xw2_ptr, xs2_ptr, e, extra,
+                                   tl.program_id(1) * BLOCK_N, SPLIT, SPLIT_BLOCKS, stride_we, stride_wn,
+                                   stride_se, stride_sn, HAS_EXTRA)
         if not HAS_IDX:  # a fixed weight: its [BLOCK_N, K] slab on its way to L2 while the previous kernel ends
             pdl_prefetch_rows(w_rows, K, LINE, PDL)
             pdl_wait(PDL)
