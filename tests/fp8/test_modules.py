@@ -382,8 +382,8 @@ def test_cuda_fp8_model_against_dequantised_and_float64(tmp_path, monkeypatch):
 @cuda
 def test_cuda_few_tokens_stream_the_fp8_experts(tmp_path, monkeypatch):
     # E = 8 experts, K = 3: up to 10 tokens (30 < 4E pairs) stream their experts' E4M3 bytes (`few_pairs`,
-    # scales applied in the kernel), 11 tokens (33 pairs) run the grouped GEMMs over dequantised experts; all
-    # against float64
+    # scales applied in the kernel), 11 tokens (33 pairs) read each chosen expert's E4M3 bytes once
+    # (`expert_gemm`), 65 tokens run the grouped GEMMs over dequantised experts; all against float64
     cfg = tiny_config(**CUDA_SHAPE)
     save_model(random_model(cfg, std=0.02, bias_std=0.0), tmp_path / "ck", fp8=True)
     kept = load_model(tmp_path / "ck", device="cuda", dtype=torch.bfloat16, fp8="keep")
@@ -391,10 +391,10 @@ def test_cuda_few_tokens_stream_the_fp8_experts(tmp_path, monkeypatch):
     gate_up, down = experts.weights(torch.float64)
     calls = []
     real = Experts.few_pairs
-    monkeypatch.setattr(Experts, "few_pairs",
-                        lambda self, x, r, shared=None: calls.append(x.shape[0]) or real(self, x, r, shared))
+    monkeypatch.setattr(Experts, "few_pairs", lambda self, x, r, shared=None, per_pair=True: calls.append(
+        (x.shape[0], per_pair)) or real(self, x, r, shared, per_pair))
     g = torch.Generator().manual_seed(0)
-    for T in (1, 10, 11):
+    for T in (1, 10, 11, 65):
         x = (torch.randn(T, cfg.hidden_size, generator=g) * 0.5).to("cuda", torch.bfloat16)
         idx = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(T)]).cuda()
         w = torch.rand(T, 3, generator=g).cuda()
@@ -404,7 +404,7 @@ def test_cuda_few_tokens_stream_the_fp8_experts(tmp_path, monkeypatch):
         want = experts_reference(x.cpu(), gate_up.cpu(), down.cpu(), idx.cpu(), w.cpu())
         # bf16 output and (grouped path) bf16 intermediate activations: ~2^-8 relative
         assert ((got - want).norm() / want.norm()).item() < 1e-2
-    assert calls == [1, 10]
+    assert calls == [(1, True), (10, True), (11, False)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -416,6 +416,7 @@ def test_bad_shapes_are_refused():
 
 
 def test_experts_take_it_for_fewer_pairs_than_experts(monkeypatch):
+    # and from as many pairs as experts on, expert_gemm (each chosen expert read once for all its tokens)
     g = torch.Generator().manual_seed(2)
     E, d, inter, topk = 8, 256, 96, 3
     experts = Experts(tiny_config(n_routed_experts=E, n_group=1, topk_group=1, num_experts_per_tok=topk,
@@ -426,9 +427,9 @@ def test_experts_take_it_for_fewer_pairs_than_experts(monkeypatch):
     experts.cuda().bfloat16()
     calls = []
     real = Experts.few_pairs
-    monkeypatch.setattr(Experts, "few_pairs",
-                        lambda self, x, r, shared=None: calls.append(x.shape[0]) or real(self, x, r, shared))
-    for T in (1, 2, 3):  # 3, 6 pairs stream; 9 >= 8 experts take the grouped GEMMs
+    monkeypatch.setattr(Experts, "few_pairs", lambda self, x, r, shared=None, per_pair=True: calls.append(
+        (x.shape[0], per_pair)) or real(self, x, r, shared, per_pair))
+    for T in (1, 2, 3):  # 3, 6 pairs stream; 9 >= 8 experts take expert_gemm
         x = torch.randn(T, d, generator=g).to(torch.bfloat16)
         idx = torch.stack([torch.randperm(E, generator=g)[:topk] for _ in range(T)])
         w = torch.rand(T, topk, generator=g)
@@ -438,14 +439,15 @@ def test_experts_take_it_for_fewer_pairs_than_experts(monkeypatch):
             got = experts(x.cuda(), r).double().cpu()
         want = experts_reference(x, experts.gate_up_proj.cpu(), experts.down_proj.cpu(), idx, w)
         assert ((got - want).norm() / want.norm()).item() < 8e-3, T
-    assert calls == [1, 2]
+    assert calls == [(1, True), (2, True), (3, False)]
 
 
+@pytest.mark.parametrize("tokens", [2, 12])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_moe_shared_expert_rides_in_the_routed_launches(fp8, monkeypatch):
-    # decode's MoE: the shared expert is computed in the routed experts' two gemv launches (its own forward
-    # never runs) and the result is routed + shared against float64; a shared expert of another width (two
-    # shared experts fused) keeps its own forward
+def test_moe_shared_expert_rides_in_the_routed_launches(fp8, tokens, monkeypatch):
+    # decode's MoE: the shared expert is computed in the routed experts' two launches (gemv's at 2 tokens,
+    # expert_gemm's at 12: 36 pairs of 8 experts; its own forward never runs) and the result is routed + shared
+    # against float64; a shared expert of another width (two shared experts fused) keeps its own forward
     from dsv3.fp8.modules import to_fp8_
     from dsv3.model.layers import MLP
     from dsv3.model.moe import MoE
@@ -467,7 +469,7 @@ def test_moe_shared_expert_rides_in_the_routed_launches(fp8, monkeypatch):
         if fp8:
             names = [n for n, m in moe.named_modules() if isinstance(m, torch.nn.Linear)] + ["experts"]
             to_fp8_(moe, names)
-        x = torch.randn(2, 256, generator=g).to(torch.bfloat16)
+        x = torch.randn(tokens, 256, generator=g).to(torch.bfloat16)
         with torch.no_grad():
             got, r = moe(x.cuda())
         # the reference: the same routing, float64 experts (dequantised E4M3 ones for the FP8 model)
@@ -481,7 +483,7 @@ def test_moe_shared_expert_rides_in_the_routed_launches(fp8, monkeypatch):
         xd = x.double()
         want = experts_reference(xd, gate_up.cpu(), down.cpu(), r.topk_idx.cpu(), r.weights.cpu())
         want += (F.silu(xd @ shared["gate_proj"].T) * (xd @ shared["up_proj"].T)) @ shared["down_proj"].T
-        assert ((got.double().cpu() - want).norm() / want.norm()).item() < 8e-3, (n_shared, fp8)
+        assert ((got.double().cpu() - want).norm() / want.norm()).item() < 8e-3, (n_shared, fp8, tokens)
         assert (not calls) == rides, (n_shared, calls)
 
 

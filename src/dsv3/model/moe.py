@@ -2,9 +2,10 @@
 
 The router computes in at least float32 (SPEC 1.4): sigmoid affinities, a selection-only bias, group-limited top-k
 with -inf masking, gates = unbiased affinities normalised and scaled. Routed experts are stacked weights
-run by grouped GEMM over tokens sorted by expert: no Python loop over experts, no host sync. Fewer
-(token, expert) pairs than experts (decode) stream each pair's expert through `dsv3.model.gemv` instead, and
-decode's router runs as two Triton launches (`dsv3.model.router_kernel`) held to `route` here.
+run by grouped GEMM over tokens sorted by expert: no Python loop over experts, no host sync. At decode fewer
+(token, expert) pairs than experts stream each pair's expert through `dsv3.model.gemv` instead, up to 64 tokens
+read each chosen expert once for all its tokens (`dsv3.model.expert_gemm`), and decode's router runs as two
+Triton launches (`dsv3.model.router_kernel`) held to `route` here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.model.expert_gemm import expert_gemm, expert_gemm_supported
 from dsv3.model.gemv import Extra, extra_fits, gemv, gemv_supported, plain_linear
 from dsv3.model.layers import MLP, defer_norm, norm_inside
 from dsv3.model.router_kernel import fused_router, router_kernel_supported
@@ -236,12 +238,21 @@ class Experts(nn.Module):
         return self.gate_up_proj.shape[0]
 
     def forward(self, x: torch.Tensor, r: RouterOutput, shared: nn.Module | None = None) -> torch.Tensor:
-        """sum_k g_k * expert_{idx_k}(x) (+ shared(x)) for x [T, d]: sort the T*K (token, expert) pairs by expert,
-        run two grouped GEMMs over the contiguous per-expert segments (each pair's gate g_k scaling its SwiGLU
-        activations in between), unsort, and sum the K outputs."""
+        """sum_k g_k * expert_{idx_k}(x) (+ shared(x)) for x [T, d]. At decode on CUDA (`few_pairs`): fewer
+        (token, expert) pairs than `max_streamed_pairs` stream each pair's expert; up to EXPERT_GEMM_MAX_TOKENS
+        tokens read each chosen expert once for all its tokens. Otherwise (`grouped`): sort the T*K pairs by
+        expert, run two grouped GEMMs over the contiguous per-expert segments (each pair's gate g_k scaling its
+        SwiGLU activations in between), unsort, and sum the K outputs."""
         T, K = r.topk_idx.shape
         if T * K < self.max_streamed_pairs() and gemv_supported(x, self.gate_up_proj, self.down_proj):
             return self.few_pairs(x, r, shared)
+        if expert_gemm_supported(x, self.gate_up_proj, self.down_proj):
+            return self.few_pairs(x, r, shared, per_pair=False)
+        return self.grouped(x, r, shared)
+
+    def grouped(self, x: torch.Tensor, r: RouterOutput, shared: nn.Module | None = None) -> torch.Tensor:
+        """`forward`'s sum through grouped GEMMs over the pairs sorted by expert (training, prefill, CPU)."""
+        T, K = r.topk_idx.shape
         gate_up_proj, down_proj = self.weights(x.dtype)
         order = r.topk_idx.flatten().argsort(stable=True)  # pair p = t*K + k, sorted by expert
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * K, device=order.device))
@@ -259,19 +270,27 @@ class Experts(nn.Module):
         out = combine(_Gather.apply(ys, inverse, order, 1).view(T, K, -1), None, x.dtype)
         return out if shared is None else out + shared(x)
 
-    def few_pairs(self, x: torch.Tensor, r: RouterOutput, shared: nn.Module | None = None) -> torch.Tensor:
-        """The same sum for few pairs (CUDA, no autograd): each pair's expert streamed once by `gemv`, gate_up
-        on the token's row, down on the SwiGLU of that output computed as it is read; no sort, no padding.
-        A shared expert shaped like a routed one rides in the same two launches as one more row per token (at
-        batch 1 its own three GEMVs and SwiGLU were four more latency-bound kernels per layer)."""
+    def few_pairs(
+        self, x: torch.Tensor, r: RouterOutput, shared: nn.Module | None = None, per_pair: bool = True,
+    ) -> torch.Tensor:
+        """The same sum at decode (CUDA, no autograd), without sorting: each pair's expert streamed once by
+        `gemv` (per_pair), or each chosen expert read once for all its tokens by `expert_gemm`; gate_up on the
+        token's row, down on the SwiGLU of that output computed as it is read, gates applied in the float32
+        combine. A shared expert shaped like a routed one rides in the same two launches as one more row per
+        token (at batch 1 its own three GEMVs and SwiGLU were four more latency-bound kernels per layer)."""
         T, K = r.topk_idx.shape
         gate_up, gate_up_s, down, down_s = self.gemv_operands()
-        idx = r.topk_idx.flatten()
         inter = gate_up.shape[1] // 2
         ride = shared is not None and _shared_operands(shared, gate_up, gate_up_s, down, down_s)
-        h = gemv(x, gate_up, idx, gate_up_s, rows_per_x=K, split=inter, extra=ride[0] if ride else None,
-                 extra_rows=T)  # [T*K (+ T), 2I]
-        y = gemv(h, down, idx, down_s, swiglu=True, extra=ride[1] if ride else None, extra_rows=T)
+        extra_gate_up, extra_down = ride if ride else (None, None)
+        if per_pair:
+            idx = r.topk_idx.flatten()
+            h = gemv(x, gate_up, idx, gate_up_s, rows_per_x=K, split=inter, extra=extra_gate_up,
+                     extra_rows=T)  # [T*K (+ T), 2I]
+            y = gemv(h, down, idx, down_s, swiglu=True, extra=extra_down, extra_rows=T)
+        else:
+            h = expert_gemm(x, gate_up, r.topk_idx, gate_up_s, split=inter, extra=extra_gate_up)
+            y = expert_gemm(h, down, r.topk_idx, down_s, swiglu=True, extra=extra_down)
         if ride:
             return combine(y[: T * K].view(T, K, -1), r.weights, x.dtype, plus=y[T * K :])
         out = combine(y.view(T, K, -1), r.weights, x.dtype)

@@ -1,0 +1,234 @@
+"""Decode's routed experts at a few tokens per expert: each chosen expert's weights read once for all its tokens.
+
+From about as many (token, expert) pairs as experts (`bench`'s batch 8: 64 pairs over 42 distinct experts of
+64), streaming every pair's expert (`dsv3.model.gemv`) reads an expert once per token that chose it, and the
+grouped GEMMs of training (`grouped_mm`) tile each expert's handful of rows for 64+, behind a sort, gathers and
+an unsort of launches of their own. Here one launch per projection: program (e, n-tile) finds expert e's tokens
+in the router's top-k indices itself (a prefix count over the tokens, no sort), multiplies its [BLOCK_N, K]
+weight slab by their rows with `tl.dot`, BLOCK_M rows at a time, and writes each (token, k) pair's output row
+where `Experts.few_pairs` expects it. A shared expert shaped like a routed one runs as more program rows, one
+per BLOCK_M tokens. E4M3 weights are widened to the activation's type in registers (exact) and their 128x128
+block scales applied to each K step's float32 partial products.
+
+`bench`'s experts on an H200 (`python -m benchmarks.experts`; gate_up and down, bf16, us): 8 tokens 69.7 (77% of
+copy bandwidth for the distinct experts' bytes) against per-pair gemv 75.8 and the grouped GEMMs alone (no
+sort) 106.6; 64 tokens 121.5 against 437.1 and 141.4.
+
+CUDA only (Triton), no autograd: decode. `expert_gemm_supported` says when it runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv3.model import pdl
+from dsv3.model.gemv import BLOCK, Extra, extra_fits, gemv_supported
+from dsv3.model.pdl import pdl_release, pdl_wait
+
+try:
+    import triton
+    import triton.language as tl
+
+    from dsv3.model.gemv import weight_rows
+except ImportError:  # CPU-only installs: Experts keeps its grouped GEMMs
+    triton = None
+
+# Most tokens a launch takes: each program finds its expert's tokens among all T (a token picks an expert at most
+# once). From here grouped_mm's tiles fill, and the router's top-k is sorted once for all experts.
+EXPERT_GEMM_MAX_TOKENS = 64
+
+
+def expert_gemm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether `expert_gemm` runs for tokens x [T, d] and these expert stacks: CUDA with Triton, 1 to
+    EXPERT_GEMM_MAX_TOKENS tokens in a 16- or 32-bit float, bf16/fp16/fp32 or E4M3 weights (E4M3 on compute
+    capability 8.9+) or x's own type (the weights are widened to x's type for `tl.dot`, never narrowed), no
+    autograd."""
+    return (x.dim() == 2 and 1 <= x.shape[0] <= EXPERT_GEMM_MAX_TOKENS and gemv_supported(x, *weights)
+            and all(w.dtype in (x.dtype, torch.float8_e4m3fn) for w in weights))  # tl.dot in x's type
+
+
+if triton is not None:
+
+    @triton.jit
+    def _expert_gemm_kernel(
+        x_ptr, w_ptr, s_ptr, idx_ptr, y_ptr, xw_ptr, xs_ptr, xw2_ptr, xs2_ptr,
+        T, N, K, SPLIT, SPLIT_BLOCKS, EXTRA_PROGRAMS,
+        stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ym,
+        TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_TOPK: tl.constexpr, HAS_SCALE: tl.constexpr,
+        HAS_EXTRA: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, TURNS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    ):
+        e = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_n = tl.minimum(offs_n, N - 1)  # addresses stay inside the weight (loads are masked with n_ok)
+        n_experts = tl.num_programs(0) - EXTRA_PROGRAMS
+        extra = e >= n_experts  # the shared expert's rows, BLOCK_M of every token a program row
+        pdl_wait(PDL)  # the top-k indices and the activations come from the previous kernels
+        # expert e's rows: the tokens that picked it, in token order (slot j = the j-th such token), found with a
+        # prefix count over a [T, K] compare rather than a sort; the extra program rows take every token
+        t = tl.arange(0, BLOCK_T)
+        kk = tl.arange(0, BLOCK_TOPK)
+        ids = tl.load(idx_ptr + t[:, None] * TOP_K + kk[None, :], mask=(t[:, None] < T) & (kk[None, :] < TOP_K),
+                      other=-1)
+        hit = ids == e
+        picked = tl.max(hit.to(tl.int32), axis=1)  # [BLOCK_T]: 1 where token t chose e (at most once)
+        k_of_t = tl.sum(tl.where(hit, kk[None, :], 0), axis=1)
+        slot_of_t = tl.cumsum(picked, axis=0) - 1
+        count = tl.sum(picked, axis=0)
+        m_first = 0
+        m_end = count
+        if HAS_EXTRA:
+            count = tl.where(extra, T, count)
+            m_first = tl.where(extra, (e - n_experts) * BLOCK_M, 0)
+            m_end = tl.where(extra, tl.minimum(m_first + BLOCK_M, T), count)
+        w_rows, s_rows = weight_rows(w_ptr, s_ptr, xw_ptr, xs_ptr, xw2_ptr, xs2_ptr, e.to(tl.int64), extra, offs_n,
+                                     SPLIT, SPLIT_BLOCKS, stride_we, stride_wn, stride_se, stride_sn, HAS_EXTRA)
+        # BLOCK_M rows at a time: an expert nobody chose costs no load; with more tokens than BLOCK_M, a busy
+        # expert reads its slab again for its next rows, mostly from L2, rather than every program multiplying a
+        # tile as tall as the busiest expert could be (the shared expert, busy by definition, has a program row
+        # per BLOCK_M tokens instead: its turns in series made the launch's tail). At most BLOCK_M tokens: one
+        # pass with no loop around it (at 8 tokens on the H200 the loop took 79.1 us for both projections, one
+        # pass 69.7, same tiles)
+        if TURNS:
+            for m0 in range(m_first, m_end, BLOCK_M):
+                _turn(m0, count, picked, slot_of_t, k_of_t, t, extra, T, x_ptr, y_ptr, w_rows, s_rows, offs_n, n_ok, K,
+                      stride_xm, stride_ym, TOP_K, HAS_SCALE, HAS_EXTRA, SWIGLU, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+        elif count > 0:
+            _turn(0, count, picked, slot_of_t, k_of_t, t, extra, T, x_ptr, y_ptr, w_rows, s_rows, offs_n, n_ok, K,
+                  stride_xm, stride_ym, TOP_K, HAS_SCALE, HAS_EXTRA, SWIGLU, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+        pdl_release(PDL)
+
+    @triton.jit
+    def _turn(
+        m0, count, picked, slot_of_t, k_of_t, t, extra, T, x_ptr, y_ptr, w_rows, s_rows, offs_n, n_ok, K,
+        stride_xm, stride_ym, TOP_K: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_EXTRA: tl.constexpr,
+        SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """Rows m0 .. m0 + BLOCK_M of the program's expert times its [BLOCK_N, K] slab, stored to their pairs."""
+        slot = m0 + tl.arange(0, BLOCK_M)
+        sel = (picked[None, :] == 1) & (slot_of_t[None, :] == slot[:, None])  # [BLOCK_M, BLOCK_T]
+        tok = tl.sum(tl.where(sel, t[None, :], 0), axis=1)
+        pair = tok * TOP_K + tl.sum(tl.where(sel, k_of_t[None, :], 0), axis=1)
+        if HAS_EXTRA:
+            tok = tl.where(extra, slot, tok)
+            pair = tl.where(extra, T * TOP_K + slot, pair)
+        rows_ok = slot < count
+        # gate_up reads each token's row; down its pair's gate_up output (two halves: SwiGLU as it loads)
+        a_rows = x_ptr + (pair if SWIGLU else tok).to(tl.int64)[:, None] * stride_xm
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            a_ok = rows_ok[:, None] & k_ok[None, :]
+            if SWIGLU:
+                g = tl.load(a_rows + offs_k[None, :], mask=a_ok, other=0.0).to(tl.float32)
+                u = tl.load(a_rows + K + offs_k[None, :], mask=a_ok, other=0.0).to(tl.float32)
+                a = (g * tl.sigmoid(g) * u).to(x_ptr.dtype.element_ty)
+            else:
+                a = tl.load(a_rows + offs_k[None, :], mask=a_ok, other=0.0)
+            w = tl.load(w_rows[:, None] + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            w = w.to(a.dtype)  # E4M3 -> 16/32 bits: exact
+            if IEEE:
+                part = tl.dot(a, tl.trans(w), input_precision="ieee")
+            else:
+                part = tl.dot(a, tl.trans(w))
+            if HAS_SCALE:  # BLOCK_K divides 128: the step lies in one column of scale blocks
+                part *= tl.load(s_rows + k0 // 128, mask=n_ok, other=0.0)[None, :]
+            acc += part
+        out = y_ptr + pair.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rows_ok[:, None] & n_ok[None, :])
+
+
+def expert_gemm(
+    x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, scale_inv: torch.Tensor | None = None,
+    swiglu: bool = False, split: int | None = None, extra: Extra | None = None,
+    tiles: tuple[int, int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """y[t*K + k] = W_{idx[t, k]} a (one row per (token, expert) pair, in `x`'s dtype, float32 sums) for the
+    top-k indices idx [T, K] into the stack w [E, N, d_in] (E4M3 with `scale_inv` [E, ceil(N/128),
+    ceil(d_in/128)]); with `extra` a shared expert's outputs in rows T*K + t. A token's K indices are distinct
+    (as top-k's are): a row per (token, expert), found by the expert's programs.
+
+    - gate_up (swiglu=False): x [T, d_in], a = x[t]; `split`: w stacks two matrices (gate and up), each on its
+      own FP8 block grid, as `gemv` reads them.
+    - down (swiglu=True): x [T*K (+ T), 2 * d_in] is gate_up's output, a = silu(x[p, :d_in]) * x[p, d_in:],
+      rounded to x's dtype before the product as `swiglu` rounds it.
+    - tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of a program instead of the default (benchmarks sweep
+      them): BLOCK_M of an expert's rows at a time, BLOCK_N outputs, BLOCK_K deep steps.
+    """
+    T, top_k = idx.shape
+    E, N, d_in = w.shape
+    rows_in = T * top_k + (T if extra is not None else 0) if swiglu else T
+    if x.dim() != 2 or x.shape != (rows_in, 2 * d_in if swiglu else d_in) or not 1 <= T <= EXPERT_GEMM_MAX_TOKENS:
+        raise ValueError(f"expert_gemm: activations {tuple(x.shape)} do not fit the weight {tuple(w.shape)} for "
+                         f"top-k indices {tuple(idx.shape)} (at most {EXPERT_GEMM_MAX_TOKENS} tokens)")
+    grid_rows = -(-N // BLOCK) if split is None else -(-split // BLOCK) + -(-(N - split) // BLOCK)
+    if scale_inv is not None and tuple(scale_inv.shape) != (E, grid_rows, -(-d_in // BLOCK)):
+        raise ValueError(f"expert_gemm: scale_inv {tuple(scale_inv.shape)} is not the 128x128 block grid of "
+                         f"{tuple(w.shape)}")
+    if extra is not None and not extra_fits(extra, w, scale_inv, N, split):
+        raise ValueError("expert_gemm: the extra matrix does not match the stacked weights' shape, dtype, row "
+                         "stride and scales")
+    block_m, block_n, block_k, warps, stages = tiles or _tiles(swiglu, w.element_size(), x.element_size())
+    if (min(block_m, block_n, block_k) < 16 or any(b & (b - 1) for b in (block_m, block_n, block_k))
+            or BLOCK % block_k):
+        raise ValueError(f"expert_gemm: tiles {tiles}: BLOCK_M, BLOCK_N and BLOCK_K powers of two from 16, "
+                         f"BLOCK_K dividing {BLOCK}")
+    xw, xs, xw2, xs2 = extra if extra is not None else (None, None, None, None)
+    return _run(x if x.stride(-1) == 1 else x.contiguous(), w if w.stride(-1) == 1 else w.contiguous(),
+                None if scale_inv is None else scale_inv.contiguous(), idx.contiguous(), swiglu,
+                N if split is None else split, xw, xs, xw2, xs2, [block_m, block_n, block_k, warps, stages])
+
+
+def _tiles(swiglu: bool, w_bytes: int, x_bytes: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): from sweeps of `bench`'s experts on the H200 (`python -m
+    benchmarks.experts --sweep 8 16 64`, bf16 weights from HBM, us). 8 tokens: gate_up 16x128x128x4x3 37.9
+    against 16x64x128x4x4 38.0 and 16x64x64x4x3 40.2; down 16x128x64x4x3 30.3 against 16x128x32x4x3 33.5.
+    16 and 64 tokens, 16-row turns beating 32: these shapes within 4% of the best (gate_up 51.5 / 65.2 against
+    50.6 / 62.9, down the best, 50.3 / 59.6). Fewer stages where the pipelined loads would not fit 160 KB of
+    shared memory (float32)."""
+    block_m, block_n, block_k, warps, stages = (16, 128, 64, 4, 3) if swiglu else (16, 128, 128, 4, 3)
+    while stages > 2 and stages * block_k * (block_n * w_bytes + block_m * x_bytes) > 160 << 10:
+        stages -= 1
+    return block_m, block_n, block_k, warps, stages
+
+
+def _run_shape(
+    x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, idx: torch.Tensor, swiglu: bool, split: int,
+    xw: torch.Tensor | None, xs: torch.Tensor | None, xw2: torch.Tensor | None, xs2: torch.Tensor | None,
+    tiles: list[int],
+) -> torch.Tensor:
+    T, top_k = idx.shape
+    return x.new_empty(T * top_k + (T if xw is not None else 0), w.shape[1])
+
+
+@pdl.launched_here("expert_gemm", _run_shape)
+def _run(
+    x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, idx: torch.Tensor, swiglu: bool, split: int,
+    xw: torch.Tensor | None, xs: torch.Tensor | None, xw2: torch.Tensor | None, xs2: torch.Tensor | None,
+    tiles: list[int],
+) -> torch.Tensor:
+    """The launch on checked operands (see `expert_gemm`)."""
+    T, top_k = idx.shape
+    E, N, d_in = w.shape
+    has_extra = xw is not None
+    y = torch.empty(T * top_k + (T if has_extra else 0), N, dtype=x.dtype, device=x.device)
+    scales = s if s is not None else w  # the kernel reads dummies it never uses
+    xw = xw if has_extra else w
+    xs = xs if has_extra and s is not None else scales
+    xw2 = xw2 if xw2 is not None else xw
+    xs2 = xs2 if xs2 is not None else xs
+    block_m, block_n, block_k, warps, stages = tiles
+    extra_programs = triton.cdiv(T, block_m) if has_extra else 0
+    _expert_gemm_kernel[(E + extra_programs, triton.cdiv(N, block_n))](
+        x, w, scales, idx, y, xw, xs, xw2, xs2, T, N, d_in, split, triton.cdiv(split, BLOCK), extra_programs,
+        x.stride(0), w.stride(0), w.stride(1), s.stride(0) if s is not None else 0,
+        s.stride(1) if s is not None else 0, y.stride(0),
+        TOP_K=top_k, BLOCK_T=triton.next_power_of_2(T), BLOCK_TOPK=triton.next_power_of_2(top_k),
+        HAS_SCALE=s is not None, HAS_EXTRA=has_extra, SWIGLU=swiglu, BLOCK_M=block_m, TURNS=T > block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages,
+        **pdl.launch(x.device),
+    )
+    return y

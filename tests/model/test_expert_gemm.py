@@ -1,0 +1,130 @@
+"""Decode's expert-grouped Triton GEMM (dsv3.model.expert_gemm) against float64: each chosen expert's rows found
+in the top-k indices, the shared expert's extra program row, the SwiGLU input of the down projection, E4M3
+weights with 128x128 block scales on gate_up's two grids (tiles straddling the halves), ragged shapes, the
+largest expert (every token on it) and its checks. CUDA only; `Experts`' use of it: tests/model/test_gemv.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3.fp8 import dequantize_blockwise, quantize_blockwise
+from dsv3.model.expert_gemm import EXPERT_GEMM_MAX_TOKENS, expert_gemm, expert_gemm_supported
+from dsv3.model.gemv import Extra
+from tests.model.test_gemv import within_output_rounding
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def routing(T: int, E: int, K: int, g: torch.Generator) -> torch.Tensor:
+    return torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+
+
+def pair_weights(idx: torch.Tensor, stack: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+    """[T*K (+ T), N, d] in float64: each output row's matrix (pair t*K + k: stack[idx[t, k]]; then the shared)."""
+    w = stack.double()[idx.flatten()]
+    return w if shared is None else torch.cat([w, shared.double().expand(idx.shape[0], -1, -1)])
+
+
+# tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): at 64 tokens 16-row tiles take an expert's rows in turns
+TILES = [None, (16, 32, 32, 4, 2), (32, 128, 64, 8, 3), (64, 16, 128, 4, 3)]
+CASES = ([(torch.bfloat16, T, tiles) for T in (1, 5, 16, 64) for tiles in TILES]
+         + [(dtype, T, tiles) for dtype in (torch.float16, torch.float32) for T in (5, 64) for tiles in TILES[:2]])
+
+
+@pytest.mark.parametrize("dtype,T,tiles", CASES)
+def test_gate_up_and_swiglu_down_match_float64(dtype, T, tiles):
+    g = torch.Generator().manual_seed(T)
+    E, K, inter, d = 7, 3, 100, 333  # N = 2 * inter and d off every tile size; tiles straddle the halves
+    gate_up = torch.randn(E, 2 * inter, d, generator=g).to(dtype)
+    down = torch.randn(E, d, inter, generator=g).to(dtype)
+    sg, su, sd = (torch.randn(*s, generator=g).to(dtype) for s in ((inter, d), (inter, d), (d, inter)))
+    x = torch.randn(T, d, generator=g).to(dtype)
+    idx = routing(T, E, K, g)
+    got = expert_gemm(x.cuda(), gate_up.cuda(), idx.cuda(), split=inter, extra=Extra(sg.cuda(), None, su.cuda()),
+                      tiles=tiles)
+    w = pair_weights(idx, gate_up, torch.cat([sg, su]))
+    rows = torch.cat([x.double().repeat_interleave(K, 0), x.double()])
+    ref = torch.einsum("pnk,pk->pn", w, rows)
+    absum = torch.einsum("pnk,pk->pn", w.abs(), rows.abs())
+    assert got.shape == (T * K + T, 2 * inter) and got.dtype == dtype
+    assert within_output_rounding(got, ref, absum, dtype)
+
+    h = torch.randn(T * K + T, 2 * inter, generator=g).to(dtype)
+    got = expert_gemm(h.cuda(), down.cuda(), idx.cuda(), swiglu=True, extra=Extra(sd.cuda()), tiles=tiles)
+    # the SwiGLU is rounded to the activations' dtype before the product, as `swiglu` rounds it
+    a = (F.silu(h[:, :inter].double()) * h[:, inter:].double()).to(dtype).double()
+    w = pair_weights(idx, down, sd)
+    ref = torch.einsum("pnk,pk->pn", w, a)
+    absum = torch.einsum("pnk,pk->pn", w.abs(), a.abs())
+    assert within_output_rounding(got, ref, absum, dtype)
+
+
+def test_every_token_on_one_expert_and_experts_nobody_chose():
+    # expert 0 takes all 64 tokens (four turns of 16 rows), expert 1 every other one, experts 3.. none (their
+    # programs read nothing)
+    g = torch.Generator().manual_seed(1)
+    T, E, K, N, d = EXPERT_GEMM_MAX_TOKENS, 9, 2, 64, 256
+    w = torch.randn(E, N, d, generator=g).to(torch.bfloat16)
+    x = torch.randn(T, d, generator=g).to(torch.bfloat16)
+    idx = torch.stack([torch.zeros(T, dtype=torch.long), 1 + torch.arange(T) % 2], 1)
+    got = expert_gemm(x.cuda(), w.cuda(), idx.cuda())
+    wp = pair_weights(idx, w, None)
+    rows = x.double().repeat_interleave(K, 0)
+    assert within_output_rounding(got, torch.einsum("pnk,pk->pn", wp, rows),
+                                  torch.einsum("pnk,pk->pn", wp.abs(), rows.abs()), torch.bfloat16)
+
+
+@pytest.mark.parametrize("tiles", [None, (16, 64, 32, 4, 3), (32, 32, 128, 4, 2)])
+def test_e4m3_block_scales_match_float64_on_two_grids(tiles):
+    # gate_up of I = 200 rows per half: the up half's block rows start at ceil(200/128) = 2, and a 64-row tile
+    # holds gate rows 192-199 and up rows 200-255 (each row its own scale); then down [E, d, I] with K = 200
+    g = torch.Generator().manual_seed(2)
+    E, inter, d, T, K = 5, 200, 384, 11, 2
+    (qg, sg), (qu, su) = (quantize_blockwise(torch.randn(E, inter, d, generator=g)) for _ in range(2))
+    q, s = torch.cat([qg, qu], 1), torch.cat([sg, su], 1)
+    wd = torch.cat([dequantize_blockwise(qg, sg, torch.float64), dequantize_blockwise(qu, su, torch.float64)], 1)
+    x = torch.randn(T, d, generator=g).to(torch.bfloat16)
+    idx = routing(T, E, K, g)
+    got = expert_gemm(x.cuda(), q.cuda(), idx.cuda(), s.cuda(), split=inter, tiles=tiles)
+    rows = x.double().repeat_interleave(K, 0)
+    ref = torch.einsum("pnk,pk->pn", wd[idx.flatten()], rows)
+    absum = torch.einsum("pnk,pk->pn", wd[idx.flatten()].abs(), rows.abs())
+    assert within_output_rounding(got, ref, absum, torch.bfloat16)
+    wrong = torch.einsum("pnk,pk->pn", dequantize_blockwise(q, s[:, :4], torch.float64)[idx.flatten()], rows)
+    assert not torch.allclose(wrong, ref)  # the case tells the two grids apart
+
+    qd, sdn = quantize_blockwise(torch.randn(E, d, inter, generator=g))
+    h = torch.randn(T * K, 2 * inter, generator=g).to(torch.bfloat16)
+    got = expert_gemm(h.cuda(), qd.cuda(), idx.cuda(), sdn.cuda(), swiglu=True, tiles=tiles)
+    a = (F.silu(h[:, :inter].double()) * h[:, inter:].double()).to(torch.bfloat16).double()
+    wdd = dequantize_blockwise(qd, sdn, torch.float64)[idx.flatten()]
+    ref, absum = torch.einsum("pnk,pk->pn", wdd, a), torch.einsum("pnk,pk->pn", wdd.abs(), a.abs())
+    assert within_output_rounding(got, ref, absum, torch.bfloat16)
+
+
+def test_checks():
+    w = torch.zeros(4, 64, 32, device="cuda", dtype=torch.bfloat16)
+    idx = torch.tensor([[0, 1]], device="cuda")
+    x = torch.zeros(1, 32, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="do not fit"):
+        expert_gemm(torch.zeros(2, 32, device="cuda", dtype=torch.bfloat16), w, idx)  # 2 rows, 1 token
+    with pytest.raises(ValueError, match="do not fit"):
+        expert_gemm(x, w, idx, swiglu=True)  # down reads [T*K, 2 * d_in]
+    with pytest.raises(ValueError, match="at most"):
+        expert_gemm(torch.zeros(65, 32, device="cuda", dtype=torch.bfloat16), w,
+                    torch.zeros(65, 2, dtype=torch.long, device="cuda"))
+    with pytest.raises(ValueError, match="block grid"):
+        expert_gemm(x, w.to(torch.float8_e4m3fn), idx, torch.ones(4, 1, 2, device="cuda"))
+    with pytest.raises(ValueError, match="extra"):
+        expert_gemm(x, w, idx, extra=Extra(torch.zeros(64, 16, device="cuda", dtype=torch.bfloat16)))
+    # dot needs 16+, powers of two, K steps inside a scale block
+    for tiles in [(8, 64, 64, 4, 2), (16, 64, 256, 4, 2), (16, 48, 64, 4, 2), (24, 64, 64, 4, 2)]:
+        with pytest.raises(ValueError, match="tiles"):
+            expert_gemm(x, w, idx, tiles=tiles)
+    assert expert_gemm_supported(x, w)
+    assert not expert_gemm_supported(x, w.float())  # tl.dot would narrow the weight to x's bf16
+    assert not expert_gemm_supported(torch.zeros(65, 32, device="cuda", dtype=torch.bfloat16), w)
+    assert not expert_gemm_supported(x.cpu(), w.cpu())
+    assert not expert_gemm_supported(x.requires_grad_(), w)
