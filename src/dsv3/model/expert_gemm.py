@@ -22,14 +22,14 @@ from __future__ import annotations
 import torch
 
 from dsv3.model import pdl
-from dsv3.model.gemv import BLOCK, Extra, extra_fits, gemv_supported
+from dsv3.model.gemv import BLOCK, Extra, extra_fits, gemv_supported, stand_ins
 from dsv3.model.pdl import pdl_release, pdl_wait
 
 try:
     import triton
     import triton.language as tl
 
-    from dsv3.model.gemv import weight_rows
+    from dsv3.model.gemv import n_tile, weight_rows
 except ImportError:  # CPU-only installs: Experts keeps its grouped GEMMs
     triton = None
 
@@ -59,9 +59,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr, TURNS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):
         e = tl.program_id(0)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        offs_n = tl.minimum(offs_n, N - 1)  # addresses stay inside the weight (loads are masked with n_ok)
+        offs_n, n_ok = n_tile(N, BLOCK_N)
         n_experts = tl.num_programs(0) - EXTRA_PROGRAMS
         extra = e >= n_experts  # the shared expert's rows, BLOCK_M of every token a program row
         pdl_wait(PDL)  # the top-k indices and the activations come from the previous kernels
@@ -215,11 +213,7 @@ def _run(
     E, N, d_in = w.shape
     has_extra = xw is not None
     y = torch.empty(T * top_k + (T if has_extra else 0), N, dtype=x.dtype, device=x.device)
-    scales = s if s is not None else w  # the kernel reads dummies it never uses
-    xw = xw if has_extra else w
-    xs = xs if has_extra and s is not None else scales
-    xw2 = xw2 if xw2 is not None else xw
-    xs2 = xs2 if xs2 is not None else xs
+    scales, xw, xs, xw2, xs2 = stand_ins(w, s, xw, xs, xw2, xs2)
     block_m, block_n, block_k, warps, stages = tiles
     extra_programs = triton.cdiv(T, block_m) if has_extra else 0
     _expert_gemm_kernel[(E + extra_programs, triton.cdiv(N, block_n))](

@@ -63,6 +63,13 @@ def gemv_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def n_tile(N, BLOCK_N: tl.constexpr):
+        """(offs_n, n_ok): this program's BLOCK_N output rows along grid axis 1, clamped inside the weight so
+        that their addresses stay valid (loads are masked with n_ok)."""
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return tl.minimum(offs_n, N - 1), offs_n < N
+
+    @triton.jit
     def weight_rows(
         w_ptr, s_ptr, xw_ptr, xs_ptr, xw2_ptr, xs2_ptr, e, extra, offs_n, SPLIT, SPLIT_BLOCKS,
         stride_we, stride_wn, stride_se, stride_sn, HAS_EXTRA: tl.constexpr,
@@ -96,9 +103,7 @@ if triton is not None:
         RESIDUAL: tl.constexpr, ROW_SCALE: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr,
     ):
         p = tl.program_id(0)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        offs_n = tl.minimum(offs_n, N - 1)  # addresses stay inside the weight (loads are masked with n_ok)
+        offs_n, n_ok = n_tile(N, BLOCK_N)
         if HAS_IDX:  # the rows' experts come from the previous kernel (the router)
             pdl_wait(PDL)
             e = tl.load(idx_ptr + tl.minimum(p, P - 1)).to(tl.int64)
@@ -325,13 +330,7 @@ def _run(
     if y.shape[0] == 0:
         return y
     has_extra = xw is not None
-    s = s3 if s3 is not None else w3
-    if not has_extra:  # the kernel reads dummies it never uses
-        xw = w3
-    if not has_extra or s3 is None:
-        xs = s
-    xw2 = xw2 if xw2 is not None else xw
-    xs2 = xs2 if xs2 is not None else xs
+    s, xw, xs, xw2, xs2 = stand_ins(w3, s3, xw, xs, xw2, xs2)
     block_n, block_k, warps = tiles
     _gemv_kernel[(y.shape[0], triton.cdiv(N, block_n))](
         x, w3, s, idx if idx is not None else x, y, xw, xs, xw2, xs2, x if nw is None else nw,
@@ -346,6 +345,18 @@ def _run(
         **pdl.launch(x.device),
     )
     return y
+
+
+def stand_ins(
+    w: torch.Tensor, s: torch.Tensor | None, xw: torch.Tensor | None, xs: torch.Tensor | None,
+    xw2: torch.Tensor | None, xs2: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s, xw, xs, xw2, xs2) as `weight_rows`' kernels take them: every absent operand replaced by a tensor the
+    kernel is handed but never reads (no scales: the weight; no extra matrix: the stacked one; no second half:
+    the first)."""
+    s = s if s is not None else w
+    xw, xs = (xw, xs if xs is not None else s) if xw is not None else (w, s)
+    return s, xw, xs, xw2 if xw2 is not None else xw, xs2 if xs2 is not None else xs
 
 
 def _tiles(rows: int, K: int, swiglu: bool, scaled: bool) -> tuple[int, int, int]:
