@@ -101,12 +101,40 @@ def test_chat_keeps_the_conversation(model_dir: Path, monkeypatch: pytest.Monkey
     first, second = (tok.decode(p) for p in prompts)
     assert "hello there" in first and "and again" not in first
     assert second.startswith(first)  # the second turn carries the first exchange
-    assert replies[0].strip() and replies[0] in second[len(first):]  # the first reply included, not dropped
+    # (cut at 5 tokens, the random model's reply may end inside a character: the history drops it)
+    kept = replies[0].rstrip("\ufffd")
+    assert kept.strip() and kept in second[len(first):]  # the first reply included, not dropped
     # exactly the template over the conversation so far: question, that reply, the new question
     assert prompts[1] == tok.apply_chat_template(
-        [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": replies[0]},
+        [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": kept},
          {"role": "user", "content": "and again"}], add_generation_prompt=True, tokenize=True)
     assert capsys.readouterr().out.startswith(replies[0])  # the reply kept is the one the user saw
+
+
+def test_chat_history_drops_a_character_cut_by_max_tokens(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a reply cut at max_tokens inside a UTF-8 character ends in U+FFFD; the next turn's prompt quotes the reply
+    # without it (a reply that stopped otherwise is kept as it is)
+    import dataclasses
+
+    prompts: list[list[int]] = []
+    original = Engine.generate
+
+    def spy(self, prompt, params=None, stream=False):
+        prompts.append(list(prompt))
+        deltas = list(original(self, prompt, params, stream))
+        last = deltas[-1]
+        cut = dataclasses.replace(last.result, text=last.result.text + "é\ufffd", finish_reason="length")
+        return iter([*deltas[:-1], dataclasses.replace(last, result=cut)])
+
+    lines = iter(["hello there", "and again"])
+    monkeypatch.setattr(Engine, "generate", spy)
+    monkeypatch.setattr(builtins, "input", lambda _prompt="": next(lines))
+    with pytest.raises(StopIteration):
+        run("chat", "--model", str(model_dir), "--max-tokens", "3", "--seed", "0", "--device", "cpu")
+    from dsv3.data.tokenizer import Tokenizer
+
+    second = Tokenizer.from_pretrained(model_dir).decode(prompts[1])
+    assert "é<｜end▁of▁sentence｜>" in second  # (the random model's own invalid bytes decode to U+FFFD before it)
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path: Path) -> None:

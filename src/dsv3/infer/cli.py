@@ -151,6 +151,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(_stats(result, time.perf_counter() - start, args.mtp), file=sys.stderr)
 
 
+def _kept_reply(result: GenerationResult) -> str:
+    """The reply as the conversation keeps it: a reply cut at max_tokens may end inside a UTF-8 character, whose
+    bytes decode to U+FFFD; the history drops that partial character rather than quote U+FFFD back to the model
+    as if it had written it."""
+    return result.text.rstrip("\ufffd") if result.finish_reason == "length" else result.text
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     engine, tokenizer, params = load(args)
     opening = [{"role": "system", "content": args.system}] if args.system else []
@@ -189,4 +196,4 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         print()
         print(_stats(result, time.perf_counter() - start, args.mtp), file=sys.stderr)
-        messages.append({"role": "assistant", "content": result.text})
+        messages.append({"role": "assistant", "content": _kept_reply(result)})
