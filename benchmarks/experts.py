@@ -4,14 +4,14 @@
 
 `bench`'s routed experts (64 of d 1536, I 576, top-8), each token routed to 8 experts drawn at random. Per token
 count, the two projections (gate_up, then down with the SwiGLU) three ways: `gemv` streaming each (token, expert)
-pair's expert (what `Experts.few_pairs` runs below as many pairs as experts), `expert_gemm` reading each chosen
-expert once for all its tokens (what it runs from there to 64 tokens), and the two `grouped_mm` calls of
-`Experts.grouped` on rows already sorted by expert (its sort, gathers and unsort not counted, nor any way's
-shared expert or combine: the same kernels for all three). Each way is captured 50 times in a CUDA graph and
-replayed (`benchmarks.common.replay_us`); calls cycle through 10 routings and two copies of the weights, so the
-chosen experts come from HBM. floor = bytes of the distinct chosen experts / measured copy bandwidth. `--e4m3`:
-E4M3 weights with 128x128 block scales (grouped_mm then multiplies experts dequantised to bf16 in the same call,
-as `FP8Experts.weights` does). `--sweep T...`: also time expert_gemm's program shapes for gate_up and down at
+pair's expert (what `Experts.few_pairs` runs below as many pairs as experts; FP8 experts: below 4E pairs),
+`expert_gemm` reading each chosen expert once for all its tokens (what it runs from there to 64 tokens), and the two
+`grouped_mm` calls of `Experts.grouped` on rows already sorted by expert (its sort, gathers and unsort not counted,
+nor any way's shared expert or combine: the same kernels for all three). Each way is captured 50 times in a CUDA
+graph and replayed (`benchmarks.common.replay_us`); calls cycle through 10 routings and two copies of the weights,
+so the chosen experts come from HBM. floor = bytes of the distinct chosen experts / measured copy bandwidth.
+`--e4m3`: E4M3 weights with 128x128 block scales (grouped_mm then multiplies experts dequantised to bf16 in the same
+call, as `FP8Experts.weights` does). `--sweep T...`: also time expert_gemm's program shapes for gate_up and down at
 those token counts. Prints a table, then one JSON line.
 """
 

@@ -1,7 +1,8 @@
-"""Decode's expert-grouped Triton GEMM (dsv3.model.expert_gemm) against float64: each chosen expert's rows found
-in the top-k indices, the shared expert's extra program row, the SwiGLU input of the down projection, E4M3
-weights with 128x128 block scales on gate_up's two grids (tiles straddling the halves), ragged shapes, the
-largest expert (every token on it) and its checks. CUDA only; `Experts`' use of it: tests/model/test_gemv.py."""
+"""Decode's expert-grouped Triton GEMM (dsv3.model.expert_gemm) against float64: each chosen expert's rows found in
+the top-k indices, in turns of BLOCK_M rows, the shared expert's program rows, the SwiGLU input of the down
+projection, E4M3 weights with 128x128 block scales on gate_up's two grids (tiles straddling the halves, an E4M3
+shared expert), ragged shapes, the largest expert (every token on it) and its checks. CUDA only; `Experts`' use
+of it: tests/model/test_gemv.py."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def pair_weights(idx: torch.Tensor, stack: torch.Tensor, shared: torch.Tensor | 
 
 # tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): at 64 tokens 16-row tiles take an expert's rows in turns
 TILES = [None, (16, 32, 32, 4, 2), (32, 128, 64, 8, 3), (64, 16, 128, 4, 3)]
-CASES = ([(torch.bfloat16, T, tiles) for T in (1, 5, 16, 64) for tiles in TILES]
+CASES = ([(torch.bfloat16, T, tiles) for T in (1, 5, 16, 33, 64) for tiles in TILES]
          + [(dtype, T, tiles) for dtype in (torch.float16, torch.float32) for T in (5, 64) for tiles in TILES[:2]])
 
 
@@ -77,31 +78,42 @@ def test_every_token_on_one_expert_and_experts_nobody_chose():
 
 
 @pytest.mark.parametrize("tiles", [None, (16, 64, 32, 4, 3), (32, 32, 128, 4, 2)])
-def test_e4m3_block_scales_match_float64_on_two_grids(tiles):
+@pytest.mark.parametrize("T,dtype", [(11, torch.bfloat16), (64, torch.bfloat16), (33, torch.float32)])
+def test_e4m3_block_scales_match_float64_on_two_grids(T, dtype, tiles):
     # gate_up of I = 200 rows per half: the up half's block rows start at ceil(200/128) = 2, and a 64-row tile
-    # holds gate rows 192-199 and up rows 200-255 (each row its own scale); then down [E, d, I] with K = 200
+    # holds gate rows 192-199 and up rows 200-255 (each row its own scale); an E4M3 shared expert with its own
+    # grid per half (its scales swapped would fail); then down [E, d, I] with K = 200. 33 and 64 tokens take
+    # an expert's rows in turns
     g = torch.Generator().manual_seed(2)
-    E, inter, d, T, K = 5, 200, 384, 11, 2
-    (qg, sg), (qu, su) = (quantize_blockwise(torch.randn(E, inter, d, generator=g)) for _ in range(2))
-    q, s = torch.cat([qg, qu], 1), torch.cat([sg, su], 1)
-    wd = torch.cat([dequantize_blockwise(qg, sg, torch.float64), dequantize_blockwise(qu, su, torch.float64)], 1)
-    x = torch.randn(T, d, generator=g).to(torch.bfloat16)
-    idx = routing(T, E, K, g)
-    got = expert_gemm(x.cuda(), q.cuda(), idx.cuda(), s.cuda(), split=inter, tiles=tiles)
-    rows = x.double().repeat_interleave(K, 0)
-    ref = torch.einsum("pnk,pk->pn", wd[idx.flatten()], rows)
-    absum = torch.einsum("pnk,pk->pn", wd[idx.flatten()].abs(), rows.abs())
-    assert within_output_rounding(got, ref, absum, torch.bfloat16)
-    wrong = torch.einsum("pnk,pk->pn", dequantize_blockwise(q, s[:, :4], torch.float64)[idx.flatten()], rows)
-    assert not torch.allclose(wrong, ref)  # the case tells the two grids apart
+    E, inter, d, K = 5, 200, 384, 2
 
-    qd, sdn = quantize_blockwise(torch.randn(E, d, inter, generator=g))
-    h = torch.randn(T * K, 2 * inter, generator=g).to(torch.bfloat16)
-    got = expert_gemm(h.cuda(), qd.cuda(), idx.cuda(), sdn.cuda(), swiglu=True, tiles=tiles)
-    a = (F.silu(h[:, :inter].double()) * h[:, inter:].double()).to(torch.bfloat16).double()
-    wdd = dequantize_blockwise(qd, sdn, torch.float64)[idx.flatten()]
-    ref, absum = torch.einsum("pnk,pk->pn", wdd, a), torch.einsum("pnk,pk->pn", wdd.abs(), a.abs())
-    assert within_output_rounding(got, ref, absum, torch.bfloat16)
+    def quantised(*shape: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, s = quantize_blockwise(torch.randn(*shape, generator=g) * torch.rand(shape[-2], 1, generator=g) * 4)
+        return q, s, dequantize_blockwise(q, s, torch.float64)
+
+    (qg, sg, wg), (qu, su, wu) = quantised(E, inter, d), quantised(E, inter, d)
+    (qsg, ssg, wsg), (qsu, ssu, wsu) = quantised(inter, d), quantised(inter, d)
+    q, s, wd = torch.cat([qg, qu], 1), torch.cat([sg, su], 1), torch.cat([wg, wu], 1)
+    x = torch.randn(T, d, generator=g).to(dtype)
+    idx = routing(T, E, K, g)
+    got = expert_gemm(x.cuda(), q.cuda(), idx.cuda(), s.cuda(), split=inter, tiles=tiles,
+                      extra=Extra(qsg.cuda(), ssg.cuda(), qsu.cuda(), ssu.cuda()))
+    w = torch.cat([wd[idx.flatten()], torch.cat([wsg, wsu]).expand(T, -1, -1)])
+    rows = torch.cat([x.double().repeat_interleave(K, 0), x.double()])
+    ref, absum = torch.einsum("pnk,pk->pn", w, rows), torch.einsum("pnk,pk->pn", w.abs(), rows.abs())
+    assert within_output_rounding(got, ref, absum, dtype)
+    wrong = torch.einsum("pnk,pk->pn", dequantize_blockwise(q, s[:, :4], torch.float64)[idx.flatten()],
+                         rows[: T * K])
+    assert not torch.allclose(wrong, ref[: T * K])  # the case tells the two grids apart
+
+    (qd, sdn, wdn), (qsd, ssd, wsd) = quantised(E, d, inter), quantised(d, inter)
+    h = torch.randn(T * K + T, 2 * inter, generator=g).to(dtype)
+    got = expert_gemm(h.cuda(), qd.cuda(), idx.cuda(), sdn.cuda(), swiglu=True, tiles=tiles,
+                      extra=Extra(qsd.cuda(), ssd.cuda()))
+    a = (F.silu(h[:, :inter].double()) * h[:, inter:].double()).to(dtype).double()
+    w = torch.cat([wdn[idx.flatten()], wsd.expand(T, -1, -1)])
+    ref, absum = torch.einsum("pnk,pk->pn", w, a), torch.einsum("pnk,pk->pn", w.abs(), a.abs())
+    assert within_output_rounding(got, ref, absum, dtype)
 
 
 def test_checks():
@@ -117,6 +129,10 @@ def test_checks():
                     torch.zeros(65, 2, dtype=torch.long, device="cuda"))
     with pytest.raises(ValueError, match="block grid"):
         expert_gemm(x, w.to(torch.float8_e4m3fn), idx, torch.ones(4, 1, 2, device="cuda"))
+    with pytest.raises(ValueError, match="narrow"):
+        expert_gemm(x, w.float(), idx)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        expert_gemm(x, w, idx.float())
     with pytest.raises(ValueError, match="extra"):
         expert_gemm(x, w, idx, extra=Extra(torch.zeros(64, 16, device="cuda", dtype=torch.bfloat16)))
     # dot needs 16+, powers of two, K steps inside a scale block

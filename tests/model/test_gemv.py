@@ -455,6 +455,9 @@ def test_moe_shared_expert_rides_in_the_routed_launches(fp8, tokens, monkeypatch
     g = torch.Generator().manual_seed(6)
     calls, real = [], MLP.forward
     monkeypatch.setattr(MLP, "forward", lambda self, x: calls.append(1) or real(self, x))
+    paths, few = [], Experts.few_pairs
+    monkeypatch.setattr(Experts, "few_pairs", lambda self, x, r, shared=None, per_pair=True: paths.append(
+        per_pair) or few(self, x, r, shared, per_pair))
     for n_shared, rides in ((1, True), (2, False)):
         calls.clear()
         cfg = tiny_config(n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=3, hidden_size=256,
@@ -485,6 +488,8 @@ def test_moe_shared_expert_rides_in_the_routed_launches(fp8, tokens, monkeypatch
         want += (F.silu(xd @ shared["gate_proj"].T) * (xd @ shared["up_proj"].T)) @ shared["down_proj"].T
         assert ((got.double().cpu() - want).norm() / want.norm()).item() < 8e-3, (n_shared, fp8, tokens)
         assert (not calls) == rides, (n_shared, calls)
+        assert paths == [tokens == 2], paths  # gemv per pair at 2 tokens, expert_gemm at 12
+        paths.clear()
 
 
 def test_moe_shared_expert_falls_back_when_it_cannot_ride(monkeypatch):

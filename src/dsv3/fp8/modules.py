@@ -159,8 +159,10 @@ class FP8Experts(_KeepDtypes, Experts):
         return self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj, self.down_proj_scale_inv
 
     def max_streamed_pairs(self) -> int:
-        # the grouped path dequantises all E experts (read 1 byte, write and re-read 2 per weight): streaming
-        # up to 4E pairs' E4M3 bytes moves less
+        # streaming up to 4E pairs' E4M3 bytes moves less than the grouped path, which dequantises all E experts
+        # (read 1 byte, write and re-read 2 per weight), and on `bench` (E = 64) ran faster than `expert_gemm`
+        # up to 16 tokens, whose E4M3 widening held it to ~32% of copy bandwidth (BENCHMARKS.md, eighteenth
+        # session; measured before its last two changes). V3's E = 256 at K = 8 never reaches expert_gemm here.
         return 4 * self.gate_up_proj.shape[0]
 
 

@@ -40,9 +40,8 @@ EXPERT_GEMM_MAX_TOKENS = 64
 
 def expert_gemm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether `expert_gemm` runs for tokens x [T, d] and these expert stacks: CUDA with Triton, 1 to
-    EXPERT_GEMM_MAX_TOKENS tokens in a 16- or 32-bit float, bf16/fp16/fp32 or E4M3 weights (E4M3 on compute
-    capability 8.9+) or x's own type (the weights are widened to x's type for `tl.dot`, never narrowed), no
-    autograd."""
+    EXPERT_GEMM_MAX_TOKENS tokens in a 16- or 32-bit float, weights of x's own dtype or E4M3 (on compute
+    capability 8.9+; the weights are widened to x's type for `tl.dot`, never narrowed), no autograd."""
     return (x.dim() == 2 and 1 <= x.shape[0] <= EXPERT_GEMM_MAX_TOKENS and gemv_supported(x, *weights)
             and all(w.dtype in (x.dtype, torch.float8_e4m3fn) for w in weights))  # tl.dot in x's type
 
@@ -71,7 +70,7 @@ if triton is not None:
                       other=-1)
         hit = ids == e
         picked = tl.max(hit.to(tl.int32), axis=1)  # [BLOCK_T]: 1 where token t chose e (at most once)
-        k_of_t = tl.sum(tl.where(hit, kk[None, :], 0), axis=1)
+        k_of_t = tl.max(tl.where(hit, kk[None, :], 0), axis=1)  # (max, not sum: in range even for repeats)
         slot_of_t = tl.cumsum(picked, axis=0) - 1
         count = tl.sum(picked, axis=0)
         m_first = 0
@@ -166,6 +165,9 @@ def expert_gemm(
     if scale_inv is not None and tuple(scale_inv.shape) != (E, grid_rows, -(-d_in // BLOCK)):
         raise ValueError(f"expert_gemm: scale_inv {tuple(scale_inv.shape)} is not the 128x128 block grid of "
                          f"{tuple(w.shape)}")
+    if w.dtype not in (x.dtype, torch.float8_e4m3fn) or idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"expert_gemm: weights {w.dtype} for activations {x.dtype} (x's dtype or E4M3: tl.dot would "
+                         f"narrow them), indices {idx.dtype} (int32 or int64)")
     if extra is not None and not extra_fits(extra, w, scale_inv, N, split):
         raise ValueError("expert_gemm: the extra matrix does not match the stacked weights' shape, dtype, row "
                          "stride and scales")

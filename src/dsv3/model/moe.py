@@ -233,8 +233,9 @@ class Experts(nn.Module):
         return self.gate_up_proj, None, self.down_proj, None
 
     def max_streamed_pairs(self) -> int:
-        """Below this many (token, expert) pairs `few_pairs` runs: fewer pairs than experts, so streaming an
-        expert per pair reads at most the bytes of the experts the grouped GEMMs could touch."""
+        """Below this many (token, expert) pairs `few_pairs` streams each pair's expert (`gemv`); from here to
+        EXPERT_GEMM_MAX_TOKENS tokens it reads each chosen expert once (`expert_gemm`). Fewer pairs than experts:
+        streaming per pair then reads at most the bytes of the experts the grouped GEMMs could touch."""
         return self.gate_up_proj.shape[0]
 
     def forward(self, x: torch.Tensor, r: RouterOutput, shared: nn.Module | None = None) -> torch.Tensor:
