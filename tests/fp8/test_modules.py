@@ -22,9 +22,9 @@ from dsv3.fp8 import FP8Experts, FP8Linear, dequantize_blockwise, quantize_block
 from dsv3.infer.engine import Engine
 from dsv3.infer.sampling import SamplingParams
 from dsv3.model.cache import StaticLatentCache
-from dsv3.model.moe import Experts, RouterOutput
+from dsv3.model.moe import RouterOutput
 from tests.conftest import random_model, tiny_config
-from tests.model.test_moe import experts_reference
+from tests.model.test_moe import experts_reference, record_few_pairs
 from tests.test_checkpoint import UNALIGNED, read_checkpoint, write_checkpoint
 
 FP8 = torch.float8_e4m3fn
@@ -389,10 +389,7 @@ def test_cuda_few_tokens_stream_the_fp8_experts(tmp_path, monkeypatch):
     kept = load_model(tmp_path / "ck", device="cuda", dtype=torch.bfloat16, fp8="keep")
     experts = next(m for m in kept.modules() if isinstance(m, FP8Experts))
     gate_up, down = experts.weights(torch.float64)
-    calls = []
-    real = Experts.few_pairs
-    monkeypatch.setattr(Experts, "few_pairs", lambda self, x, r, shared=None, per_pair=True: calls.append(
-        (x.shape[0], per_pair)) or real(self, x, r, shared, per_pair))
+    calls = record_few_pairs(monkeypatch)
     g = torch.Generator().manual_seed(0)
     for T in (1, 10, 11, 65):
         x = (torch.randn(T, cfg.hidden_size, generator=g) * 0.5).to("cuda", torch.bfloat16)

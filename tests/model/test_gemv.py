@@ -13,7 +13,7 @@ from dsv3.model.gemv import Extra, gemv, gemv_pair, gemv_supported, linear, line
 from dsv3.model.layers import RMSNorm
 from dsv3.model.moe import Experts, RouterOutput
 from tests.conftest import tiny_config
-from tests.model.test_moe import experts_reference
+from tests.model.test_moe import experts_reference, record_few_pairs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -425,10 +425,7 @@ def test_experts_take_it_for_fewer_pairs_than_experts(monkeypatch):
         experts.gate_up_proj.copy_(torch.randn(E, 2 * inter, d, generator=g) * 0.1)
         experts.down_proj.copy_(torch.randn(E, d, inter, generator=g) * 0.1)
     experts.cuda().bfloat16()
-    calls = []
-    real = Experts.few_pairs
-    monkeypatch.setattr(Experts, "few_pairs", lambda self, x, r, shared=None, per_pair=True: calls.append(
-        (x.shape[0], per_pair)) or real(self, x, r, shared, per_pair))
+    calls = record_few_pairs(monkeypatch)
     for T in (1, 2, 3):  # 3, 6 pairs stream; 9 >= 8 experts take expert_gemm
         x = torch.randn(T, d, generator=g).to(torch.bfloat16)
         idx = torch.stack([torch.randperm(E, generator=g)[:topk] for _ in range(T)])
@@ -455,9 +452,7 @@ def test_moe_shared_expert_rides_in_the_routed_launches(fp8, tokens, monkeypatch
     g = torch.Generator().manual_seed(6)
     calls, real = [], MLP.forward
     monkeypatch.setattr(MLP, "forward", lambda self, x: calls.append(1) or real(self, x))
-    paths, few = [], Experts.few_pairs
-    monkeypatch.setattr(Experts, "few_pairs", lambda self, x, r, shared=None, per_pair=True: paths.append(
-        per_pair) or few(self, x, r, shared, per_pair))
+    paths = record_few_pairs(monkeypatch)
     for n_shared, rides in ((1, True), (2, False)):
         calls.clear()
         cfg = tiny_config(n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=3, hidden_size=256,
@@ -488,7 +483,7 @@ def test_moe_shared_expert_rides_in_the_routed_launches(fp8, tokens, monkeypatch
         want += (F.silu(xd @ shared["gate_proj"].T) * (xd @ shared["up_proj"].T)) @ shared["down_proj"].T
         assert ((got.double().cpu() - want).norm() / want.norm()).item() < 8e-3, (n_shared, fp8, tokens)
         assert (not calls) == rides, (n_shared, calls)
-        assert paths == [tokens == 2], paths  # gemv per pair at 2 tokens, expert_gemm at 12
+        assert paths == [(tokens, tokens == 2)], paths  # gemv per pair at 2 tokens, expert_gemm at 12
         paths.clear()
 
 

@@ -10,7 +10,7 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
 from dsv3.model.layers import RMSNorm
-from dsv3.model.moe import MoE, Router, RouterOutput, _Bf16Logits, combine, route, router_logits
+from dsv3.model.moe import Experts, MoE, Router, RouterOutput, _Bf16Logits, combine, route, router_logits
 from tests.conftest import randomize_bias_, tiny_config
 
 # Hand cases are float32 sums of a few numbers of order 1: 1e-6 absolute covers their rounding.
@@ -268,6 +268,18 @@ def experts_reference(x, gate_up, down, idx, weights):
             gate, up = gate_up[e, :inter] @ x[t], gate_up[e, inter:] @ x[t]
             out[t] += weights[t, k] * (down[e] @ (F.silu(gate) * up))
     return out
+
+
+def record_few_pairs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """Spy on `Experts.few_pairs` (the CUDA decode paths): (tokens, per_pair) of every call, each call run as is."""
+    calls, real = [], Experts.few_pairs
+
+    def spy(self, x, r, shared=None, per_pair=True):  # noqa: ANN001, ANN202 - the method's own signature
+        calls.append((x.shape[0], per_pair))
+        return real(self, x, r, shared, per_pair)
+
+    monkeypatch.setattr(Experts, "few_pairs", spy)
+    return calls
 
 
 def _router_output(idx: torch.Tensor, weights: torch.Tensor, E: int) -> RouterOutput:
