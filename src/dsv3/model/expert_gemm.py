@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from dsv3.model import pdl
-from dsv3.model.gemv import BLOCK, Extra, extra_fits, gemv_supported, stand_ins
+from dsv3.model.gemv import BLOCK, Extra, extra_fits, gemv_supported, scale_grid, stand_ins
 from dsv3.model.pdl import pdl_release, pdl_wait
 
 try:
@@ -161,8 +161,7 @@ def expert_gemm(
     if x.dim() != 2 or x.shape != (rows_in, 2 * d_in if swiglu else d_in) or not 1 <= T <= EXPERT_GEMM_MAX_TOKENS:
         raise ValueError(f"expert_gemm: activations {tuple(x.shape)} do not fit the weight {tuple(w.shape)} for "
                          f"top-k indices {tuple(idx.shape)} (at most {EXPERT_GEMM_MAX_TOKENS} tokens)")
-    grid_rows = -(-N // BLOCK) if split is None else -(-split // BLOCK) + -(-(N - split) // BLOCK)
-    if scale_inv is not None and tuple(scale_inv.shape) != (E, grid_rows, -(-d_in // BLOCK)):
+    if scale_inv is not None and tuple(scale_inv.shape) != (E, *scale_grid(N, d_in, split)):
         raise ValueError(f"expert_gemm: scale_inv {tuple(scale_inv.shape)} is not the 128x128 block grid of "
                          f"{tuple(w.shape)}")
     if w.dtype not in (x.dtype, torch.float8_e4m3fn) or idx.dtype not in (torch.int32, torch.int64):

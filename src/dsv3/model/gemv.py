@@ -221,8 +221,7 @@ def gemv(
             or P not in (x.shape[0] * rows_per_x, own * rows_per_x)):
         raise ValueError(f"gemv: activations {tuple(x.shape)} do not fit the weight {tuple(w.shape)} for {P} rows "
                          f"(x is [P / rows_per_x, {'2K' if swiglu else 'K'}])")
-    grid_rows = -(-N // BLOCK) if split is None else -(-split // BLOCK) + -(-(N - split) // BLOCK)
-    if s3 is not None and tuple(s3.shape[1:]) != (grid_rows, -(-K // BLOCK)):
+    if s3 is not None and tuple(s3.shape[1:]) != scale_grid(N, K, split):
         raise ValueError(f"gemv: scale_inv {tuple(scale_inv.shape)} is not the 128x128 block grid of {tuple(w.shape)}")
     if norm is not None and (swiglu or norm[0].shape != (K,)):
         raise ValueError(f"gemv: RMSNorm weight {tuple(norm[0].shape)} does not fit activations {tuple(x.shape)} "
@@ -255,6 +254,13 @@ def gemv_pair(
     extra = Extra(w1, scale_inv1, w2, scale_inv2)
     return _launch(x, w1.unsqueeze(0), None if scale_inv1 is None else scale_inv1.unsqueeze(0), None, 0,
                    w1.shape[0] + w2.shape[0], w1.shape[1], 1, False, w1.shape[0], extra, x.shape[0], tiles, norm)
+
+
+def scale_grid(n: int, k: int, split: int | None = None) -> tuple[int, int]:
+    """The 128x128 block grid of an [n, k] E4M3 weight's scales: (block rows, block columns), the first `split`
+    rows and the rest each on a grid of their own when split is given (gate_up's halves)."""
+    rows = -(-n // BLOCK) if split is None else -(-split // BLOCK) + -(-(n - split) // BLOCK)
+    return rows, -(-k // BLOCK)
 
 
 def extra_fits(
