@@ -1,18 +1,19 @@
 """Decode's routed experts at a few tokens per expert: each chosen expert's weights read once for all its tokens.
 
-From about as many (token, expert) pairs as experts (`bench`'s batch 8: 64 pairs over 42 distinct experts of
-64), streaming every pair's expert (`dsv3.model.gemv`) reads an expert once per token that chose it, and the
-grouped GEMMs of training (`grouped_mm`) tile each expert's handful of rows for 64+, behind a sort, gathers and
-an unsort of launches of their own. Here one launch per projection: program (e, n-tile) finds expert e's tokens
-in the router's top-k indices itself (a prefix count over the tokens, no sort), multiplies its [BLOCK_N, K]
-weight slab by their rows with `tl.dot`, BLOCK_M rows at a time, and writes each (token, k) pair's output row
-where `Experts.few_pairs` expects it. A shared expert shaped like a routed one runs as more program rows, one
-per BLOCK_M tokens. E4M3 weights are widened to the activation's type in registers (exact) and their 128x128
-block scales applied to each K step's float32 partial products.
+From a third as many (token, expert) pairs as experts on (`bench`'s batch 3; its batch 8 puts 64 pairs on ~42
+distinct experts of 64), streaming every pair's expert (`dsv3.model.gemv`) reads an expert once per token that
+chose it, and the grouped GEMMs of training (`grouped_mm`) tile each expert's handful of rows for 64+, behind a
+sort, gathers and an unsort of launches of their own. Here one launch per projection: program (e, n-tile) finds
+expert e's tokens in the router's top-k indices itself (a prefix count over the tokens, no sort), multiplies its
+[BLOCK_N, K] weight slab by their rows with `tl.dot` (W a^T, BLOCK_M rows at a time: the slab is the MMA's tall
+operand, so Hopper runs wgmma), and writes each (token, k) pair's output row where `Experts.few_pairs` expects
+it. A shared expert shaped like a routed one runs as more program rows, one per BLOCK_M tokens. E4M3 weights
+are widened to the activation's type in registers (exact) and their 128x128 block scales applied to each K
+step's float32 partial products.
 
-`bench`'s experts on an H200 (`python -m benchmarks.experts`; gate_up and down, bf16, us): 8 tokens 69.7 (77% of
-copy bandwidth for the distinct experts' bytes) against per-pair gemv 75.8 and the grouped GEMMs alone (no
-sort) 106.6; 64 tokens 121.5 against 437.1 and 141.4.
+`bench`'s experts on an H200 (`python -m benchmarks.experts`; gate_up and down, bf16, us): 8 tokens 60.3 (88% of
+copy bandwidth for the distinct experts' bytes) against per-pair gemv 75.3 and the grouped GEMMs alone (no
+sort) 108.8; 64 tokens 97.7 (82%) against 437.1 and 141.7.
 
 CUDA only (Triton), no autograd: decode. `expert_gemm_supported` says when it runs.
 """
@@ -114,7 +115,10 @@ if triton is not None:
         rows_ok = slot < count
         # gate_up reads each token's row; down its pair's gate_up output (two halves: SwiGLU as it loads)
         a_rows = x_ptr + (pair if SWIGLU else tok).to(tl.int64)[:, None] * stride_xm
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        # W a^T rather than a W^T: the weight tile is the MMA's tall left operand (M = BLOCK_N, from registers after
+        # the E4M3 widening) and the few rows its N. Hopper then issues wgmma; the other way round, BLOCK_M = 16
+        # rows as M lowered to mma.sync, 25% slower at 64 tokens.
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
@@ -128,14 +132,14 @@ if triton is not None:
             w = tl.load(w_rows[:, None] + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             w = w.to(a.dtype)  # E4M3 -> 16/32 bits: exact
             if IEEE:
-                part = tl.dot(a, tl.trans(w), input_precision="ieee")
+                part = tl.dot(w, tl.trans(a), input_precision="ieee")
             else:
-                part = tl.dot(a, tl.trans(w))
+                part = tl.dot(w, tl.trans(a))
             if HAS_SCALE:  # BLOCK_K divides 128: the step lies in one column of scale blocks
-                part *= tl.load(s_rows + k0 // 128, mask=n_ok, other=0.0)[None, :]
+                part *= tl.load(s_rows + k0 // 128, mask=n_ok, other=0.0)[:, None]
             acc += part
-        out = y_ptr + pair.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rows_ok[:, None] & n_ok[None, :])
+        out = y_ptr + pair.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & rows_ok[None, :])
 
 
 def expert_gemm(
@@ -170,7 +174,7 @@ def expert_gemm(
     if extra is not None and not extra_fits(extra, w, scale_inv, N, split):
         raise ValueError("expert_gemm: the extra matrix does not match the stacked weights' shape, dtype, row "
                          "stride and scales")
-    block_m, block_n, block_k, warps, stages = tiles or _tiles(swiglu, w.element_size(), x.element_size())
+    block_m, block_n, block_k, warps, stages = tiles or _tiles(swiglu, T, w.element_size(), x.element_size())
     if (min(block_m, block_n, block_k) < 16 or any(b & (b - 1) for b in (block_m, block_n, block_k))
             or BLOCK % block_k):
         raise ValueError(f"expert_gemm: tiles {tiles}: BLOCK_M, BLOCK_N and BLOCK_K powers of two from 16, "
@@ -181,14 +185,14 @@ def expert_gemm(
                 N if split is None else split, xw, xs, xw2, xs2, [block_m, block_n, block_k, warps, stages])
 
 
-def _tiles(swiglu: bool, w_bytes: int, x_bytes: int) -> tuple[int, int, int, int, int]:
+def _tiles(swiglu: bool, T: int, w_bytes: int, x_bytes: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): from sweeps of `bench`'s experts on the H200 (`python -m
-    benchmarks.experts --sweep 8 16 64`, bf16 weights from HBM, us). 8 tokens: gate_up 16x128x128x4x3 37.9
-    against 16x64x128x4x4 38.0 and 16x64x64x4x3 40.2; down 16x128x64x4x3 30.3 against 16x128x32x4x3 33.5.
-    16 and 64 tokens, 16-row turns beating 32: these shapes within 4% of the best (gate_up 51.5 / 65.2 against
-    50.6 / 62.9, down the best, 50.3 / 59.6). Fewer stages where the pipelined loads would not fit 160 KB of
+    benchmarks.experts --sweep 8 64`, weights from HBM, us). gate_up 16x64x128x4x3 the best at 8 and 64 tokens
+    (bf16 36.4 and 59.4, against 37.9 and 61.4 for 16x128x128x4x3), within 0.1% of it for E4M3 at 16 tokens.
+    down 16x256x64x4x3 at 8 tokens (21.8 against 23.4 for the next shape), 16x128x64x4x3 from 16 (E4M3) and at
+    64 (37.4, 256 rows not among the best five). Fewer stages where the pipelined loads would not fit 160 KB of
     shared memory (float32)."""
-    block_m, block_n, block_k, warps, stages = (16, 128, 64, 4, 3) if swiglu else (16, 128, 128, 4, 3)
+    block_m, block_n, block_k, warps, stages = (16, 256 if T <= 8 else 128, 64, 4, 3) if swiglu else (16, 64, 128, 4, 3)
     while stages > 2 and stages * block_k * (block_n * w_bytes + block_m * x_bytes) > 160 << 10:
         stages -= 1
     return block_m, block_n, block_k, warps, stages
