@@ -9,12 +9,13 @@ weights kept as the FP8 checkpoint stores them, E4M3 with float32 128x128 block 
   `gate_up_proj_scale_inv` [E, 2 ceil(I/128), ceil(d/128)] (the gate's block rows, then the up
   projection's: each half keeps its own checkpoint grid, which the concatenation would not have when I is
   not a multiple of 128), `down_proj` [E, d, I] with `down_proj_scale_inv` [E, ceil(d/128), ceil(I/128)].
-  A forward with at least 4E (token, expert) pairs dequantises all E experts to the activation dtype and
-  runs the model's own grouped GEMMs. Fewer pairs on CUDA (decode: 8 pairs per token, so batches up to 127
-  tokens with V3's 256 experts) take the model's `few_pairs` path, whose kernel (`dsv3.model.gemv`) streams the
-  E4M3 bytes of each pair's expert once and applies the block scales itself. On the CPU the grouped path
-  always runs, so a kept model's CPU logits stay identical to the dequantised load's. (F.scaled_grouped_mm in
-  torch 2.11 takes rowwise or MX scales, not DeepSeek's 128x128 blocks.)
+  On CUDA, decode's `few_pairs` path takes up to 64 tokens: below E (token, expert) pairs its kernel
+  (`dsv3.model.gemv`) streams the E4M3 bytes of each pair's expert and applies the block scales itself, from
+  there `dsv3.model.expert_gemm` reads each chosen expert's E4M3 bytes once for all its tokens (V3's 256 experts
+  at top-8: streaming up to 31 tokens). Larger forwards dequantise all E experts to the activation dtype and run
+  the model's own grouped GEMMs; on the CPU that path always runs, so a kept model's CPU logits stay identical
+  to the dequantised load's. (F.scaled_grouped_mm in torch 2.11 takes rowwise or MX scales, not DeepSeek's
+  128x128 blocks.)
 - `dense_weight(dtype)` gives the dequantised matrix to code that multiplies by a weight directly (MLA's
   absorbed decode path reads kv_b_proj's W_UK and W_UV); `to_fp8_` keeps that one cached, dequantised
   once after loading (1/64 of V3's weights).
@@ -159,11 +160,11 @@ class FP8Experts(_KeepDtypes, Experts):
         return self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj, self.down_proj_scale_inv
 
     def max_streamed_pairs(self) -> int:
-        # streaming up to 4E pairs' E4M3 bytes moves less than the grouped path, which dequantises all E experts
-        # (read 1 byte, write and re-read 2 per weight), and on `bench` (E = 64) ran faster than `expert_gemm`
-        # up to 16 tokens, whose E4M3 widening held it to ~32% of copy bandwidth (BENCHMARKS.md, eighteenth
-        # session; measured before its last two changes). V3's E = 256 at K = 8 never reaches expert_gemm here.
-        return 4 * self.gate_up_proj.shape[0]
+        # E4M3 experts: streaming per pair up to as many pairs as experts. expert_gemm widens each E4M3 tile to
+        # 16 bits before its MMA and reaches only ~46% of copy bandwidth on half the bytes, so the crossover
+        # comes later than for bf16: on `bench` (64 experts, top-8; `python -m benchmarks.experts --e4m3`,
+        # H200) per-pair 35.0 us against 45.1 at 4 tokens (32 pairs), 61.9 against 57.4 at 8 (64 pairs).
+        return self.gate_up_proj.shape[0]
 
 
 def _absorbed(name: str) -> bool:

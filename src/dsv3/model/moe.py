@@ -234,9 +234,11 @@ class Experts(nn.Module):
 
     def max_streamed_pairs(self) -> int:
         """Below this many (token, expert) pairs `few_pairs` streams each pair's expert (`gemv`); from here to
-        EXPERT_GEMM_MAX_TOKENS tokens it reads each chosen expert once (`expert_gemm`). Fewer pairs than experts:
-        streaming per pair then reads at most the bytes of the experts the grouped GEMMs could touch."""
-        return self.gate_up_proj.shape[0]
+        EXPERT_GEMM_MAX_TOKENS tokens it reads each chosen expert once (`expert_gemm`). A third of the experts:
+        below it few pairs share an expert, so both read about the same bytes and streaming's lighter programs win;
+        on `bench` (64 experts, top-8; `python -m benchmarks.experts`, H200) per-pair 27.4 us against 28.3 at 2
+        tokens (16 pairs), 35.3 against 33.9 at 3 (24 pairs), 75.3 against 60.3 at 8."""
+        return max(1, self.gate_up_proj.shape[0] // 3)
 
     def forward(self, x: torch.Tensor, r: RouterOutput, shared: nn.Module | None = None) -> torch.Tensor:
         """sum_k g_k * expert_{idx_k}(x) (+ shared(x)) for x [T, d]. At decode on CUDA (`few_pairs`): fewer
