@@ -78,7 +78,8 @@ def test_every_token_on_one_expert_and_experts_nobody_chose():
 
 
 @pytest.mark.parametrize("tiles", [None, (16, 64, 32, 4, 3), (32, 32, 128, 4, 2)])
-@pytest.mark.parametrize("T,dtype", [(11, torch.bfloat16), (64, torch.bfloat16), (33, torch.float32)])
+@pytest.mark.parametrize("T,dtype", [(5, torch.bfloat16), (11, torch.bfloat16), (64, torch.bfloat16),
+                                     (33, torch.float32)])
 def test_e4m3_block_scales_match_float64_on_two_grids(T, dtype, tiles):
     # gate_up of I = 200 rows per half: the up half's block rows start at ceil(200/128) = 2, and a 64-row tile
     # holds gate rows 192-199 and up rows 200-255 (each row its own scale); an E4M3 shared expert with its own

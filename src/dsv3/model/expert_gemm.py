@@ -188,10 +188,10 @@ def expert_gemm(
 def _tiles(swiglu: bool, T: int, w_bytes: int, x_bytes: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): from sweeps of `bench`'s experts on the H200 (`python -m
     benchmarks.experts --sweep 8 64`, weights from HBM, us). gate_up 16x64x128x4x3 the best at 8 and 64 tokens
-    (bf16 36.4 and 59.4, against 37.9 and 61.4 for 16x128x128x4x3), within 0.1% of it for E4M3 at 16 tokens.
-    down 16x256x64x4x3 at 8 tokens (21.8 against 23.4 for the next shape), 16x128x64x4x3 from 16 (E4M3) and at
-    64 (37.4, 256 rows not among the best five). Fewer stages where the pipelined loads would not fit 160 KB of
-    shared memory (float32)."""
+    (bf16 36.4 and 59.4, against ~38 and 61.4 for 16x128x128x4x3), and for E4M3 at 16 (42.1 against 48.3).
+    down 16x256x64x4x3 at 8 tokens (21.8 against 22.1 for the next shape, above 24.4 for 16x128x64x4x3),
+    16x128x64x4x3 from 16 (E4M3) and at 64 (37.4, 256 rows not among the best five). Fewer stages where the
+    pipelined loads would not fit 160 KB of shared memory (float32)."""
     block_m, block_n, block_k, warps, stages = (16, 256 if T <= 8 else 128, 64, 4, 3) if swiglu else (16, 64, 128, 4, 3)
     while stages > 2 and stages * block_k * (block_n * w_bytes + block_m * x_bytes) > 160 << 10:
         stages -= 1
