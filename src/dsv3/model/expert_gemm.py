@@ -7,9 +7,13 @@ sort, gathers and an unsort of launches of their own. Here one launch per projec
 expert e's tokens in the router's top-k indices itself (a prefix count over the tokens, no sort), multiplies its
 [BLOCK_N, K] weight slab by their rows with `tl.dot` (W a^T, BLOCK_M rows at a time: the slab is the MMA's tall
 operand, so Hopper runs wgmma), and writes each (token, k) pair's output row where `Experts.few_pairs` expects
-it. A shared expert shaped like a routed one runs as more program rows, one per BLOCK_M tokens. E4M3 weights
-are widened to the activation's type in registers (exact) and their 128x128 block scales applied to each K
-step's float32 partial products.
+it. A shared expert shaped like a routed one runs as more program rows, one per BLOCK_M tokens.
+
+E4M3 weights with bf16 activations go to the MMA as loaded, E4M3 x E4M3: each bf16 row is scaled by a power of
+two and split exactly into two E4M3 terms (`_split_e4m3`), two FP8 MMAs a step, their 128x128 block scales
+applied to each K step's float32 partial products. On `bench` 41.8 us at 8 tokens (62% of copy bandwidth) and
+83.1 at 64, where widening the weights to bf16 in registers took 60.1 and 110.9, at the cost of the FP8 MMA's
+14-bit sums within a step (see `_turn`); float16 and float32 activations widen the weights (exact).
 
 `bench`'s experts on an H200 (`python -m benchmarks.experts`; gate_up and down, bf16, us): 8 tokens 60.3 (88% of
 copy bandwidth for the distinct experts' bytes) against per-pair gemv 75.3 and the grouped GEMMs alone (no
@@ -42,7 +46,7 @@ EXPERT_GEMM_MAX_TOKENS = 64
 def expert_gemm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether `expert_gemm` runs for tokens x [T, d] and these expert stacks: CUDA with Triton, 1 to
     EXPERT_GEMM_MAX_TOKENS tokens in a 16- or 32-bit float, weights of x's own dtype or E4M3 (on compute
-    capability 8.9+; the weights are widened to x's type for `tl.dot`, never narrowed), no autograd."""
+    capability 8.9+: E4M3 MMAs for bf16 rows, split exactly; widened to x's type otherwise), no autograd."""
     return (x.dim() == 2 and 1 <= x.shape[0] <= EXPERT_GEMM_MAX_TOKENS and gemv_supported(x, *weights)
             and all(w.dtype in (x.dtype, torch.float8_e4m3fn) for w in weights))  # tl.dot in x's type
 
@@ -56,7 +60,8 @@ if triton is not None:
         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ym,
         TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_TOPK: tl.constexpr, HAS_SCALE: tl.constexpr,
         HAS_EXTRA: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, TURNS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_K: tl.constexpr, TURNS: tl.constexpr, IEEE: tl.constexpr, SPLIT_A: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         e = tl.program_id(0)
         offs_n, n_ok = n_tile(N, BLOCK_N)
@@ -91,18 +96,37 @@ if triton is not None:
         if TURNS:
             for m0 in range(m_first, m_end, BLOCK_M):
                 _turn(m0, count, picked, slot_of_t, k_of_t, t, extra, T, x_ptr, y_ptr, w_rows, s_rows, offs_n, n_ok, K,
-                      stride_xm, stride_ym, TOP_K, HAS_SCALE, HAS_EXTRA, SWIGLU, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+                      stride_xm, stride_ym, TOP_K, HAS_SCALE, HAS_EXTRA, SWIGLU, BLOCK_M, BLOCK_N, BLOCK_K, IEEE,
+                      SPLIT_A)
         elif count > 0:
             _turn(0, count, picked, slot_of_t, k_of_t, t, extra, T, x_ptr, y_ptr, w_rows, s_rows, offs_n, n_ok, K,
-                  stride_xm, stride_ym, TOP_K, HAS_SCALE, HAS_EXTRA, SWIGLU, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+                  stride_xm, stride_ym, TOP_K, HAS_SCALE, HAS_EXTRA, SWIGLU, BLOCK_M, BLOCK_N, BLOCK_K, IEEE, SPLIT_A)
         pdl_release(PDL)
+
+    @triton.jit
+    def _split_e4m3(a):
+        """bf16 rows a [M, K] as (hi + lo / 16) * s, hi and lo E4M3, s a power of two per row: exact from 2^-13 of
+        the row's largest value (its bits down to 2^-22 of it below that). s puts the row's largest in (128, 256],
+        where a bf16 value's 8 significant bits are hi's 4 and the remainder's (at most 4, at most half of hi's last
+        place), both normal or on E4M3's subnormal grid (checked against torch's E4M3 rounding for every bf16
+        value; tests/model/test_expert_gemm.py checks the kernel's). Only power-of-two products: no rounding."""
+        af = a.to(tl.float32)
+        big = tl.maximum(tl.max(tl.abs(af), axis=1), 1.1754943508222875e-38)  # float32's least normal: zero rows
+        # the power of two at or above `big` (its float32 bits rounded up to the next exponent), and its inverse
+        # (exponent negated); an inf row gives p2 = inf, so an inf or NaN output, never a finite wrong one
+        p2 = ((big.to(tl.int32, bitcast=True) + 0x007FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+        inv = ((254 << 23) - p2.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+        xa = (af * inv[:, None]) * 256.0
+        hi = xa.to(tl.float8e4nv)
+        lo = ((xa - hi.to(tl.float32)) * 16.0).to(tl.float8e4nv)
+        return hi, lo, p2 * 0.00390625
 
     @triton.jit
     def _turn(
         m0, count, picked, slot_of_t, k_of_t, t, extra, T, x_ptr, y_ptr, w_rows, s_rows, offs_n, n_ok, K,
         stride_xm, stride_ym, TOP_K: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_EXTRA: tl.constexpr,
         SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, SPLIT_A: tl.constexpr,
     ):
         """Rows m0 .. m0 + BLOCK_M of the program's expert times its [BLOCK_N, K] slab, stored to their pairs."""
         slot = m0 + tl.arange(0, BLOCK_M)
@@ -115,8 +139,8 @@ if triton is not None:
         rows_ok = slot < count
         # gate_up reads each token's row; down its pair's gate_up output (two halves: SwiGLU as it loads)
         a_rows = x_ptr + (pair if SWIGLU else tok).to(tl.int64)[:, None] * stride_xm
-        # W a^T rather than a W^T: the weight tile is the MMA's tall left operand (M = BLOCK_N, from registers after
-        # the E4M3 widening) and the few rows its N. Hopper then issues wgmma; the other way round, BLOCK_M = 16
+        # W a^T rather than a W^T: the weight tile is the MMA's tall left operand (M = BLOCK_N) and the few rows
+        # its N. Hopper then issues wgmma; the other way round, BLOCK_M = 16
         # rows as M lowered to mma.sync, 25% slower at 64 tokens.
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -130,11 +154,20 @@ if triton is not None:
             else:
                 a = tl.load(a_rows + offs_k[None, :], mask=a_ok, other=0.0)
             w = tl.load(w_rows[:, None] + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            w = w.to(a.dtype)  # E4M3 -> 16/32 bits: exact
-            if IEEE:
-                part = tl.dot(w, tl.trans(a), input_precision="ieee")
+            if SPLIT_A:
+                # E4M3 weights meet E4M3 rows as loaded: no per-element widening ahead of the MMA (which held the
+                # kernel at ~46% of copy bandwidth). The products are exact; the FP8 MMA sums them in 14
+                # significant bits (DeepSeek-V3 3.3.2), not float32's 24. Each step's partial starts from zero
+                # and reaches the float32 accumulator after at most 128 products (tests: bound and measured)
+                hi, lo, s_a = _split_e4m3(a)
+                part = tl.dot(w, tl.trans(hi)) + tl.dot(w, tl.trans(lo)) * 0.0625
+                part *= s_a[None, :]
             else:
-                part = tl.dot(w, tl.trans(a))
+                w = w.to(a.dtype)  # E4M3 -> 16/32 bits: exact
+                if IEEE:
+                    part = tl.dot(w, tl.trans(a), input_precision="ieee")
+                else:
+                    part = tl.dot(w, tl.trans(a))
             if HAS_SCALE:  # BLOCK_K divides 128: the step lies in one column of scale blocks
                 part *= tl.load(s_rows + k0 // 128, mask=n_ok, other=0.0)[:, None]
             acc += part
@@ -188,11 +221,15 @@ def expert_gemm(
 def _tiles(swiglu: bool, T: int, w_bytes: int, x_bytes: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): from sweeps of `bench`'s experts on the H200 (`python -m
     benchmarks.experts --sweep 8 64`, weights from HBM, us). gate_up 16x64x128x4x3 the best at 8 and 64 tokens
-    (bf16 36.4 and 59.4, against ~38 and 61.4 for 16x128x128x4x3), and for E4M3 at 16 (42.1 against 48.3).
-    down 16x256x64x4x3 at 8 tokens (21.8 against 22.1 for the next shape, above 24.4 for 16x128x64x4x3),
-    16x128x64x4x3 from 16 (E4M3) and at 64 (37.4, 256 rows not among the best five). Fewer stages where the
-    pipelined loads would not fit 160 KB of shared memory (float32)."""
-    block_m, block_n, block_k, warps, stages = (16, 256 if T <= 8 else 128, 64, 4, 3) if swiglu else (16, 64, 128, 4, 3)
+    (bf16 36.4 and 59.4, against ~38 and 61.4 for 16x128x128x4x3); down 16x256x64x4x3 at 8 tokens (21.8 against
+    22.1 for the next shape, above 24.4 for 16x128x64x4x3), 16x128x64x4x3 at 64 (37.4, 256 rows not among the
+    best five). E4M3 weights on E4M3 MMAs (`--e4m3 --sweep 8 64`): gate_up 16x128x128x4x3 at 8 tokens (24.2
+    against 27.6), 16x64x128x4x3 at 64 (46.8 against 49.8); down as for bf16 (19.3 and 31.5, the best at both).
+    Fewer stages where the pipelined loads would not fit 160 KB of shared memory (float32)."""
+    if swiglu:
+        block_m, block_n, block_k, warps, stages = 16, 256 if T <= 8 else 128, 64, 4, 3
+    else:
+        block_m, block_n, block_k, warps, stages = 16, 128 if w_bytes == 1 and T <= 8 else 64, 128, 4, 3
     while stages > 2 and stages * block_k * (block_n * w_bytes + block_m * x_bytes) > 160 << 10:
         stages -= 1
     return block_m, block_n, block_k, warps, stages
@@ -227,7 +264,8 @@ def _run(
         s.stride(1) if s is not None else 0, y.stride(0),
         TOP_K=top_k, BLOCK_T=triton.next_power_of_2(T), BLOCK_TOPK=triton.next_power_of_2(top_k),
         HAS_SCALE=s is not None, HAS_EXTRA=has_extra, SWIGLU=swiglu, BLOCK_M=block_m, TURNS=T > block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages,
+        BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
+        SPLIT_A=s is not None and x.dtype == torch.bfloat16, num_warps=warps, num_stages=stages,
         **pdl.launch(x.device),
     )
     return y
