@@ -9,13 +9,13 @@ weights kept as the FP8 checkpoint stores them, E4M3 with float32 128x128 block 
   `gate_up_proj_scale_inv` [E, 2 ceil(I/128), ceil(d/128)] (the gate's block rows, then the up
   projection's: each half keeps its own checkpoint grid, which the concatenation would not have when I is
   not a multiple of 128), `down_proj` [E, d, I] with `down_proj_scale_inv` [E, ceil(d/128), ceil(I/128)].
-  On CUDA, decode's `few_pairs` path takes up to 64 tokens: below E (token, expert) pairs its kernel
+  On CUDA, decode's `few_pairs` path takes up to 64 tokens: below 5E / 8 (token, expert) pairs its kernel
   (`dsv3.model.gemv`) streams the E4M3 bytes of each pair's expert and applies the block scales itself, from
-  there `dsv3.model.expert_gemm` reads each chosen expert's E4M3 bytes once for all its tokens (V3's 256 experts
-  at top-8: streaming up to 31 tokens). Larger forwards dequantise all E experts to the activation dtype and run
-  the model's own grouped GEMMs; on the CPU that path always runs, so a kept model's CPU logits stay identical
-  to the dequantised load's. (F.scaled_grouped_mm in torch 2.11 takes rowwise or MX scales, not DeepSeek's
-  128x128 blocks.)
+  there `dsv3.model.expert_gemm` reads each chosen expert's E4M3 bytes once for all its tokens, on E4M3 MMAs
+  (V3's 256 experts at top-8: streaming up to 19 tokens). Larger forwards dequantise all E experts to the
+  activation dtype and run the model's own grouped GEMMs; on the CPU that path always runs, so a kept model's
+  CPU logits stay identical to the dequantised load's. (F.scaled_grouped_mm in torch 2.11 takes rowwise or MX
+  scales, not DeepSeek's 128x128 blocks.)
 - `dense_weight(dtype)` gives the dequantised matrix to code that multiplies by a weight directly (MLA's
   absorbed decode path reads kv_b_proj's W_UK and W_UV); `to_fp8_` keeps that one cached, dequantised
   once after loading (1/64 of V3's weights).
@@ -160,11 +160,11 @@ class FP8Experts(_KeepDtypes, Experts):
         return self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj, self.down_proj_scale_inv
 
     def max_streamed_pairs(self) -> int:
-        # E4M3 experts: streaming per pair up to as many pairs as experts. expert_gemm widens each E4M3 tile to
-        # 16 bits before its MMA and reaches only ~46% of copy bandwidth on half the bytes, so the crossover
-        # comes later than for bf16: on `bench` (64 experts, top-8; `python -m benchmarks.experts --e4m3`,
-        # H200) per-pair 35.0 us against 45.1 at 4 tokens (32 pairs), 61.9 against 57.4 at 8 (64 pairs).
-        return self.gate_up_proj.shape[0]
+        # E4M3 experts: streaming per pair below 5/8 as many pairs as experts. expert_gemm's E4M3 x E4M3 MMAs
+        # reach 52-62% of copy bandwidth on half the bytes, so its crossover with per-pair streaming comes later
+        # than for bf16: on `bench` (64 experts, top-8; `python -m benchmarks.experts --e4m3`, H200) per-pair
+        # 34.9 us against 37.1 at 4 tokens (32 pairs), 41.8 against 37.6 at 5 (40 pairs).
+        return self.gate_up_proj.shape[0] * 5 // 8
 
 
 def _absorbed(name: str) -> bool:

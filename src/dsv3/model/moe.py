@@ -3,7 +3,7 @@
 The router computes in at least float32 (SPEC 1.4): sigmoid affinities, a selection-only bias, group-limited top-k
 with -inf masking, gates = unbiased affinities normalised and scaled. Routed experts are stacked weights
 run by grouped GEMM over tokens sorted by expert: no Python loop over experts, no host sync. At decode fewer
-(token, expert) pairs than `Experts.max_streamed_pairs` (E // 3; FP8: E) stream each pair's expert through
+(token, expert) pairs than `Experts.max_streamed_pairs` (E // 3; FP8: 5E / 8) stream each pair's expert through
 `dsv3.model.gemv` instead, from there up to 64 tokens read each chosen expert once for all its tokens
 (`dsv3.model.expert_gemm`), and decode's router runs as two Triton launches (`dsv3.model.router_kernel`) held
 to `route` here.
