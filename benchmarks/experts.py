@@ -4,7 +4,7 @@
 
 `bench`'s routed experts (64 of d 1536, I 576, top-8), each token routed to 8 experts drawn at random. Per token
 count, the two projections (gate_up, then down with the SwiGLU) three ways: `gemv` streaming each (token, expert)
-pair's expert (what `Experts.few_pairs` runs below E // 3 pairs; FP8 experts: below E pairs),
+pair's expert (what `Experts.few_pairs` runs below E // 3 pairs; FP8 experts: below 5E / 8 pairs),
 `expert_gemm` reading each chosen expert once for all its tokens (what it runs from there to 64 tokens), and the two
 `grouped_mm` calls of `Experts.grouped` on rows already sorted by expert (its sort, gathers and unsort not counted,
 nor any way's shared expert or combine: the same kernels for all three). Each way is captured 50 times in a CUDA

@@ -79,10 +79,11 @@ def test_every_token_on_one_expert_and_experts_nobody_chose():
 
 def within_fp8_mma(got: torch.Tensor, ref: torch.Tensor, absum: torch.Tensor, dtype: torch.dtype) -> bool:
     """E4M3 weights with bf16 rows multiply E4M3 x E4M3 (the rows split exactly in two terms): the products are
-    exact, but the FP8 MMA keeps 14 significant bits of its sums (DeepSeek-V3 3.3.2). Counting one rounding per 8
-    products, a K step of at most 128 rounds 16 times, each off by at most 2^-13 of a partial sum no larger than
-    the step's |w||hi| sum (<= 17/16 of its |w||a|: |hi| <= |a| (1 + 2^-4)); lo's MMA adds 1/16 of that again.
-    So |got - ref| <= 18 * 2^-13 * absum on top of the output's rounding. (Measured on the H200: <= 2^-13.7.)"""
+    exact, but the FP8 MMA keeps 14 significant bits of its sums (DeepSeek-V3 3.3.2). How often it rounds is not
+    documented; this bound assumes at most once per 8 products: a K step of at most 128 rounds 16 times, each
+    off by at most 2^-13 of a partial sum no larger than the step's |w||hi| sum (about 17/16 of its |w||a|),
+    lo's MMA adding 1/16 of that again, so |got - ref| <= 18 * 2^-13 * absum on top of the output's rounding.
+    Measured on the H200 (`bench` and these shapes): at most 2^-13.7, ~30x inside it."""
     if dtype != torch.bfloat16:  # float16 / float32 rows widen the weights instead: exact products, float32 sums
         return within_output_rounding(got, ref, absum, dtype)
     return bool(((got.double().cpu() - ref).abs() <= 2.0**-7 * ref.abs() + 18 * 2.0**-13 * absum).all())
@@ -132,30 +133,35 @@ def test_e4m3_block_scales_match_float64_on_two_grids(T, dtype, tiles):
 def test_e4m3_split_of_bf16_rows_is_exact(tiles):
     # one product per output (E4M3 permutation weights, power-of-two block scales): the MMA sums nothing, so the
     # output is its input value scaled, bit for bit, wherever splitting the bf16 row into hi + lo / 16 is exact.
-    # Rows of every bf16 significand from 2^-12 to 2 (all within 2^-13 of the largest), one row near bf16's
-    # least normal, one all zero, one with values far below its largest (kept down to 2^-22 of it)
+    # Rows of every bf16 significand from 2^-12 to 2 (all within 2^-13 of the largest); one near bf16's least
+    # normal, one near its largest; one all zero; one with values far below a largest just above a power of two
+    # (kept down to 2^-21 of it); one holding inf (NaN outputs, never finite wrong ones)
     g = torch.Generator().manual_seed(5)
-    T, E, K, d = 7, 3, 2, 256
+    T, E, K, d = 8, 3, 2, 256
     perm = torch.stack([torch.randperm(d, generator=g) for _ in range(E)])
     ones = torch.zeros(E, d, d).scatter_(2, perm[:, :, None], 1.0)
-    scales = 2.0 ** torch.randint(-3, 4, (E, 2, 2), generator=g).float()
+    scales = 2.0 ** torch.randint(-3, 1, (E, 2, 2), generator=g).float()
     mant = 1 + torch.randint(0, 128, (T, d), generator=g) / 128
     x = (torch.randint(0, 2, (T, d), generator=g) * 2 - 1) * mant * 2.0 ** torch.randint(-12, 1, (T, d), generator=g)
-    x[1] *= 2.0**-112
+    x[1] *= 2.0**-106  # outputs stay normal bf16 after scales down to 2^-3
     x[2] = 0
-    x[3, :8] = torch.tensor([3e-9, -1e-12, 2.0**-30, 0, 5e-8, -7e-6, 1.0, 2.0**20])
+    x[3, :8] = torch.tensor([3e-9, -1e-12, 2.0**-30, 0, 5e-8, -7e-6, 1.0, (1 + 2.0**-7) * 2.0**20])
+    x[4] *= 2.0**127
+    x[5, 7] = float("inf")
     x = x.to(torch.bfloat16)
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     q = ones.to(torch.float8_e4m3fn)
     got = expert_gemm(x.cuda(), q.cuda(), idx.cuda(), scales.cuda(), tiles=tiles).cpu().double()
-    rows = x.double().repeat_interleave(K, 0)
-    src = torch.einsum("pnk,pk->pn", ones.double()[idx.flatten()], rows)  # each output's input value
-    scale = dequantize_blockwise(q, scales, torch.float64)[idx.flatten()].amax(-1)
+    assert got[5 * K: 6 * K].isnan().all()
+    finite = torch.arange(T * K) // K != 5
+    got, rows = got[finite], x.double().repeat_interleave(K, 0)[finite]
+    src = torch.einsum("pnk,pk->pn", ones.double()[idx.flatten()[finite]], rows)  # each output's input value
+    scale = dequantize_blockwise(q, scales, torch.float64)[idx.flatten()[finite]].amax(-1)
     big = rows.abs().amax(1, keepdim=True)
     exact = src.abs() >= 2.0**-13 * big
     assert exact.sum() > 0.8 * exact.numel() and (~exact).sum() > 0
     assert torch.equal(got[exact], (src * scale)[exact])
-    assert ((got - src * scale).abs() <= 2.0**-22 * big * scale).all()
+    assert ((got - src * scale).abs() <= 2.0**-21 * big * scale).all()
 
 
 def test_checks():

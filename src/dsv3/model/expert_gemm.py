@@ -106,20 +106,25 @@ if triton is not None:
     @triton.jit
     def _split_e4m3(a):
         """bf16 rows a [M, K] as (hi + lo / 16) * s, hi and lo E4M3, s a power of two per row: exact from 2^-13 of
-        the row's largest value (its bits down to 2^-22 of it below that). s puts the row's largest in (128, 256],
-        where a bf16 value's 8 significant bits are hi's 4 and the remainder's (at most 4, at most half of hi's last
-        place), both normal or on E4M3's subnormal grid (checked against torch's E4M3 rounding for every bf16
-        value; tests/model/test_expert_gemm.py checks the kernel's). Only power-of-two products: no rounding."""
+        the row's largest value (below that, a value's bits down to 2^-21 of it). s puts the row's largest in
+        (128, 256], where a bf16 value's 8 significant bits are hi's 4 and the remainder's (at most 4, at most
+        half of hi's last place), both normal or on E4M3's subnormal grid (checked against torch's E4M3 rounding
+        for every bf16 value and row maxima from bf16's least to its largest; tests/model/test_expert_gemm.py
+        checks the kernel's). Every scaling is by a power of two: no rounding. A row holding inf gets s = NaN,
+        so NaN outputs rather than E4M3's saturated 448 making a finite wrong one."""
         af = a.to(tl.float32)
-        big = tl.maximum(tl.max(tl.abs(af), axis=1), 1.1754943508222875e-38)  # float32's least normal: zero rows
-        # the power of two at or above `big` (its float32 bits rounded up to the next exponent), and its inverse
-        # (exponent negated); an inf row gives p2 = inf, so an inf or NaN output, never a finite wrong one
-        p2 = ((big.to(tl.int32, bitcast=True) + 0x007FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-        inv = ((254 << 23) - p2.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
-        xa = (af * inv[:, None]) * 256.0
+        big = tl.max(tl.abs(af), axis=1)
+        # e: the biased exponent of the power of two at or above the row's largest (float32 bits rounded up to
+        # the next exponent; from 2^-125 so that 2^(129 - e) stays a normal float32; 255 past 2^127)
+        bits = tl.maximum(big, 2.350988701644575e-38).to(tl.int32, bitcast=True)
+        e = ((bits + 0x007FFFFF) >> 23) & 0xFF
+        xa = (af * ((256 - e) << 23).to(tl.float32, bitcast=True)[:, None]) * 64.0  # a * 2^(135 - e)
         hi = xa.to(tl.float8e4nv)
         lo = ((xa - hi.to(tl.float32)) * 16.0).to(tl.float8e4nv)
-        return hi, lo, p2 * 0.00390625
+        # s = 2^(e - 135): directly where that is a normal float32, else 2^(e - 71) * 2^-64 (exact subnormal)
+        s = tl.where(e > 8, ((e - 8) << 23).to(tl.float32, bitcast=True),
+                     ((e + 56) << 23).to(tl.float32, bitcast=True) * 5.421010862427522e-20)
+        return hi, lo, tl.where(big < float("inf"), s, float("nan"))
 
     @triton.jit
     def _turn(
@@ -207,7 +212,8 @@ def expert_gemm(
     if extra is not None and not extra_fits(extra, w, scale_inv, N, split):
         raise ValueError("expert_gemm: the extra matrix does not match the stacked weights' shape, dtype, row "
                          "stride and scales")
-    block_m, block_n, block_k, warps, stages = tiles or _tiles(swiglu, T, w.element_size(), x.element_size())
+    tiles = tiles or _tiles(swiglu, T, w.element_size(), x.element_size(), _e4m3_mma(w, x))
+    block_m, block_n, block_k, warps, stages = tiles
     if (min(block_m, block_n, block_k) < 16 or any(b & (b - 1) for b in (block_m, block_n, block_k))
             or BLOCK % block_k):
         raise ValueError(f"expert_gemm: tiles {tiles}: BLOCK_M, BLOCK_N and BLOCK_K powers of two from 16, "
@@ -218,7 +224,13 @@ def expert_gemm(
                 N if split is None else split, xw, xs, xw2, xs2, [block_m, block_n, block_k, warps, stages])
 
 
-def _tiles(swiglu: bool, T: int, w_bytes: int, x_bytes: int) -> tuple[int, int, int, int, int]:
+def _e4m3_mma(w: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the MMAs run E4M3 x E4M3 (bf16 rows split in two E4M3 terms, `_split_e4m3`): float16's 11 bits
+    would need three terms, float32 rows keep exact float32 products."""
+    return w.dtype == torch.float8_e4m3fn and x.dtype == torch.bfloat16
+
+
+def _tiles(swiglu: bool, T: int, w_bytes: int, x_bytes: int, e4m3_mma: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): from sweeps of `bench`'s experts on the H200 (`python -m
     benchmarks.experts --sweep 8 64`, weights from HBM, us). gate_up 16x64x128x4x3 the best at 8 and 64 tokens
     (bf16 36.4 and 59.4, against ~38 and 61.4 for 16x128x128x4x3); down 16x256x64x4x3 at 8 tokens (21.8 against
@@ -229,7 +241,7 @@ def _tiles(swiglu: bool, T: int, w_bytes: int, x_bytes: int) -> tuple[int, int, 
     if swiglu:
         block_m, block_n, block_k, warps, stages = 16, 256 if T <= 8 else 128, 64, 4, 3
     else:
-        block_m, block_n, block_k, warps, stages = 16, 128 if w_bytes == 1 and T <= 8 else 64, 128, 4, 3
+        block_m, block_n, block_k, warps, stages = 16, 128 if e4m3_mma and T <= 8 else 64, 128, 4, 3
     while stages > 2 and stages * block_k * (block_n * w_bytes + block_m * x_bytes) > 160 << 10:
         stages -= 1
     return block_m, block_n, block_k, warps, stages
@@ -265,7 +277,7 @@ def _run(
         TOP_K=top_k, BLOCK_T=triton.next_power_of_2(T), BLOCK_TOPK=triton.next_power_of_2(top_k),
         HAS_SCALE=s is not None, HAS_EXTRA=has_extra, SWIGLU=swiglu, BLOCK_M=block_m, TURNS=T > block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
-        SPLIT_A=s is not None and x.dtype == torch.bfloat16, num_warps=warps, num_stages=stages,
+        SPLIT_A=_e4m3_mma(w, x), num_warps=warps, num_stages=stages,
         **pdl.launch(x.device),
     )
     return y
