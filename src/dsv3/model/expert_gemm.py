@@ -145,8 +145,8 @@ if triton is not None:
         # gate_up reads each token's row; down its pair's gate_up output (two halves: SwiGLU as it loads)
         a_rows = x_ptr + (pair if SWIGLU else tok).to(tl.int64)[:, None] * stride_xm
         # W a^T rather than a W^T: the weight tile is the MMA's tall left operand (M = BLOCK_N) and the few rows
-        # its N. Hopper then issues wgmma; the other way round, BLOCK_M = 16
-        # rows as M lowered to mma.sync, 25% slower at 64 tokens.
+        # its N. Hopper then issues wgmma; the other way round, BLOCK_M = 16 rows as M lowered to mma.sync, 25%
+        # slower at 64 tokens.
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
