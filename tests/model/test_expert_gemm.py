@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from dsv3.fp8 import dequantize_blockwise, quantize_blockwise
 from dsv3.model.expert_gemm import EXPERT_GEMM_MAX_TOKENS, expert_gemm, expert_gemm_supported
 from dsv3.model.gemv import Extra
-from tests.model.test_gemv import within_output_rounding
+from tests.model.test_gemv import float64_products, within_output_rounding
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -47,8 +47,7 @@ def test_gate_up_and_swiglu_down_match_float64(dtype, T, tiles):
                       tiles=tiles)
     w = pair_weights(idx, gate_up, torch.cat([sg, su]))
     rows = torch.cat([x.double().repeat_interleave(K, 0), x.double()])
-    ref = torch.einsum("pnk,pk->pn", w, rows)
-    absum = torch.einsum("pnk,pk->pn", w.abs(), rows.abs())
+    ref, absum = float64_products(w, rows)
     assert got.shape == (T * K + T, 2 * inter) and got.dtype == dtype
     assert within_output_rounding(got, ref, absum, dtype)
 
@@ -57,9 +56,7 @@ def test_gate_up_and_swiglu_down_match_float64(dtype, T, tiles):
     # the SwiGLU is rounded to the activations' dtype before the product, as `swiglu` rounds it
     a = (F.silu(h[:, :inter].double()) * h[:, inter:].double()).to(dtype).double()
     w = pair_weights(idx, down, sd)
-    ref = torch.einsum("pnk,pk->pn", w, a)
-    absum = torch.einsum("pnk,pk->pn", w.abs(), a.abs())
-    assert within_output_rounding(got, ref, absum, dtype)
+    assert within_output_rounding(got, *float64_products(w, a), dtype)
 
 
 def test_every_token_on_one_expert_and_experts_nobody_chose():
@@ -73,8 +70,7 @@ def test_every_token_on_one_expert_and_experts_nobody_chose():
     got = expert_gemm(x.cuda(), w.cuda(), idx.cuda())
     wp = pair_weights(idx, w, None)
     rows = x.double().repeat_interleave(K, 0)
-    assert within_output_rounding(got, torch.einsum("pnk,pk->pn", wp, rows),
-                                  torch.einsum("pnk,pk->pn", wp.abs(), rows.abs()), torch.bfloat16)
+    assert within_output_rounding(got, *float64_products(wp, rows), torch.bfloat16)
 
 
 def within_fp8_mma(got: torch.Tensor, ref: torch.Tensor, absum: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -113,7 +109,7 @@ def test_e4m3_block_scales_match_float64_on_two_grids(T, dtype, tiles):
                       extra=Extra(qsg.cuda(), ssg.cuda(), qsu.cuda(), ssu.cuda()))
     w = torch.cat([wd[idx.flatten()], torch.cat([wsg, wsu]).expand(T, -1, -1)])
     rows = torch.cat([x.double().repeat_interleave(K, 0), x.double()])
-    ref, absum = torch.einsum("pnk,pk->pn", w, rows), torch.einsum("pnk,pk->pn", w.abs(), rows.abs())
+    ref, absum = float64_products(w, rows)
     assert within_fp8_mma(got, ref, absum, dtype)
     wrong = torch.einsum("pnk,pk->pn", dequantize_blockwise(q, s[:, :4], torch.float64)[idx.flatten()],
                          rows[: T * K])
@@ -125,8 +121,7 @@ def test_e4m3_block_scales_match_float64_on_two_grids(T, dtype, tiles):
                       extra=Extra(qsd.cuda(), ssd.cuda()))
     a = (F.silu(h[:, :inter].double()) * h[:, inter:].double()).to(dtype).double()
     w = torch.cat([wdn[idx.flatten()], wsd.expand(T, -1, -1)])
-    ref, absum = torch.einsum("pnk,pk->pn", w, a), torch.einsum("pnk,pk->pn", w.abs(), a.abs())
-    assert within_fp8_mma(got, ref, absum, dtype)
+    assert within_fp8_mma(got, *float64_products(w, a), dtype)
 
 
 @pytest.mark.parametrize("tiles", [None, (16, 64, 32, 4, 3)])

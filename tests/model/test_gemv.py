@@ -24,6 +24,12 @@ def within_output_rounding(got: torch.Tensor, ref: torch.Tensor, absum: torch.Te
     return bool(((got.double().cpu() - ref).abs() <= ulp * ref.abs() + 2.0**-14 * absum + 1e-30).all())
 
 
+def float64_products(w: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ref, absum) for output rows p of matrices w [P, N, K] times rows [P, K], float64: sum_k w[p, n, k] rows[p, k]
+    and the same sum of magnitudes, the scale of the float32 sums' rounding."""
+    return torch.einsum("pnk,pk->pn", w, rows), torch.einsum("pnk,pk->pn", w.abs(), rows.abs())
+
+
 @pytest.mark.parametrize("tiles", [None, (8, 128, 8), (4, 256, 4), (16, 512, 8)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_stacked_rows_and_swiglu_match_float64(dtype, tiles):
@@ -35,15 +41,13 @@ def test_stacked_rows_and_swiglu_match_float64(dtype, tiles):
     idx = torch.randint(0, E, (T * topk,), generator=g)
     got = gemv(x.cuda(), w.cuda(), idx.cuda(), rows_per_x=topk, tiles=tiles)
     rows = x.double().repeat_interleave(topk, 0)
-    ref = torch.einsum("pnk,pk->pn", w[idx].double(), rows)
-    absum = torch.einsum("pnk,pk->pn", w[idx].double().abs(), rows.abs())
+    ref, absum = float64_products(w[idx].double(), rows)
     assert got.dtype == dtype and within_output_rounding(got, ref, absum, dtype)
 
     h = torch.randn(len(idx), 2 * K, generator=g).to(dtype)  # the down projection's input: SwiGLU while loading
     got = gemv(h.cuda(), w.cuda(), idx.cuda(), swiglu=True, tiles=tiles)
     a = F.silu(h[:, :K].double()) * h[:, K:].double()
-    ref = torch.einsum("pnk,pk->pn", w[idx].double(), a)
-    absum = torch.einsum("pnk,pk->pn", w[idx].double().abs(), a.abs())
+    ref, absum = float64_products(w[idx].double(), a)
     assert within_output_rounding(got, ref, absum, dtype)
 
 
@@ -69,8 +73,7 @@ def test_e4m3_block_scales_match_float64_including_split_grids(tiles):
     idx = torch.tensor([3, 0, 3, 1])
     got = gemv(x.cuda(), q.cuda(), idx.cuda(), s.cuda(), rows_per_x=2, split=inter, tiles=tiles)
     rows = x.double().repeat_interleave(2, 0)
-    ref = torch.einsum("pnk,pk->pn", wd[idx], rows)
-    absum = torch.einsum("pnk,pk->pn", wd[idx].abs(), rows.abs())
+    ref, absum = float64_products(wd[idx], rows)
     assert within_output_rounding(got, ref, absum, torch.float32)
     wrong = torch.einsum("pnk,pk->pn", dequantize_blockwise(q, s[:, :4], torch.float64)[idx], rows)  # one grid
     assert not torch.allclose(wrong, ref)  # the case tells the two grids apart
@@ -84,8 +87,7 @@ def test_e4m3_block_scales_match_float64_including_split_grids(tiles):
     got = gemv(h.cuda(), qd.cuda(), idx2.cuda(), sd.cuda().transpose(1, 2).contiguous().transpose(1, 2), swiglu=True,
                tiles=tiles)
     a = F.silu(h[:, :inter].double()) * h[:, inter:].double()
-    ref = torch.einsum("pnk,pk->pn", wd[idx], a)
-    absum = torch.einsum("pnk,pk->pn", wd[idx].abs(), a.abs())
+    ref, absum = float64_products(wd[idx], a)
     assert within_output_rounding(got, ref, absum, torch.bfloat16)
 
 
@@ -120,16 +122,14 @@ def test_extra_matrix_rides_after_the_indexed_rows(fp8):
     rows = x.double().repeat_interleave(topk, 0)
     w_all = torch.cat([torch.cat([wg, wu], 1)[idx], torch.cat([hgw, huw]).expand(T, -1, -1)])
     a_all = torch.cat([rows, x.double()])
-    ref = torch.einsum("pnk,pk->pn", w_all, a_all)
     assert h.shape == (T * topk + T, 2 * inter)
-    assert within_output_rounding(h, ref, torch.einsum("pnk,pk->pn", w_all.abs(), a_all.abs()), torch.bfloat16)
+    assert within_output_rounding(h, *float64_products(w_all, a_all), torch.bfloat16)
 
     y = gemv(h, qd.cuda(), idx.cuda(), cuda(sd), swiglu=True, extra=Extra(hd.cuda(), cuda(hds)), extra_rows=T)
     a = F.silu(h[:, :inter].double().cpu()) * h[:, inter:].double().cpu()
     w_all = torch.cat([wd[idx], hdw.expand(T, -1, -1)])
-    ref = torch.einsum("pnk,pk->pn", w_all, a)
     assert y.shape == (T * topk + T, d)
-    assert within_output_rounding(y, ref, torch.einsum("pnk,pk->pn", w_all.abs(), a.abs()), torch.bfloat16)
+    assert within_output_rounding(y, *float64_products(w_all, a), torch.bfloat16)
 
 
 @pytest.mark.parametrize("norm", [False, True])
